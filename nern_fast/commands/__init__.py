@@ -1,0 +1,1 @@
+"""Subcommands of ``nern-fast``: one module each, with ``register(subparsers)``."""

@@ -1,0 +1,61 @@
+"""Files: atomic writes and safe, checked reads (shared by predictors, checkpoints, model files)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+PathLike = Union[str, os.PathLike]
+
+
+class FileFormatError(ValueError):
+    """A file that is missing, truncated, corrupt, or not of the expected kind."""
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash or Ctrl-C midway leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def safe_load(path: PathLike, kind: str, map_location=None) -> dict:
+    """``torch.load(weights_only=True)`` with errors that name the file and the problem.
+
+    ``kind`` is the expected ``format`` entry of the file (e.g. ``"nern_fast.predictor"``).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"{path}: the file is empty (an interrupted write?); re-create it")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            KeyError, TypeError) as exc:
+        raise FileFormatError(f"{path}: cannot be read as a {kind} file; it is truncated, corrupt "
+                              f"or not a torch file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not isinstance(data, dict) or data.get("format") != kind:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise FileFormatError(f"{path}: expected a {kind} file, found {found!r}")
+    return data

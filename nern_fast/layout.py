@@ -1,0 +1,531 @@
+"""WeightLayout: everything static about which conv weights a predictor represents.
+
+A layout lists the represented conv layers in ``model.modules()`` order, their weight shapes,
+where each layer's kernels start in the flat kernel index space (``kernel_offset``) and where its
+weights start in the flat buffer that holds every decoded conv weight (``weight_offset``), the
+crop applied when a layer's kernel is smaller than the predictor's k×k output, the index
+normalisation (NERN_SPEC §3) and optional coordinate permutations (NERN_SPEC §6).
+
+Permutations are stored in one canonical form, ``coord_rows``: for every kernel slot q of a layer
+(row q = f·C_in + c of its weight), the coordinate row whose decoded kernel lands in that slot.
+NeRN's two forms are converted on the way in (:func:`coord_rows_from_crossfilter`,
+:func:`coord_rows_from_infilter`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+CROP_MODES = ("center", "average", "max")
+NORMALIZATIONS = ("local", "global", "none")
+
+IncludeSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+
+
+class LayoutError(ValueError):
+    """A model, include list or permutation that a layout cannot represent."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One represented conv layer."""
+
+    name: str
+    shape: tuple[int, int, int, int]  # (C_out, C_in / groups, s, s)
+    kernel_offset: int  # first kernel of this layer in the flat kernel index space
+    weight_offset: int  # first weight of this layer in the flat weight buffer
+    crop: str = "center"
+
+    @property
+    def c_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def c_in(self) -> int:
+        return self.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.shape[2]
+
+    @property
+    def num_kernels(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def num_weights(self) -> int:
+        return self.num_kernels * self.shape[2] * self.shape[3]
+
+
+def crop_window(kernel_size: int, size: int) -> tuple[int, int]:
+    """NeRN's centre crop bounds ``[lo, hi)`` of a ``size`` kernel inside a k×k output."""
+    return int(kernel_size / 2 - size / 2), int(kernel_size / 2 + size / 2)
+
+
+def _as_long_tensor(value: Any, what: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise LayoutError(f"{what}: cannot be read as an integer tensor ({exc})") from exc
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise LayoutError(f"{what}: expected integer indices, got dtype {tensor.dtype}")
+    return tensor.to(torch.long).cpu()
+
+
+def _check_is_permutation(perm: torch.Tensor, length: int, what: str) -> None:
+    if perm.dim() != 1 or perm.numel() != length:
+        raise LayoutError(f"{what}: expected a permutation of length {length}, got shape "
+                          f"{tuple(perm.shape)}; compute it from this layer's weights")
+    if length and not torch.equal(torch.sort(perm).values, torch.arange(length)):
+        raise LayoutError(f"{what}: not a permutation of 0..{length - 1} (repeated or missing "
+                          f"indices); recompute it")
+
+
+def coord_rows_from_crossfilter(chain: Any, layer: LayerSpec) -> torch.Tensor:
+    """NeRN crossfilter form (the chain order of kernel rows) -> coord_rows (rank of each row)."""
+    what = f"crossfilter permutation of layer '{layer.name}'"
+    chain = _as_long_tensor(chain, what).flatten()
+    _check_is_permutation(chain, layer.num_kernels, what)
+    return torch.argsort(chain)
+
+
+def coord_rows_from_infilter(filter_order: Any, channel_orders: Any, layer: LayerSpec) -> torch.Tensor:
+    """NeRN infilter form (filter chain, per-filter channel chains) -> coord_rows.
+
+    Kernel (f, c) gets coordinate (rank of f in the filter chain, rank of c in filter f's chain).
+    """
+    what = f"infilter permutation of layer '{layer.name}'"
+    filter_order = _as_long_tensor(filter_order, what + " (filter order)").flatten()
+    _check_is_permutation(filter_order, layer.c_out, what + " (filter order)")
+    channel_orders = _as_long_tensor(channel_orders, what + " (channel orders)")
+    if channel_orders.shape != (layer.c_out, layer.c_in):
+        raise LayoutError(f"{what}: channel orders must have shape ({layer.c_out}, {layer.c_in}), "
+                          f"got {tuple(channel_orders.shape)}")
+    expected = torch.arange(layer.c_in).expand(layer.c_out, -1)
+    if not torch.equal(torch.sort(channel_orders, dim=1).values, expected):
+        bad = int((torch.sort(channel_orders, dim=1).values != expected).any(1).nonzero()[0])
+        raise LayoutError(f"{what}: channel order of filter {bad} is not a permutation of "
+                          f"0..{layer.c_in - 1}; recompute it")
+    filter_rank = torch.argsort(filter_order)
+    channel_rank = torch.argsort(channel_orders, dim=1)
+    return (filter_rank[:, None] * layer.c_in + channel_rank).reshape(-1)
+
+
+def _coord_rows_from_any(perm: Any, layer: LayerSpec) -> Optional[torch.Tensor]:
+    if perm is None:
+        return None
+    if isinstance(perm, (tuple, list)) and len(perm) == 2 and layer.num_kernels != 2:
+        first = torch.as_tensor(perm[0]) if not isinstance(perm[0], torch.Tensor) else perm[0]
+        if first.dim() == 1 and first.numel() == layer.c_out and (
+                torch.as_tensor(perm[1]).dim() == 2):
+            return coord_rows_from_infilter(perm[0], perm[1], layer)
+    return coord_rows_from_crossfilter(perm, layer)
+
+
+def _conv_is_square_at_most(module: nn.Conv2d, kernel_size: int) -> Optional[str]:
+    kh, kw = module.weight.shape[2], module.weight.shape[3]
+    if kh != kw:
+        return f"its kernel is {kh}x{kw}, not square"
+    if kh > kernel_size:
+        return f"its kernel is {kh}x{kw}, larger than the predictor's {kernel_size}x{kernel_size}"
+    return None
+
+
+def _nern_preset(name: str, module: nn.Module, parents: Mapping[str, nn.Module]) -> bool:
+    """NeRN's choice: the 3×3 convs inside residual blocks (stem, shortcuts, classifier excluded)."""
+    if not isinstance(module, nn.Conv2d) or tuple(module.weight.shape[2:]) != (3, 3):
+        return False
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        parent = parents.get(".".join(parts[:depth]))
+        cls = type(parent).__name__ if parent is not None else ""
+        if cls.endswith("Block") or cls.endswith("Bottleneck"):
+            return True
+    return False
+
+
+def _select_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
+    named = list(model.named_modules())
+    if isinstance(include, str) and include != "nern":
+        include = [include]
+    if include is None:
+        return [(n, m) for n, m in named if isinstance(m, nn.Conv2d)
+                and _conv_is_square_at_most(m, kernel_size) is None]
+    if include == "nern":
+        parents = dict(named)
+        return [(n, m) for n, m in named if _nern_preset(n, m, parents)]
+    if callable(include):
+        chosen = [(n, m) for n, m in named if isinstance(m, nn.Conv2d) and include(n, m)]
+    else:
+        names = list(include)
+        modules = dict(named)
+        for n in names:
+            if n not in modules:
+                close = [k for k, m in named if isinstance(m, nn.Conv2d)][:8]
+                raise LayoutError(f"include names '{n}', which is not a module of the model; "
+                                  f"conv modules are e.g. {close}")
+            if not isinstance(modules[n], nn.Conv2d):
+                raise LayoutError(f"include names '{n}', a {type(modules[n]).__name__}; only "
+                                  f"nn.Conv2d layers can be represented")
+        wanted = set(names)
+        chosen = [(n, m) for n, m in named if n in wanted]
+    for n, m in chosen:
+        reason = _conv_is_square_at_most(m, kernel_size)
+        if reason is not None:
+            raise LayoutError(f"layer '{n}' cannot be represented: {reason}; leave it out of "
+                              f"include or raise kernel_size")
+    return chosen
+
+
+class LayoutTensors:
+    """A layout's metadata as tensors on one device (what every backend reads)."""
+
+    def __init__(self, layout: "WeightLayout", device: torch.device):
+        layers = layout.layers
+        long = dict(dtype=torch.long, device=device)
+        self.device = device
+        self.kernel_offsets = torch.tensor([l.kernel_offset for l in layers] + [layout.num_kernels], **long)
+        self.weight_offsets = torch.tensor([l.weight_offset for l in layers] + [layout.num_weights], **long)
+        self.c_out = torch.tensor([l.c_out for l in layers], **long)
+        self.c_in = torch.tensor([l.c_in for l in layers], **long)
+        self.size = torch.tensor([l.size for l in layers], **long)
+        self.crop = torch.tensor([CROP_MODES.index(l.crop) for l in layers], **long)
+        pos_layer, pos_filter, pos_channel = layout.normalized_positions()
+        self.pos_layer = pos_layer.to(device)
+        self.pos_filter = torch.cat(pos_filter).to(device)
+        self.pos_channel = torch.cat(pos_channel).to(device)
+        self.filter_offsets = torch.tensor([0] + list(_cumsum(l.c_out for l in layers)), **long)
+        self.channel_offsets = torch.tensor([0] + list(_cumsum(l.c_in for l in layers)), **long)
+        rows = layout.coord_rows()
+        self.coord_rows = None if rows is None else rows.to(device)
+        # One int32 table per layer for compiled kernels:
+        # [kernel_off, weight_off, c_out, c_in, size, crop, filter_off, channel_off]
+        self.meta = torch.stack([self.kernel_offsets[:-1], self.weight_offsets[:-1], self.c_out,
+                                 self.c_in, self.size, self.crop, self.filter_offsets[:-1],
+                                 self.channel_offsets[:-1]], dim=1).to(torch.int32).contiguous()
+
+    def layer_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """Layer index of each flat kernel index."""
+        return torch.searchsorted(self.kernel_offsets, rows, right=True) - 1
+
+
+def _cumsum(values: Iterable[int]) -> Iterable[int]:
+    total = 0
+    for v in values:
+        total += v
+        yield total
+
+
+class WeightLayout:
+    """The represented conv layers of a network and how their kernels are coordinated."""
+
+    def __init__(self, layers: Sequence[Union[LayerSpec, tuple]], kernel_size: int = 3,
+                 normalization: str = "local", coord_rows: Optional[Mapping[int, torch.Tensor]] = None,
+                 model_signature: Optional[Sequence[tuple]] = None):
+        if kernel_size < 1:
+            raise LayoutError(f"kernel_size must be >= 1, got {kernel_size}")
+        if normalization not in NORMALIZATIONS:
+            raise LayoutError(f"normalization '{normalization}' is not one of {NORMALIZATIONS}")
+        if not layers:
+            raise LayoutError("a layout needs at least one represented conv layer; the model has "
+                              "none that matches (check include= and kernel_size=)")
+        built, k_off, w_off = [], 0, 0
+        for entry in layers:
+            if isinstance(entry, LayerSpec):
+                name, shape, crop = entry.name, entry.shape, entry.crop
+            else:
+                name, shape, *rest = entry
+                crop = rest[0] if rest else "center"
+            shape = tuple(int(s) for s in shape)
+            if len(shape) != 4 or min(shape) < 1:
+                raise LayoutError(f"layer '{name}': weight shape {shape} is not (C_out, C_in, s, s)")
+            if shape[2] != shape[3]:
+                raise LayoutError(f"layer '{name}': kernel {shape[2]}x{shape[3]} is not square")
+            if shape[2] > kernel_size:
+                raise LayoutError(f"layer '{name}': kernel {shape[2]}x{shape[3]} is larger than the "
+                                  f"predictor output {kernel_size}x{kernel_size}; raise kernel_size")
+            if crop not in CROP_MODES:
+                raise LayoutError(f"layer '{name}': crop '{crop}' is not one of {CROP_MODES}")
+            spec = LayerSpec(str(name), shape, k_off, w_off, crop)
+            built.append(spec)
+            k_off += spec.num_kernels
+            w_off += spec.num_weights
+        names = [l.name for l in built]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise LayoutError(f"layer names must be unique, repeated: {dup}")
+        self.layers: tuple[LayerSpec, ...] = tuple(built)
+        self.kernel_size = int(kernel_size)
+        self.normalization = normalization
+        self.num_kernels = k_off
+        self.num_weights = w_off
+        self._coord_rows: dict[int, torch.Tensor] = {}
+        for index, rows in (coord_rows or {}).items():
+            layer = self.layers[index]
+            rows = _as_long_tensor(rows, f"coordinate rows of layer '{layer.name}'").flatten()
+            _check_is_permutation(rows, layer.num_kernels, f"coordinate rows of layer '{layer.name}'")
+            self._coord_rows[int(index)] = rows
+        # (name, weight shape) of every Conv2d of the model the layout was made from, if known:
+        # lets check_model reject another architecture that merely shares the represented layers.
+        self.model_signature = (None if model_signature is None else
+                                tuple((str(n), tuple(int(x) for x in sh)) for n, sh in model_signature))
+        self._tensors: dict[str, LayoutTensors] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_model(cls, model: nn.Module, kernel_size: int = 3, include: IncludeSpec = None,
+                   normalization: str = "local", crop: str = "center",
+                   permutations: Any = None) -> "WeightLayout":
+        """Layout of ``model``'s conv layers.
+
+        ``include``: None (every Conv2d with a square kernel <= kernel_size), ``"nern"`` (the 3×3
+        convs inside residual blocks, as NeRN represents ResNets), a list of module names, or a
+        callable ``(name, module) -> bool``.
+        """
+        if not isinstance(model, nn.Module):
+            raise LayoutError(f"from_model needs an nn.Module, got {type(model).__name__}")
+        chosen = _select_convs(model, kernel_size, include)
+        if not chosen:
+            raise LayoutError(f"{type(model).__name__} has no conv layer the predictor can represent "
+                              f"(include={include!r}, kernel_size={kernel_size}); name layers in "
+                              f"include= or raise kernel_size")
+        layout = cls([(n, tuple(m.weight.shape), crop) for n, m in chosen], kernel_size, normalization,
+                     model_signature=conv_signature(model))
+        return layout.with_permutations(permutations) if permutations is not None else layout
+
+    @classmethod
+    def from_shapes(cls, shapes: Sequence[Sequence[int]], kernel_size: int = 3,
+                    normalization: str = "local", crop: str = "center",
+                    names: Optional[Sequence[str]] = None) -> "WeightLayout":
+        """Layout from weight shapes alone (benchmarks, tests); 2-tuples mean (C_out, C_in, k, k)."""
+        names = names or [f"layer{i}" for i in range(len(shapes))]
+        full = [tuple(s) if len(s) == 4 else (s[0], s[1], kernel_size, kernel_size) for s in shapes]
+        return cls([(n, s, crop) for n, s in zip(names, full)], kernel_size, normalization)
+
+    def with_permutations(self, permutations: Any) -> "WeightLayout":
+        """A copy with coordinate permutations (NeRN forms), per layer as a list or a name->perm dict.
+
+        Each entry: None; a crossfilter chain (the order of the layer's kernel rows); or an infilter
+        pair ``(filter_order, channel_orders)`` with channel_orders of shape (C_out, C_in).
+        """
+        if isinstance(permutations, Mapping):
+            unknown = set(permutations) - {l.name for l in self.layers}
+            if unknown:
+                raise LayoutError(f"permutations name layers the layout does not have: {sorted(unknown)}")
+            per_layer = [permutations.get(l.name) for l in self.layers]
+        else:
+            per_layer = list(permutations)
+            if len(per_layer) != len(self.layers):
+                raise LayoutError(f"got {len(per_layer)} permutations for {len(self.layers)} layers; "
+                                  f"give one per layer (None to keep a layer unpermuted)")
+        rows = {}
+        for i, (layer, perm) in enumerate(zip(self.layers, per_layer)):
+            converted = _coord_rows_from_any(perm, layer)
+            if converted is not None:
+                rows[i] = converted
+        return self.with_coord_rows(rows)
+
+    def with_coord_rows(self, coord_rows: Mapping[int, torch.Tensor]) -> "WeightLayout":
+        """A copy with permutations given in canonical form (layer index -> coord rows)."""
+        return WeightLayout(self.layers, self.kernel_size, self.normalization, coord_rows,
+                            self.model_signature)
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def names(self) -> list[str]:
+        return [l.name for l in self.layers]
+
+    @property
+    def max_dim(self) -> int:
+        """M of global normalisation: the largest dimension of any represented weight shape."""
+        return max(max(l.shape) for l in self.layers)
+
+    @property
+    def is_permuted(self) -> bool:
+        return bool(self._coord_rows)
+
+    def layer(self, key: Union[int, str]) -> LayerSpec:
+        if isinstance(key, str):
+            for l in self.layers:
+                if l.name == key:
+                    return l
+            raise KeyError(f"no represented layer named '{key}'; layers: {self.names}")
+        return self.layers[key]
+
+    def layer_coord_rows(self, index: int) -> Optional[torch.Tensor]:
+        return self._coord_rows.get(index)
+
+    def coord_rows(self) -> Optional[torch.Tensor]:
+        """Per flat kernel slot, the (layer-local) coordinate row it decodes; None if unpermuted."""
+        if not self._coord_rows:
+            return None
+        return torch.cat([self._coord_rows.get(i, torch.arange(l.num_kernels))
+                          for i, l in enumerate(self.layers)])
+
+    def normalized_positions(self) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Normalised (layer, filter, channel) positions as float32, computed as NeRN does.
+
+        NeRN divides Python ints in double precision and stores float32; float32 division of the
+        same integers rounds identically, but we compute in float64 and cast to be certain.
+        """
+        L = self.num_layers
+        if self.normalization == "local":
+            dl = float(L)
+            df = [float(l.c_out) for l in self.layers]
+            dc = [float(l.c_in) for l in self.layers]
+        elif self.normalization == "global":
+            m = float(self.max_dim)
+            dl, df, dc = m, [m] * L, [m] * L
+        else:
+            dl, df, dc = 1.0, [1.0] * L, [1.0] * L
+        f64 = torch.float64
+        pos_layer = (torch.arange(L, dtype=f64) / dl).float()
+        pos_filter = [(torch.arange(l.c_out, dtype=f64) / d).float() for l, d in zip(self.layers, df)]
+        pos_channel = [(torch.arange(l.c_in, dtype=f64) / d).float() for l, d in zip(self.layers, dc)]
+        return pos_layer, pos_filter, pos_channel
+
+    def tensors(self, device: Union[str, torch.device] = "cpu") -> LayoutTensors:
+        """Metadata tensors on ``device`` (cached)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = str(device)
+        if key not in self._tensors:
+            self._tensors[key] = LayoutTensors(self, device)
+        return self._tensors[key]
+
+    # ------------------------------------------------------------------ weights
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer conv weights as views of one flat buffer."""
+        if flat.dim() != 1 or flat.numel() != self.num_weights:
+            raise ValueError(f"expected a flat buffer of {self.num_weights} weights, got shape "
+                             f"{tuple(flat.shape)}")
+        return [flat[l.weight_offset:l.weight_offset + l.num_weights].view(l.shape) for l in self.layers]
+
+    def model_weights(self, model: nn.Module) -> list[torch.Tensor]:
+        """The represented conv weights of ``model`` (after checking it matches)."""
+        self.check_model(model)
+        modules = dict(model.named_modules())
+        return [modules[l.name].weight for l in self.layers]
+
+    def flatten(self, weights: Union[nn.Module, Sequence[torch.Tensor]]) -> torch.Tensor:
+        """One flat buffer of per-layer weights (a model or a list in layout order)."""
+        if isinstance(weights, nn.Module):
+            weights = self.model_weights(weights)
+        if len(weights) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} weight tensors, got {len(weights)}")
+        for w, l in zip(weights, self.layers):
+            if tuple(w.shape) != l.shape:
+                raise ValueError(f"layer '{l.name}': expected weight shape {l.shape}, got {tuple(w.shape)}")
+        return torch.cat([w.detach().reshape(-1) for w in weights])
+
+    def kernel_rows(self, flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of k·k values for flat kernel indices, in the format of a subset decode.
+
+        A layer with s < k fills the first s·s entries (its s×s kernel, row-major); the rest are 0.
+        """
+        k2 = self.kernel_size ** 2
+        t = self.tensors(flat.device)
+        rows = rows.to(flat.device, torch.long)
+        layer = t.layer_of(rows)
+        size = t.size[layer]
+        local = rows - t.kernel_offsets[layer]
+        start = t.weight_offsets[layer] + local * size * size
+        col = torch.arange(k2, device=flat.device)
+        valid = col[None, :] < (size * size)[:, None]
+        index = torch.where(valid, start[:, None] + col[None, :], torch.zeros_like(start)[:, None])
+        return torch.where(valid, flat[index], torch.zeros((), dtype=flat.dtype, device=flat.device))
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise a clear error unless ``model`` has every layer of this layout with the same shape."""
+        modules = dict(model.named_modules())
+        if self.model_signature is not None:
+            theirs = conv_signature(model)
+            if theirs != self.model_signature:
+                mine = dict(self.model_signature)
+                diff = [f"{n}: {sh} (expected {mine.get(n)})" for n, sh in theirs if mine.get(n) != sh]
+                diff += [f"{n} missing" for n in mine if n not in dict(theirs)]
+                raise LayoutError(f"the model's conv layers differ from those of the model this layout "
+                                  f"was made from ({'; '.join(diff[:3])}); was the predictor made for "
+                                  f"another architecture?")
+        for l in self.layers:
+            m = modules.get(l.name)
+            if m is None:
+                raise LayoutError(f"the model has no module '{l.name}' that this layout represents; "
+                                  f"was the predictor made for another architecture?")
+            if not isinstance(m, nn.Conv2d):
+                raise LayoutError(f"module '{l.name}' is a {type(m).__name__}, the layout expects Conv2d")
+            if tuple(m.weight.shape) != l.shape:
+                raise LayoutError(f"layer '{l.name}': the model's weight is {tuple(m.weight.shape)}, the "
+                                  f"layout expects {l.shape}; was the predictor made for another "
+                                  f"architecture?")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def describe(self) -> dict:
+        """A plain description (str/int/list/tensor only) that :meth:`from_description` restores."""
+        return {
+            "kernel_size": self.kernel_size,
+            "normalization": self.normalization,
+            "layers": [{"name": l.name, "shape": list(l.shape), "crop": l.crop} for l in self.layers],
+            "coord_rows": {str(i): r.clone() for i, r in self._coord_rows.items()},
+            "model_signature": (None if self.model_signature is None else
+                                [[n, list(sh)] for n, sh in self.model_signature]),
+        }
+
+    @classmethod
+    def from_description(cls, desc: Mapping) -> "WeightLayout":
+        try:
+            layers = [(d["name"], tuple(d["shape"]), d.get("crop", "center")) for d in desc["layers"]]
+            rows = {int(i): r for i, r in dict(desc.get("coord_rows", {})).items()}
+            signature = desc.get("model_signature")
+            return cls(layers, int(desc["kernel_size"]), str(desc["normalization"]), rows,
+                       None if signature is None else [(n, tuple(sh)) for n, sh in signature])
+        except (KeyError, TypeError) as exc:
+            raise LayoutError(f"layout description is incomplete or malformed ({exc!r})") from exc
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightLayout):
+            return NotImplemented
+        return (self.layers == other.layers and self.kernel_size == other.kernel_size
+                and self.normalization == other.normalization
+                and self._coord_rows.keys() == other._coord_rows.keys()
+                and all(torch.equal(r, other._coord_rows[i]) for i, r in self._coord_rows.items()))
+
+    __hash__ = None  # mutable caches inside; compare with ==
+
+    def __repr__(self) -> str:
+        return (f"WeightLayout({self.num_layers} layers, {self.num_kernels} kernels, "
+                f"{self.num_weights} weights, k={self.kernel_size}, normalization='{self.normalization}'"
+                f"{', permuted' if self.is_permuted else ''})")
+
+    def table(self) -> str:
+        """A text table of layers, kernels and weights."""
+        head = f"{'#':>3}  {'layer':<28} {'shape':<20} {'kernels':>9} {'weights':>10} {'crop':<7} perm"
+        lines = [head, "-" * len(head)]
+        for i, l in enumerate(self.layers):
+            lines.append(f"{i:>3}  {l.name:<28} {str(l.shape):<20} {l.num_kernels:>9} "
+                         f"{l.num_weights:>10} {l.crop:<7} {'yes' if i in self._coord_rows else '-'}")
+        lines.append("-" * len(head))
+        lines.append(f"{'':>3}  {'total':<28} {'':<20} {self.num_kernels:>9} {self.num_weights:>10}")
+        return "\n".join(lines)
+
+
+def replace_crop(layout: WeightLayout, crop: str) -> WeightLayout:
+    """The same layout with every layer using ``crop``."""
+    layers = [dataclasses.replace(l, crop=crop) for l in layout.layers]
+    return WeightLayout(layers, layout.kernel_size, layout.normalization,
+                        {i: layout.layer_coord_rows(i) for i in range(layout.num_layers)
+                         if layout.layer_coord_rows(i) is not None}, layout.model_signature)
+
+
+def conv_signature(model: nn.Module) -> tuple:
+    """(name, weight shape) of every Conv2d of ``model``, in module order."""
+    return tuple((n, tuple(m.weight.shape)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))

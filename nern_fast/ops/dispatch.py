@@ -1,0 +1,119 @@
+"""One dispatcher for every decode backend.
+
+Backends register in priority order. Each answers ``unavailable_reason(request)`` with None (it can
+take the call) or a sentence saying why not. ``backend="auto"`` takes the first that can; a backend
+named explicitly (argument or ``NERN_FAST_BACKEND``) raises :class:`BackendUnavailable` with its
+reason instead of falling back.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import torch
+
+from ..encoding import EncodingSpec
+from ..layout import WeightLayout
+
+ENV_BACKEND = "NERN_FAST_BACKEND"
+
+
+class BackendUnavailable(RuntimeError):
+    """A named backend cannot take this call; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What a backend needs to know to accept or refuse a decode call."""
+
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    hidden: int
+    num_blocks: int
+    kernel_size: int
+    encoding: str
+    levels: int
+    subset: bool
+    needs_grad: bool
+    explicit: bool = False  # the user named this backend (allows test-only paths)
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self, request: DecodeRequest) -> Optional[str]:
+        ...
+
+    def decode(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+               layout: WeightLayout, encoding: EncodingSpec, rows: Optional[torch.Tensor],
+               precision: str) -> torch.Tensor:
+        ...
+
+
+_BACKENDS: list[tuple[int, Backend]] = []
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def register_backend(backend: Backend, priority: int) -> None:
+    """Add (or replace) a backend; lower priority numbers are tried first by ``auto``."""
+    global _BACKENDS
+    _BACKENDS = sorted([(p, b) for p, b in _BACKENDS if b.name != backend.name] + [(priority, backend)],
+                       key=lambda pb: pb[0])
+    _LOAD_ERRORS.pop(backend.name, None)
+
+
+def record_load_error(name: str, reason: str) -> None:
+    """A backend that could not even be loaded (missing triton, extension not built)."""
+    if all(b.name != name for _, b in _BACKENDS):
+        _LOAD_ERRORS[name] = reason
+
+
+def backend_names() -> list[str]:
+    return [b.name for _, b in _BACKENDS] + [n for n in _LOAD_ERRORS]
+
+
+def get_backend(name: str) -> Backend:
+    for _, b in _BACKENDS:
+        if b.name == name:
+            return b
+    if name in _LOAD_ERRORS:
+        raise BackendUnavailable(f"backend '{name}' is not available: {_LOAD_ERRORS[name]}")
+    raise BackendUnavailable(f"unknown backend '{name}'; known backends: {backend_names()}")
+
+
+def requested_backend_name(name: str = "auto") -> str:
+    """The user's choice: an explicit argument wins, then ``NERN_FAST_BACKEND``, then auto."""
+    if name and name != "auto":
+        return name
+    return os.environ.get(ENV_BACKEND, "").strip() or "auto"
+
+
+def availability(request: DecodeRequest) -> dict[str, Optional[str]]:
+    """For every known backend, None if it could take ``request`` or the reason it cannot."""
+    report = {b.name: b.unavailable_reason(request) for _, b in _BACKENDS}
+    report.update(_LOAD_ERRORS)
+    return report
+
+
+def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
+    name = requested_backend_name(name)
+    if name != "auto":
+        backend = get_backend(name)
+        explicit = DecodeRequest(**{**request.__dict__, "explicit": True})
+        reason = backend.unavailable_reason(explicit)
+        if reason is not None:
+            raise BackendUnavailable(f"backend '{name}' cannot decode this call: {reason}")
+        return backend
+    reasons = []
+    for _, backend in _BACKENDS:
+        reason = backend.unavailable_reason(request)
+        if reason is None:
+            return backend
+        reasons.append(f"{backend.name}: {reason}")
+    raise BackendUnavailable("no backend can decode this call: " + "; ".join(reasons))

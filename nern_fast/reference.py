@@ -1,0 +1,149 @@
+"""The eager decoder: plain torch, the semantics of record.
+
+Every fast backend is tested against this and benchmarked against it. It stays simple on
+purpose: coordinates -> encodings -> MLP -> crop, layer by layer, optionally in chunks of rows
+(like NeRN's ``weights_batch_size``), differentiable through ordinary autograd.
+
+Two output formats, shared by every backend:
+
+* full decode (``rows=None``): one flat buffer of ``layout.num_weights`` values, the conv weights
+  of every represented layer one after the other (``layout.split`` gives per-layer views);
+* subset decode (``rows`` = flat kernel indices): ``(len(rows), k·k)``; a row of a layer with
+  s < k holds its cropped s×s kernel in the first s·s entries and zeros after.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .encoding import EncodingSpec
+from .layout import CROP_MODES, WeightLayout, crop_window
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision '{precision}' is not one of {PRECISIONS}")
+    return precision
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str, device: torch.device):
+    """fp32 matmuls in IEEE fp32 (``fp32``/``bf16``) or TF32 (``tf32``) on CUDA; no-op elsewhere."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    wanted = "tf32" if precision == "tf32" else "ieee"
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = wanted
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:  # older torch: legacy switch
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = wanted == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
+def kernel_positions(layout: WeightLayout, rows: torch.Tensor, dtype=torch.float32):
+    """Normalised (layer, filter, channel) positions ``(N, 3)`` and layer ids of flat kernel indices.
+
+    The permutation is applied here: slot ``rows[i]`` decodes coordinate row ``coord_rows[rows[i]]``.
+    """
+    t = layout.tensors(rows.device)
+    layer = t.layer_of(rows)
+    local = rows - t.kernel_offsets[layer]
+    if t.coord_rows is not None:
+        local = t.coord_rows[rows]
+    c_in = t.c_in[layer]
+    f, c = local // c_in, local % c_in
+    positions = torch.stack([t.pos_layer[layer], t.pos_filter[t.filter_offsets[layer] + f],
+                             t.pos_channel[t.channel_offsets[layer] + c]], dim=1)
+    return positions.to(dtype), layer
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:
+    """One linear layer at ``precision``; bf16 casts the operands and accumulates in fp32."""
+    if precision == "bf16" and x.dtype == torch.float32:
+        return torch.matmul(x.bfloat16(), weight.bfloat16().t()).to(x.dtype) + bias
+    return F.linear(x, weight, bias)
+
+
+def mlp_forward(x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                precision: str = "fp32") -> torch.Tensor:
+    """ReLU MLP (NERN_SPEC §5): ReLU after every layer but the last."""
+    last = len(weights) - 1
+    with matmul_precision(precision, x.device):
+        for i, (w, b) in enumerate(zip(weights, biases)):
+            x = linear(x, w, b, precision)
+            if i < last:
+                x = torch.relu(x)
+    return x
+
+
+def crop_kernels(kernels: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """NeRN's sampling of an s×s kernel from k×k outputs ``(n, k, k)`` -> ``(n, s, s)``."""
+    k = kernels.shape[-1]
+    if size == k:
+        return kernels
+    if mode == "center":
+        lo, hi = crop_window(k, size)
+        return kernels[:, lo:hi, lo:hi]
+    window = k - size + 1
+    pool = F.avg_pool2d if mode == "average" else F.max_pool2d
+    return pool(kernels.unsqueeze(1), window, 1).squeeze(1)
+
+
+def _decode_rows(weights, biases, layout, encoding, rows, precision, chunk_size):
+    """Raw k·k MLP outputs of flat kernel indices, in chunks."""
+    dtype = weights[0].dtype
+    pieces = []
+    step = chunk_size or max(int(rows.numel()), 1)
+    for start in range(0, rows.numel(), step):
+        positions, _ = kernel_positions(layout, rows[start:start + step], dtype)
+        pieces.append(mlp_forward(encoding.encode(positions), weights, biases, precision))
+    if not pieces:
+        return weights[-1].new_zeros((0, weights[-1].shape[0]))
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def reference_decode(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                     layout: WeightLayout, encoding: EncodingSpec, rows: Optional[torch.Tensor] = None,
+                     precision: str = "fp32", chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Decode all kernels (flat weight buffer) or the flat kernel indices ``rows`` (padded rows)."""
+    check_precision(precision)
+    k = layout.kernel_size
+    device = weights[0].device
+    if rows is None:
+        per_layer = []
+        for layer in layout.layers:
+            layer_rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels,
+                                      device=device)
+            out = _decode_rows(weights, biases, layout, encoding, layer_rows, precision, chunk_size)
+            per_layer.append(crop_kernels(out.view(-1, k, k), layer.size, layer.crop).reshape(-1))
+        return torch.cat(per_layer)
+
+    rows = rows.to(device=device, dtype=torch.long).reshape(-1)
+    out = _decode_rows(weights, biases, layout, encoding, rows, precision, chunk_size)
+    t = layout.tensors(device)
+    layer = t.layer_of(rows)
+    size, crop = t.size[layer], t.crop[layer]
+    if bool((size == k).all()):
+        return out
+    result = torch.zeros_like(out)
+    for s in sorted(set(size.tolist())):
+        for mode_id in sorted(set(crop[size == s].tolist())):
+            mask = (size == s) & (crop == mode_id)
+            cropped = crop_kernels(out[mask].view(-1, k, k), s, CROP_MODES[mode_id])
+            result[mask] = F.pad(cropped.reshape(-1, s * s), (0, k * k - s * s))
+    return result

@@ -1,0 +1,38 @@
+"""Shared test layouts and predictors (used by the reference, Triton and csrc tests)."""
+from __future__ import annotations
+
+import torch
+
+from nern_fast import FastPredictor, WeightLayout
+
+
+def mixed_layout(kernel_size: int = 3, normalization: str = "local", crop: str = "center",
+                 permuted: bool = False) -> WeightLayout:
+    """4 layers: 8×8 and 16×8 and 16×16 k×k kernels plus a 1×1 layer (cropped)."""
+    k = kernel_size
+    shapes = [(8, 8, k, k), (16, 8, k, k), (16, 16, k, k), (8, 16, 1, 1)]
+    layout = WeightLayout.from_shapes(shapes, kernel_size=k, normalization=normalization, crop=crop)
+    if permuted:
+        g = torch.Generator().manual_seed(1)
+        perms = [torch.randperm(l.num_kernels, generator=g) for l in layout.layers]
+        perms[1] = None
+        perms[2] = (torch.randperm(16, generator=g),
+                    torch.stack([torch.randperm(16, generator=g) for _ in range(16)]))
+        layout = layout.with_permutations(perms)
+    return layout
+
+
+def random_predictor(layout: WeightLayout, hidden: int = 24, num_blocks: int = 4, levels: int = 6,
+                     encoding: str = "basic", seed: int = 0, dtype=torch.float32, **kw) -> FastPredictor:
+    """A predictor with non-trivial biases (zero biases would hide bias bugs)."""
+    torch.manual_seed(seed)
+    pred = FastPredictor(layout, hidden=hidden, num_blocks=num_blocks, levels=levels, encoding=encoding,
+                         **kw)
+    with torch.no_grad():
+        for b in pred.biases():
+            b.uniform_(-0.3, 0.3)
+    return pred.to(dtype)
+
+
+def all_rows(layout: WeightLayout) -> torch.Tensor:
+    return torch.arange(layout.num_kernels)

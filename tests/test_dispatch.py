@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from helpers import mixed_layout, random_predictor
+from nern_fast import BackendUnavailable, ops
+from nern_fast.ops import dispatch
+
+
+class RefusingBackend:
+    name = "refuser"
+
+    def unavailable_reason(self, request):
+        return "it never decodes"
+
+    def decode(self, *a):
+        raise AssertionError("must not be called")
+
+
+class CountingBackend:
+    name = "counter"
+
+    def __init__(self):
+        self.calls = 0
+
+    def unavailable_reason(self, request):
+        return None if request.device_type == "cpu" else "cpu only"
+
+    def decode(self, weights, biases, layout, encoding, rows, precision):
+        self.calls += 1
+        return ops.get_backend("eager").decode(weights, biases, layout, encoding, rows, precision)
+
+
+@pytest.fixture
+def registry():
+    saved = list(dispatch._BACKENDS), dict(dispatch._LOAD_ERRORS)
+    yield
+    dispatch._BACKENDS[:] = saved[0]
+    dispatch._LOAD_ERRORS.clear()
+    dispatch._LOAD_ERRORS.update(saved[1])
+
+
+def test_auto_falls_back_past_a_refusing_backend(registry):
+    ops.register_backend(RefusingBackend(), priority=-2)
+    counter = CountingBackend()
+    ops.register_backend(counter, priority=-1)
+    pred = random_predictor(mixed_layout())
+    pred.decode_flat()
+    assert counter.calls == 1
+
+
+def test_named_backend_raises_with_reason(registry, monkeypatch):
+    ops.register_backend(RefusingBackend(), priority=-2)
+    pred = random_predictor(mixed_layout(), backend="refuser")
+    with pytest.raises(BackendUnavailable, match="it never decodes"):
+        pred.decode_flat()
+    pred.backend = "no-such-backend"
+    with pytest.raises(BackendUnavailable, match="unknown backend"):
+        pred.decode_flat()
+
+
+def test_environment_variable_overrides_auto(registry, monkeypatch):
+    counter = CountingBackend()
+    ops.register_backend(counter, priority=200)  # last in auto order
+    pred = random_predictor(mixed_layout())
+    pred.decode_flat()
+    assert counter.calls == 0
+    monkeypatch.setenv(ops.ENV_BACKEND, "counter")
+    pred.decode_flat()
+    assert counter.calls == 1
+    pred.backend = "eager"  # an explicit argument beats the variable
+    pred.decode_flat()
+    assert counter.calls == 1
+
+
+def test_unloadable_backend_reports_reason(registry):
+    dispatch.record_load_error("ghost", "missing dependency 'ghostlib'")
+    with pytest.raises(BackendUnavailable, match="ghostlib"):
+        ops.get_backend("ghost")
+    pred = random_predictor(mixed_layout())
+    req = ops.make_request(pred.weights(), pred.layout, pred.encoding, None, "fp32")
+    assert "ghostlib" in ops.availability(req)["ghost"]
+    assert ops.availability(req)["eager"] is None
+
+
+def test_input_checks_are_clear():
+    pred = random_predictor(mixed_layout())
+    w, b = pred.weights(), pred.biases()
+    with pytest.raises(ValueError, match="MLP layer 1"):
+        ops.decode([w[0], w[0]] + w[2:], b, pred.layout, pred.encoding)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.decode([w[0].double()] + w[1:], b, pred.layout, pred.encoding)
+    with pytest.raises(ValueError, match="precision"):
+        ops.decode(w, b, pred.layout, pred.encoding, precision="fp16")

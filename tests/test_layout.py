@@ -1,0 +1,166 @@
+import pytest
+import torch
+from torch import nn
+
+from helpers import mixed_layout
+from nern_fast import LayoutError, WeightLayout
+from nern_fast.layout import coord_rows_from_crossfilter, coord_rows_from_infilter, crop_window
+from nern_fast.models import cifar_resnet
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.big = nn.Conv2d(8, 8, 5, padding=2)
+        self.rect = nn.Conv2d(8, 8, (1, 3))
+        self.group = nn.Conv2d(8, 16, 3, groups=4)
+        self.depthwise = nn.Conv2d(16, 16, 3, groups=16)
+        self.point = nn.Conv2d(16, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+
+def test_default_include_takes_square_kernels_up_to_k_in_module_order():
+    layout = WeightLayout.from_model(Mixed())
+    assert layout.names == ["stem", "group", "depthwise", "point"]
+    assert [l.shape for l in layout.layers] == [(8, 3, 3, 3), (16, 2, 3, 3), (16, 1, 3, 3), (4, 16, 1, 1)]
+    assert [l.kernel_offset for l in layout.layers] == [0, 24, 56, 72]
+    assert [l.weight_offset for l in layout.layers] == [0, 216, 504, 648]
+    assert layout.num_kernels == 136 and layout.num_weights == 712
+    assert layout.max_dim == 16
+
+
+def test_include_by_names_and_callable():
+    model = Mixed()
+    assert WeightLayout.from_model(model, include=["point", "stem"]).names == ["stem", "point"]
+    assert WeightLayout.from_model(model, include="point").names == ["point"]
+    pred = WeightLayout.from_model(model, include=lambda n, m: m.groups > 1)
+    assert pred.names == ["group", "depthwise"]
+    assert WeightLayout.from_model(model, kernel_size=5).names == ["stem", "big", "group", "depthwise", "point"]
+
+
+def test_nern_preset_on_cifar_and_torchvision_resnets():
+    layout = WeightLayout.from_model(cifar_resnet(56), include="nern")
+    assert layout.num_layers == 54 and layout.num_kernels == 94208
+    assert "conv1" not in layout.names
+    torchvision = pytest.importorskip("torchvision")
+    r18 = WeightLayout.from_model(torchvision.models.resnet18(), include="nern")
+    assert r18.num_layers == 16 and r18.num_kernels == 1220608
+    assert all(".conv" in n and "downsample" not in n for n in r18.names)
+    r50 = WeightLayout.from_model(torchvision.models.resnet50(), include="nern")
+    assert all(n.endswith("conv2") for n in r50.names) and r50.num_layers == 16
+
+
+@pytest.mark.parametrize("include, message", [
+    (["big"], "larger than"),
+    (["rect"], "not square"),
+    (["nope"], "not a module"),
+    (["fc"], "only nn.Conv2d"),
+])
+def test_include_errors_name_the_layer(include, message):
+    with pytest.raises(LayoutError, match=message) as info:
+        WeightLayout.from_model(Mixed(), include=include)
+    assert include[0] in str(info.value)
+
+
+def test_model_without_representable_layer():
+    with pytest.raises(LayoutError, match="no conv layer"):
+        WeightLayout.from_model(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(LayoutError, match="no conv layer"):
+        WeightLayout.from_model(nn.Sequential(nn.Conv2d(3, 3, 5)))
+
+
+def test_normalized_positions_modes():
+    layout = WeightLayout.from_shapes([(4, 2), (8, 4)], normalization="local")
+    pl, pf, pc = layout.normalized_positions()
+    assert torch.equal(pl, torch.tensor([0.0, 0.5]))
+    assert torch.equal(pf[1], torch.arange(8) / 8)
+    assert torch.equal(pc[0], torch.tensor([0.0, 0.5]))
+    glob = WeightLayout.from_shapes([(4, 2), (8, 4)], normalization="global")
+    pl, pf, pc = glob.normalized_positions()
+    assert torch.equal(pl, torch.tensor([0.0, 1 / 8])) and torch.equal(pc[1], torch.arange(4) / 8)
+    none = WeightLayout.from_shapes([(4, 2), (8, 4)], normalization="none")
+    pl, pf, pc = none.normalized_positions()
+    assert torch.equal(pf[1], torch.arange(8.0)) and torch.equal(pl, torch.tensor([0.0, 1.0]))
+    # global M counts the kernel dimensions too (NeRN: max over whole shapes)
+    assert WeightLayout.from_shapes([(2, 2, 5, 5)], kernel_size=5, normalization="global").max_dim == 5
+
+
+def test_crop_window_matches_nern():
+    assert crop_window(3, 1) == (1, 2)
+    assert crop_window(5, 3) == (1, 4)
+    assert crop_window(3, 2) == (0, 2)
+    assert crop_window(7, 1) == (3, 4)
+
+
+def test_crossfilter_and_infilter_conversion():
+    layout = WeightLayout.from_shapes([(2, 3)])
+    layer = layout.layers[0]
+    chain = [0, 4, 2, 5, 1, 3]
+    rows = coord_rows_from_crossfilter(chain, layer)
+    assert rows.tolist() == [chain.index(q) for q in range(6)]  # slot q decodes its chain rank
+    filter_order = [1, 0]
+    channel_orders = [[2, 0, 1], [0, 1, 2]]
+    rows = coord_rows_from_infilter(filter_order, channel_orders, layer)
+    # kernel (f, c) -> (rank of f in filter chain, rank of c in filter f's chain)
+    expected = []
+    for f in range(2):
+        for c in range(3):
+            expected.append(filter_order.index(f) * 3 + channel_orders[f].index(c))
+    assert rows.tolist() == expected
+
+
+@pytest.mark.parametrize("perm, message", [
+    ([0, 1, 2], "length 6"),
+    ([0, 1, 2, 3, 4, 4], "not a permutation"),
+    (([0, 0], [[0, 1, 2], [0, 1, 2]]), "filter order"),
+    (([1, 0], [[0, 1, 1], [0, 1, 2]]), "filter 0"),
+    ([0.0, 1, 2, 3, 4, 5], "integer"),
+])
+def test_bad_permutations_are_clear_errors(perm, message):
+    layout = WeightLayout.from_shapes([(2, 3)], names=["conv"])
+    with pytest.raises(LayoutError, match=message) as info:
+        layout.with_permutations([perm])
+    assert "conv" in str(info.value)
+
+
+def test_permutations_by_name_and_wrong_count():
+    layout = WeightLayout.from_shapes([(2, 3), (2, 2)], names=["a", "b"])
+    permuted = layout.with_permutations({"b": [3, 2, 1, 0]})
+    assert permuted.layer_coord_rows(0) is None
+    assert permuted.coord_rows().tolist() == list(range(6)) + [3, 2, 1, 0]
+    with pytest.raises(LayoutError, match="2 layers"):
+        layout.with_permutations([None])
+    with pytest.raises(LayoutError, match="does not have"):
+        layout.with_permutations({"zzz": [0]})
+
+
+def test_split_views_share_storage_and_kernel_rows():
+    layout = mixed_layout()
+    flat = torch.arange(layout.num_weights, dtype=torch.float32)
+    views = layout.split(flat)
+    assert [tuple(v.shape) for v in views] == [l.shape for l in layout.layers]
+    assert all(v.data_ptr() == flat[l.weight_offset:].data_ptr() for v, l in zip(views, layout.layers))
+    last = layout.layers[-1]
+    rows = torch.tensor([0, last.kernel_offset + 3])
+    out = layout.kernel_rows(flat, rows)
+    assert out[0].tolist() == list(range(9))
+    assert out[1].tolist() == [last.weight_offset + 3] + [0] * 8
+
+
+def test_describe_round_trip_and_check_model():
+    layout = mixed_layout(permuted=True)
+    again = WeightLayout.from_description(layout.describe())
+    assert again == layout
+    model = cifar_resnet(20)
+    lay = WeightLayout.from_model(model, include="nern")
+    lay.check_model(model)
+    with pytest.raises(LayoutError, match="another architecture"):
+        lay.check_model(cifar_resnet(32))
+    with pytest.raises(LayoutError, match="another architecture"):
+        lay.check_model(cifar_resnet(20, width=8))
+
+
+def test_table_lists_every_layer():
+    table = WeightLayout.from_model(cifar_resnet(20), include="nern").table()
+    assert table.count("layer") >= 18 and "29696" in table

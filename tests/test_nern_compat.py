@@ -1,0 +1,173 @@
+"""from_nern decodes what NeRN's eager code decodes. The NeRN-side computation below follows the
+official code's steps (per-coordinate encodings, embedding permutation by argsort, per-layer MLP,
+reshape, sampling) written out independently for the test."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from nern_fast import FastPredictor, FileFormatError, LayoutError
+from nern_fast.models import cifar_resnet
+
+
+def nern_positions(shapes, mode):
+    max_index = max(max(s) for s in shapes)
+    out = []
+    for l, s in enumerate(shapes):
+        rows = []
+        for f in range(s[0]):
+            for c in range(s[1]):
+                if mode == "local":
+                    rows.append((l / len(shapes), f / s[0], c / s[1]))
+                elif mode == "global":
+                    rows.append((l / max_index, f / max_index, c / max_index))
+                else:
+                    rows.append((l, f, c))
+        out.append(rows)
+    return out
+
+
+def nern_encode(pos, emb):
+    levels, base = emb["enc_levels"], emb["base"]
+    if emb["type"] == "basic":
+        x = torch.tensor(pos).unsqueeze(-1) * (base ** torch.arange(levels)) * np.pi
+    else:
+        rng = torch.random.get_rng_state()
+        torch.manual_seed(0)
+        b = torch.randn((levels * 3, 3)) * torch.Tensor(emb["gauss_scale"])
+        torch.random.set_rng_state(rng)
+        x = (torch.tensor(pos) * 2 * np.pi) @ b.T
+    return torch.dstack([torch.sin(x), torch.cos(x)]).flatten()
+
+
+def nern_decode(state, cfg, shapes, perms=None, mode=None, chunk=5):
+    nern = cfg["nern"]
+    emb = nern["embeddings"]
+    embeddings = [torch.stack([nern_encode(p, emb) for p in layer])
+                  for layer in nern_positions(shapes, emb["normalization_mode"])]
+    if mode == "crossfilter":
+        embeddings = [e[np.argsort(p)] for e, p in zip(embeddings, perms)]
+    elif mode == "infilter":
+        new = []
+        for e, (fp, cp), s in zip(embeddings, perms, shapes):
+            r = e.numpy().reshape(s[0], s[1], -1)[np.argsort(fp)]
+            r = np.array([fe[inv] for fe, inv in zip(r, np.argsort(np.array(cp)))])
+            new.append(torch.Tensor(r).reshape(e.shape))
+        embeddings = new
+    n_hidden = nern["num_blocks"] - 1
+    k = nern["output_size"]
+    out = []
+    for e, s in zip(embeddings, shapes):
+        pieces = []
+        for i in range(0, e.shape[0], chunk):
+            x = e[i:i + chunk]
+            for j in range(n_hidden):
+                x = torch.relu(F.linear(x, state[f"module.layers.{j}.weight"], state[f"module.layers.{j}.bias"]))
+            pieces.append(F.linear(x, state["module.final_linear_layer.weight"],
+                                   state["module.final_linear_layer.bias"]))
+        w = torch.vstack(pieces).reshape(s[0], s[1], k, k)
+        size = s[-1]
+        if nern["sampling_mode"] == "center":
+            lo, hi = int(k / 2 - size / 2), int(k / 2 + size / 2)
+            w = w[:, :, lo:hi, lo:hi]
+        elif nern["sampling_mode"] == "average":
+            w = F.avg_pool2d(w, k - size + 1, 1)
+        else:
+            w = F.max_pool2d(w, k - size + 1, 1)
+        out.append(w)
+    return out
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(4, 6, 3)
+        self.c = nn.Conv2d(6, 5, 1)
+
+
+def make_files(tmp_path, emb_type="basic", norm="local", sampling="center", hidden=12, blocks=4,
+               levels=5, permute_mode=None):
+    cfg = {"nern": {"hidden_layer_size": hidden, "num_blocks": blocks, "output_size": 3,
+                    "sampling_mode": sampling, "method": "kxk",
+                    "embeddings": {"type": emb_type, "enc_levels": levels, "base": 0.76,
+                                   "normalization_mode": norm, "gauss_scale": [1, 0.1, 0.1],
+                                   "permutations": {"permute_mode": permute_mode}}}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    torch.manual_seed(3)
+    sizes = [6 * levels] + [hidden] * (blocks - 1)
+    state = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        state[f"module.layers.{i}.weight"] = torch.randn(b, a) / math.sqrt(a)
+        state[f"module.layers.{i}.bias"] = torch.randn(b) * 0.1
+    state["module.final_linear_layer.weight"] = torch.randn(9, hidden) / math.sqrt(hidden)
+    state["module.final_linear_layer.bias"] = torch.randn(9) * 0.1
+    torch.save(state, tmp_path / "predictor.pt")
+    return cfg, state
+
+
+@pytest.mark.parametrize("emb_type", ["basic", "ffn"])
+@pytest.mark.parametrize("norm", ["local", "global", "None"])
+@pytest.mark.parametrize("sampling", ["center", "average", "max"])
+def test_from_nern_decodes_like_nern(tmp_path, emb_type, norm, sampling):
+    cfg, state = make_files(tmp_path, emb_type, norm, sampling)
+    model = SmallNet()
+    pred = FastPredictor.from_nern(tmp_path / "predictor.pt", model, tmp_path / "cfg.yaml", include=None)
+    shapes = [tuple(m.weight.shape) for m in (model.a, model.b, model.c)]
+    expected = nern_decode(state, cfg, shapes)
+    for got, want in zip(pred(), expected):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["crossfilter", "infilter"])
+def test_from_nern_with_permutations(tmp_path, mode):
+    cfg, state = make_files(tmp_path, permute_mode=mode)
+    model = SmallNet()
+    shapes = [tuple(m.weight.shape) for m in (model.a, model.b, model.c)]
+    rng = np.random.default_rng(0)
+    if mode == "crossfilter":
+        perms = [rng.permutation(s[0] * s[1]).tolist() for s in shapes]
+    else:
+        perms = [(rng.permutation(s[0]).tolist(), [rng.permutation(s[1]).tolist() for _ in range(s[0])])
+                 for s in shapes]
+    folder = tmp_path / "perms"
+    folder.mkdir()
+    for i, p in enumerate(perms):
+        torch.save(p, folder / f"layer_{i}.pt")
+    with pytest.raises(LayoutError, match="permutations="):
+        FastPredictor.from_nern(tmp_path / "predictor.pt", model, tmp_path / "cfg.yaml", include=None)
+    pred = FastPredictor.from_nern(tmp_path / "predictor.pt", model, tmp_path / "cfg.yaml",
+                                   permutations=folder, include=None)
+    expected = nern_decode(state, cfg, shapes, perms, mode)
+    for got, want in zip(pred(), expected):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_from_nern_on_resnet20_with_nern_preset(tmp_path):
+    cfg, state = make_files(tmp_path, hidden=16, blocks=5, levels=40)
+    model = cifar_resnet(20)
+    pred = FastPredictor.from_nern(state, model, cfg["nern"], backend="eager")
+    assert pred.layout.num_kernels == 29696 and pred.hidden == 16 and pred.num_blocks == 5
+    shapes = [l.shape for l in pred.layout.layers]
+    expected = nern_decode(state, cfg, shapes, chunk=4096)
+    for got, want in zip(pred(), expected):
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_from_nern_errors(tmp_path):
+    cfg, state = make_files(tmp_path)
+    model = SmallNet()
+    small = {k: v for k, v in state.items() if "final" not in k}
+    with pytest.raises(FileFormatError, match="final_linear_layer"):
+        FastPredictor.from_nern(small, model, cfg, include=None)
+    wrong = dict(cfg["nern"], hidden_layer_size=13)
+    with pytest.raises(FileFormatError, match="does not match"):
+        FastPredictor.from_nern(state, model, {"nern": wrong}, include=None)
+    with pytest.raises(ValueError, match="kxk"):
+        FastPredictor.from_nern(state, model, {"nern": dict(cfg["nern"], method="basic")}, include=None)
+    with pytest.raises(FileNotFoundError):
+        FastPredictor.from_nern(tmp_path / "nope.pt", model, cfg, include=None)

@@ -1,0 +1,173 @@
+"""The eager reference against an independent float64 re-derivation written with plain loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import mixed_layout, random_predictor
+from nern_fast import WeightLayout, reference_decode
+from nern_fast.layout import crop_window
+
+
+def rederive(pred, layout):
+    """Loop over every kernel slot: coordinates, permutation, encoding, MLP, crop -- float64."""
+    spec = pred.encoding
+    W = [w.detach().double() for w in pred.weights()]
+    B = [b.detach().double() for b in pred.biases()]
+    k = layout.kernel_size
+    freqs = (spec.base ** torch.arange(spec.levels)).double()  # float32 pow, as NeRN
+    ffn = spec.ffn_matrix().double()
+    L = layout.num_layers
+    out = []
+    for li, layer in enumerate(layout.layers):
+        rows = layout.layer_coord_rows(li)
+        for q in range(layer.num_kernels):
+            coord = int(rows[q]) if rows is not None else q
+            f, c = divmod(coord, layer.c_in)
+            if layout.normalization == "local":
+                den = (L, layer.c_out, layer.c_in)
+            elif layout.normalization == "global":
+                den = (layout.max_dim,) * 3
+            else:
+                den = (1, 1, 1)
+            p = torch.tensor([np.float32(li / den[0]), np.float32(f / den[1]), np.float32(c / den[2])],
+                             dtype=torch.float64)
+            if spec.kind == "basic":
+                x = (p[:, None] * freqs[None, :] * math.pi).reshape(-1)
+            else:
+                x = (p * 2 * math.pi) @ ffn.T
+            e = torch.stack([torch.sin(x), torch.cos(x)], -1).reshape(-1)
+            h = e
+            for i, (w, b) in enumerate(zip(W, B)):
+                h = w @ h + b
+                if i < len(W) - 1:
+                    h = torch.clamp(h, min=0)
+            kern = h.reshape(k, k)
+            s = layer.size
+            if s < k:
+                if layer.crop == "center":
+                    lo, hi = crop_window(k, s)
+                    kern = kern[lo:hi, lo:hi]
+                else:
+                    win = k - s + 1
+                    kern = torch.stack([torch.stack([
+                        (kern[i:i + win, j:j + win].mean() if layer.crop == "average"
+                         else kern[i:i + win, j:j + win].max()) for j in range(s)]) for i in range(s)])
+            out.append(kern.reshape(-1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("normalization", ["local", "global", "none"])
+@pytest.mark.parametrize("crop", ["center", "average", "max"])
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+def test_reference_matches_float64_rederivation(normalization, crop, encoding):
+    layout = mixed_layout(normalization=normalization, crop=crop, permuted=True)
+    pred = random_predictor(layout, encoding=encoding, dtype=torch.float64)
+    expected = rederive(pred, layout)
+    got = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fp32_reference_close_to_float64():
+    layout = mixed_layout(kernel_size=5)
+    pred = random_predictor(layout, hidden=40)
+    got = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding)
+    exact = reference_decode([w.double() for w in pred.weights()], [b.double() for b in pred.biases()],
+                             layout, pred.encoding)
+    assert torch.allclose(got.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_hand_computed_tiny_case():
+    """One 1×1-input layer, identity-like MLP: the output is an affine map of the encoding."""
+    layout = WeightLayout.from_shapes([(1, 1, 1, 1)], kernel_size=1)
+    pred = random_predictor(layout, hidden=2, num_blocks=2, levels=1)
+    with torch.no_grad():
+        pred.layers[0].weight.zero_()
+        pred.layers[0].weight[0, 1] = 1.0  # cos(0 * pi) = 1 from the layer index block
+        pred.layers[0].bias.fill_(0.5)
+        pred.final_linear_layer.weight.fill_(2.0)
+        pred.final_linear_layer.bias.fill_(-1.0)
+    # h = relu([1 + 0.5, 0.5]) = [1.5, 0.5]; out = 2 * 2.0 - 1 = 3
+    assert pred.decode_flat().tolist() == [3.0]
+
+
+def test_subset_equals_full_rows_and_chunking_changes_nothing():
+    layout = mixed_layout(permuted=True)
+    pred = random_predictor(layout)
+    flat = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding)
+    rows = torch.randperm(layout.num_kernels)[:57]
+    subset = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding, rows)
+    assert torch.allclose(subset, layout.kernel_rows(flat, rows), atol=1e-6)
+    chunked = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding, chunk_size=7)
+    assert torch.allclose(chunked, flat, atol=1e-6)
+
+
+def test_permutation_moves_kernels_between_slots():
+    plain = mixed_layout()
+    permuted = mixed_layout(permuted=True)
+    pred = random_predictor(plain)
+    a = plain.split(reference_decode(pred.weights(), pred.biases(), plain, pred.encoding))
+    b = permuted.split(reference_decode(pred.weights(), pred.biases(), permuted, pred.encoding))
+    rows = permuted.layer_coord_rows(0)
+    assert torch.equal(b[0].reshape(-1, 9), a[0].reshape(-1, 9)[rows])
+    assert torch.equal(b[1], a[1])  # layer 1 is left unpermuted
+
+
+def test_gradients_flow_to_every_parameter():
+    layout = mixed_layout(crop="max")
+    pred = random_predictor(layout)
+    out = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding)
+    (out ** 2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pred.parameters())
+
+
+def test_float64_gradcheck_tiny():
+    layout = WeightLayout.from_shapes([(2, 3), (3, 2, 1, 1)])
+    pred = random_predictor(layout, hidden=5, num_blocks=3, levels=2, dtype=torch.float64)
+    params = pred.weights() + pred.biases()
+    n = len(pred.weights())
+
+    def fn(*ps):
+        return reference_decode(list(ps[:n]), list(ps[n:]), layout, pred.encoding)
+
+    assert torch.autograd.gradcheck(fn, [p.detach().requires_grad_() for p in params])
+
+
+def test_bf16_error_is_bounded():
+    layout = mixed_layout()
+    pred = random_predictor(layout, hidden=64)
+    exact = reference_decode([w.double() for w in pred.weights()], [b.double() for b in pred.biases()],
+                             layout, pred.encoding)
+    bf16 = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding, precision="bf16")
+    err = (bf16.double() - exact).abs().max() / exact.abs().max()
+    assert 1e-5 < err < 5e-2  # bf16 really is used, and stays within bf16's few-digit accuracy
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_layouts_subset_and_rederivation(data):
+    k = data.draw(st.sampled_from([1, 3, 5]))
+    n_layers = data.draw(st.integers(1, 3))
+    shapes = []
+    for _ in range(n_layers):
+        s = data.draw(st.integers(1, k))
+        shapes.append((data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5)), s, s))
+    layout = WeightLayout.from_shapes(shapes, kernel_size=k,
+                                      normalization=data.draw(st.sampled_from(["local", "global", "none"])),
+                                      crop=data.draw(st.sampled_from(["center", "average", "max"])))
+    if data.draw(st.booleans()):
+        seed = data.draw(st.integers(0, 100))
+        g = torch.Generator().manual_seed(seed)
+        layout = layout.with_permutations([torch.randperm(l.num_kernels, generator=g) for l in layout.layers])
+    pred = random_predictor(layout, hidden=data.draw(st.integers(1, 9)), num_blocks=data.draw(st.integers(2, 4)),
+                            levels=data.draw(st.integers(1, 4)),
+                            encoding=data.draw(st.sampled_from(["basic", "ffn"])), dtype=torch.float64)
+    flat = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding)
+    assert torch.allclose(flat, rederive(pred, layout), rtol=1e-10, atol=1e-12)
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, layout.num_kernels - 1), min_size=1, max_size=10)))
+    sub = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding, rows)
+    assert torch.allclose(sub, layout.kernel_rows(flat, rows), rtol=1e-12, atol=1e-12)
