@@ -1,0 +1,1 @@
+"""Training recipes: losses, samplers, the joint / decoupled / progressive recipes, checkpoints."""
