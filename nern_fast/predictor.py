@@ -182,3 +182,15 @@ class FastPredictor(nn.Module):
         """Read a file written by :meth:`save`; with ``model``, check that the predictor fits it."""
         data = safe_load(path, FILE_FORMAT, map_location=map_location)
         return cls.from_file_dict(data, model, str(path), **overrides)
+
+    # ------------------------------------------------------------------ inference (nern_fast.inference)
+    def attach(self, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
+               prefetch: bool = True) -> nn.Module:
+        """Run ``model`` from this predictor: "on_demand", "cached" or "materialized" (see inference)."""
+        from .inference import attach
+        return attach(self, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch)
+
+    def detach(self, model: nn.Module) -> nn.Module:
+        """Undo :meth:`attach`: ``model`` gets ordinary parameters holding the decoded weights."""
+        from .inference import detach
+        return detach(model, self)

@@ -1,0 +1,408 @@
+"""On-demand inference: run a network whose represented conv weights exist only as a predictor.
+
+The API (stable; ``bench/bench_inference.py`` and the CLI use it)::
+
+    model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True)
+    with torch.inference_mode():
+        logits = model(x)                 # the user's forward code is unchanged
+    attachment(model).stats              # decodes, cache hits, prefetches, held bytes, ...
+    model = pred.detach(model)            # ordinary nn.Parameters again, holding the decoded values
+
+``attach`` works in place on ``model`` (same object, same module tree) and returns it. Modes:
+
+* ``"on_demand"``: no represented conv weight is stored. A forward pre-hook on each represented conv
+  decodes its weight (``pred.decode_layer(i)``) right before the conv runs; a forward hook drops it
+  right after. Weight memory: the largest represented layer plus the predictor (plus, on CUDA with
+  ``prefetch``, the next layer being decoded on a side stream: at most two layers).
+* ``"cached"``: as on_demand, but decoded layers stay in an LRU cache of at most ``cache_bytes``
+  bytes (``None``: no limit; a layer larger than the limit is decoded each time and never cached).
+* ``"materialized"``: every layer is decoded once, at attach time (the baseline).
+
+Every mode decodes a layer with the same call (``pred.decode_layer(i)`` under ``no_grad``, cast to
+the conv's original dtype), so the outputs of the three modes are identical for the same backend
+and precision.
+
+Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
+which the represented convs run (a conv called twice appears twice). In later forwards, while conv
+i runs on the current stream, the next conv's weight is decoded on a side stream; an event orders
+its use and ``record_stream`` keeps the caching allocator from reusing its memory early. A forward
+that takes another path than the recorded one simply decodes synchronously (and records the new
+order). Nothing prefetched outlives a forward of the root model.
+
+While attached:
+
+* ``conv.weight`` of a represented conv is a ``meta`` tensor placeholder with the original shape and
+  dtype (so shape queries such as ``WeightLayout.check_model`` still work); the real weight exists
+  only while the conv runs. ``model.parameters()`` no longer yields the represented weights (they
+  are not stored), so ``sum(p.numel() for p in model.parameters())`` counts what is stored.
+* ``model.state_dict()`` is a complete ordinary state dict: the represented weights are decoded
+  into it (detached), so it loads into a plain model. Loading a state dict *with* represented
+  weights into an attached model is an error (detach first); loading one without them (the
+  unrepresented parameters and buffers) works.
+* Decoding happens under ``no_grad`` and outside inference mode, so the decoded weights are ordinary
+  tensors: the model runs under ``torch.inference_mode()``, under ``no_grad``, and with gradients
+  with respect to its inputs or its unrepresented parameters (never the predictor: train it with
+  ``pred()``). With grad enabled, autograd keeps the weights a conv saved for backward alive.
+* Move the predictor and the model together (``prepare_for_inference`` does). A decoded weight is
+  moved to its input's device if they differ, which works but copies every call.
+* An exception (even Ctrl-C) in the middle of a forward leaves nothing broken: hooks restore the
+  placeholders, and the next forward of the root model starts from a clean state.
+* Not supported while attached: ``torch.compile`` / TorchScript of the model, several threads
+  running the same attached model, ``copy.deepcopy`` of the model. Detach first.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+MODES = ("on_demand", "cached", "materialized")
+_ATTR = "_nern_fast_attachment"
+_local = threading.local()
+
+
+class AttachError(RuntimeError):
+    """A model that cannot be attached or detached as asked (already attached, not attached, ...)."""
+
+
+@contextlib.contextmanager
+def represented_state_excluded() -> Iterator[None]:
+    """Within this block, ``state_dict()`` of an attached model leaves out the represented weights
+    (no decode): what the compressed-model writer stores beside the predictor."""
+    previous = getattr(_local, "exclude", False)
+    _local.exclude = True
+    try:
+        yield
+    finally:
+        _local.exclude = previous
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Attachment:
+    """The state of one attached model: hooks, stored/cached/prefetched weights and statistics.
+
+    ``stats`` (a dict, reset with :meth:`reset_stats`): ``decodes`` (layer decodes run),
+    ``cache_hits``, ``prefetched`` (decodes taken from a prefetch), ``prefetch_dropped`` (prefetches
+    never used), ``evictions``, ``held_bytes`` (decoded weight bytes alive now: stored, cached,
+    in use or prefetched), ``peak_held_bytes`` and ``cached_bytes``.
+    """
+
+    def __init__(self, pred, model: nn.Module, mode: str, cache_bytes: Optional[int], prefetch: bool):
+        self.pred = pred
+        self.model = model
+        self.mode = mode
+        self.cache_bytes = cache_bytes
+        layout = pred.layout
+        modules = dict(model.named_modules())
+        self.convs: list[nn.Conv2d] = [modules[l.name] for l in layout.layers]
+        self.names = [l.name for l in layout.layers]
+        self._params = [(c.weight.dtype, c.weight.device, c.weight.requires_grad) for c in self.convs]
+        self._param_order = [list(c._parameters) for c in self.convs]  # restored by detach
+        self._placeholders = [torch.empty(l.shape, dtype=c.weight.dtype, device="meta")
+                              for l, c in zip(layout.layers, self.convs)]
+        self.layer_bytes = [l.num_weights * p.element_size()
+                            for l, p in zip(layout.layers, self._placeholders)]
+        self.device = pred.layers[0].weight.device
+        self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
+        self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
+        self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the LRU cache
+        self._store_bytes = 0
+        self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
+        self._pending = None  # (layer, call position, tensor, event): a prefetch not yet used
+        self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
+        self._trace: list[int] = []
+        self._in_forward = False
+        self._handles: list = []
+        self.stats: dict[str, int] = {}
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def largest_layer_bytes(self) -> int:
+        return max(self.layer_bytes)
+
+    @property
+    def predictor_bytes(self) -> int:
+        return sum(_nbytes(p) for p in self.pred.parameters())
+
+    @property
+    def cached_layers(self) -> list[int]:
+        """Layer indices held in the store, least recently used first."""
+        return list(self._store)
+
+    def reset_stats(self) -> None:
+        held = self._held_bytes()
+        self.stats = {"decodes": 0, "cache_hits": 0, "prefetched": 0, "prefetch_dropped": 0,
+                      "evictions": 0, "held_bytes": held, "peak_held_bytes": held,
+                      "cached_bytes": self._store_bytes}
+
+    # ------------------------------------------------------------------ install / remove
+    def install(self) -> None:
+        for i, conv in enumerate(self.convs):
+            del conv.weight  # drops the Parameter: the predictor now holds this layer
+            conv.__dict__["weight"] = self._placeholders[i]
+        if self.mode == "materialized":
+            for i in range(len(self.convs)):
+                self._store_put(i, self._decode(i))
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._root_start))
+        self._handles.append(root.register_forward_hook(self._root_done))
+        self._handles.append(root.register_forward_hook(self._root_cleanup, always_call=True))
+        for i, conv in enumerate(self.convs):
+            self._handles.append(conv.register_forward_pre_hook(self._conv_hook(i, self._before_conv)))
+            self._handles.append(conv.register_forward_hook(self._conv_hook(i, self._after_conv),
+                                                            always_call=True))
+            self._handles.append(conv.register_state_dict_post_hook(self._conv_hook(i, self._state_dict)))
+            self._handles.append(conv.register_load_state_dict_pre_hook(self._conv_hook(i, self._load)))
+        self._update_held()
+
+    def remove(self) -> None:
+        """Remove every hook and give each represented conv an ordinary Parameter (decoded values)."""
+        self._drop_pending()
+        weights = [self._store[i] if i in self._store else self._decode(i) for i in range(len(self.convs))]
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for conv, weight, (dtype, device, requires_grad), order in zip(self.convs, weights, self._params,
+                                                                       self._param_order):
+            conv.__dict__.pop("weight", None)
+            conv.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
+            params = dict(conv._parameters)  # put "weight" back where it was (state_dict key order)
+            conv._parameters.clear()
+            conv._parameters.update({k: params[k] for k in order if k in params})
+            conv._parameters.update({k: v for k, v in params.items() if k not in order})
+        self._store.clear()
+        self._store_bytes = 0
+        self._in_use.clear()
+        self._update_held()
+
+    @staticmethod
+    def _conv_hook(index: int, method):
+        def hook(*args):
+            return method(index, *args)
+        return hook
+
+    # ------------------------------------------------------------------ decoding and storage
+    def _decode(self, i: int) -> torch.Tensor:
+        # Ordinary tensors (not inference tensors), no autograd graph: usable in any later mode.
+        with torch.inference_mode(False), torch.no_grad():
+            weight = self.pred.decode_layer(i)
+            dtype = self._params[i][0]
+            if weight.dtype != dtype:
+                weight = weight.to(dtype)
+            weight = weight.contiguous()
+        self.stats["decodes"] += 1
+        return weight
+
+    def _store_put(self, i: int, weight: torch.Tensor) -> None:
+        size = _nbytes(weight)
+        if self.mode == "cached" and self.cache_bytes is not None:
+            if size > self.cache_bytes:
+                return  # never fits: decode this layer on demand every time
+            while self._store_bytes + size > self.cache_bytes:
+                _, evicted = self._store.popitem(last=False)
+                self._store_bytes -= _nbytes(evicted)
+                self.stats["evictions"] += 1
+        self._store[i] = weight
+        self._store_bytes += size
+        self.stats["cached_bytes"] = self._store_bytes
+
+    def _held_bytes(self) -> int:
+        pending = _nbytes(self._pending[2]) if self._pending is not None else 0
+        return self._store_bytes + sum(self._in_use.values()) + pending
+
+    def _update_held(self) -> None:
+        held = self._held_bytes()
+        self.stats["held_bytes"] = held
+        self.stats["peak_held_bytes"] = max(self.stats.get("peak_held_bytes", 0), held)
+
+    # ------------------------------------------------------------------ prefetch (CUDA)
+    def _start_prefetch(self, layer: int, position: int) -> None:
+        main = torch.cuda.current_stream(self.device)
+        side = self._side_stream
+        side.wait_stream(main)  # everything the main stream enqueued so far (e.g. moved predictor)
+        with torch.cuda.stream(side):
+            weight = self._decode(layer)
+            event = torch.cuda.Event()
+            event.record(side)
+        self._pending = (layer, position, weight, event)
+
+    def _take_prefetched(self, layer: int, position: int) -> Optional[torch.Tensor]:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending[0] != layer or pending[1] != position:
+            self.stats["prefetch_dropped"] += 1
+            return None  # another path than last time; freeing on the side stream is safe
+        _, _, weight, event = pending
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(event)
+        weight.record_stream(main)  # freed later only after the main stream is done with it
+        self.stats["prefetched"] += 1
+        return weight
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending = None
+            self.stats["prefetch_dropped"] += 1
+
+    # ------------------------------------------------------------------ hooks
+    def _root_start(self, module, args) -> None:
+        # A fresh forward. Also repairs anything an interrupted forward (Ctrl-C skips the
+        # always-call hooks) may have left behind.
+        self._drop_pending()
+        for i in list(self._in_use):
+            self.convs[i].__dict__["weight"] = self._placeholders[i]
+        self._in_use.clear()
+        self._trace = []
+        self._in_forward = True
+        self._update_held()
+
+    def _root_done(self, module, args, output) -> None:
+        if self._in_forward:  # completed without an exception: remember the conv call order
+            self._order = tuple(self._trace)
+
+    def _root_cleanup(self, module, args, output) -> None:
+        self._drop_pending()
+        self._in_forward = False
+        self._trace = []
+        self._update_held()
+
+    def _acquire(self, i: int, position: Optional[int]) -> torch.Tensor:
+        if i in self._store:
+            self._store.move_to_end(i)
+            if self.mode == "cached":
+                self.stats["cache_hits"] += 1
+            return self._store[i]
+        weight = None
+        if self.prefetch and position is not None:
+            weight = self._take_prefetched(i, position)
+        if weight is None:
+            weight = self._decode(i)
+        if self.mode != "on_demand":
+            self._store_put(i, weight)
+        return weight
+
+    def _next_to_prefetch(self, i: int, position: int) -> Optional[int]:
+        order = self._order
+        if order is None or position + 1 >= len(order) or order[position] != i:
+            return None
+        following = order[position + 1]
+        return None if following in self._store else following
+
+    def _before_conv(self, i: int, module: nn.Module, args) -> None:
+        position = len(self._trace) if self._in_forward else None
+        weight = self._acquire(i, position)
+        if position is not None:
+            self._trace.append(i)
+            if self.prefetch:
+                following = self._next_to_prefetch(i, position)
+                if following is not None:
+                    self._start_prefetch(following, position + 1)
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is not None and x.device != weight.device:
+            weight = weight.to(x.device)
+        module.__dict__["weight"] = weight
+        if i not in self._store:
+            self._in_use[i] = _nbytes(weight)
+        self._update_held()
+
+    def _after_conv(self, i: int, module: nn.Module, args, output) -> None:
+        module.__dict__["weight"] = self._placeholders[i]
+        self._in_use.pop(i, None)
+        self._update_held()
+
+    def _state_dict(self, i: int, module, state_dict, prefix, local_metadata) -> None:
+        if getattr(_local, "exclude", False):
+            return
+        weight = self._store[i] if i in self._store else self._decode(i)
+        state_dict[prefix + "weight"] = weight.to(self._params[i][1]).detach()
+        if hasattr(state_dict, "move_to_end") and prefix + "bias" in state_dict:
+            state_dict.move_to_end(prefix + "bias")  # keep an ordinary conv's key order
+
+    def _load(self, i: int, module, state_dict, prefix, local_metadata, strict, missing_keys,
+              unexpected_keys, error_msgs) -> None:
+        key = prefix + "weight"
+        if key in state_dict:
+            state_dict.pop(key)
+            error_msgs.append(f"'{key}' is represented by the predictor while the model is attached "
+                              f"(mode '{self.mode}'); detach(model) before loading ordinary conv "
+                              f"weights, or leave the represented weights out of the state dict")
+
+
+# ---------------------------------------------------------------------- functions
+def attachment(model: nn.Module) -> Optional[Attachment]:
+    """The :class:`Attachment` of an attached model (its ``stats``, ``mode``, ...), or None."""
+    return model.__dict__.get(_ATTR)
+
+
+def is_attached(model: nn.Module) -> bool:
+    return attachment(model) is not None
+
+
+def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
+           prefetch: bool = True) -> nn.Module:
+    """Make ``model`` run from ``pred`` (in place; returns ``model``). See the module docstring."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if cache_bytes is not None:
+        if mode != "cached":
+            raise ValueError(f"cache_bytes applies to mode='cached' only, got mode={mode!r}")
+        if isinstance(cache_bytes, bool) or not isinstance(cache_bytes, int) or cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be a non-negative integer (bytes) or None (no limit), "
+                             f"got {cache_bytes!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attach needs the nn.Module the predictor represents, got {type(model).__name__}")
+    existing = attachment(model)
+    if existing is not None:
+        raise AttachError(f"the model is already attached (mode '{existing.mode}'); call "
+                          f"detach(model) before attaching it again")
+    pred.layout.check_model(model)
+    modules = dict(model.named_modules())
+    for layer in pred.layout.layers:
+        weight = modules[layer.name]._parameters.get("weight")
+        if weight is None:
+            raise AttachError(f"conv '{layer.name}' has no weight Parameter (attached through another "
+                              f"model that shares it?); give it an ordinary nn.Parameter first")
+    state = Attachment(pred, model, mode, cache_bytes, prefetch)
+    state.install()
+    model.__dict__[_ATTR] = state
+    return model
+
+
+def detach(model: nn.Module, pred=None) -> nn.Module:
+    """Undo :func:`attach`: ordinary Parameters holding the decoded weights, no hooks (in place)."""
+    state = attachment(model)
+    if state is None:
+        raise AttachError("the model is not attached to a predictor; nothing to detach")
+    if pred is not None and state.pred is not pred:
+        raise AttachError("the model is attached to a different predictor than the one given; "
+                          "detach it with that predictor (or with nern_fast.inference.detach(model))")
+    state.remove()
+    del model.__dict__[_ATTR]
+    return model
+
+
+def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
+                          device: Optional[torch.device] = None, cache_bytes: Optional[int] = None,
+                          prefetch: bool = True) -> nn.Module:
+    """One call for CLIs (``eval --on-demand``): move both to ``device``, ``eval()``, then attach.
+
+    ``mode`` is one of :data:`MODES`, or ``"parameters"``: write the decoded weights into the
+    model's ordinary parameters (``pred.load_into``) and attach nothing.
+    """
+    if device is not None:
+        model.to(device)
+        pred.to(device)
+    model.eval()
+    if mode == "parameters":
+        pred.load_into(model)
+        return model
+    return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch)

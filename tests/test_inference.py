@@ -1,0 +1,410 @@
+"""On-demand / cached / materialized inference (nern_fast.inference) on CPU with the eager backend;
+the CUDA prefetch tests at the end run where a GPU is present."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import random_predictor
+from nern_fast import LayoutError, WeightLayout
+from nern_fast.inference import AttachError, attachment, is_attached, prepare_for_inference
+from nern_fast.models import cifar_resnet
+
+REPRESENTED = ["c0", "c1", "c2", "c3"]
+
+
+class ChainNet(nn.Module):
+    """A stem conv (not represented), then represented 8→8, 8→16 (with bias), 16→16 3×3 and a
+    16→8 1×1 conv (cropped). ``twice`` runs c0 two times; ``fail`` raises after c1."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c0 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+        self.twice = False
+        self.fail = False
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = F.relu(self.c0(x))
+        if self.twice:
+            x = F.relu(self.c0(x))
+        x = F.relu(self.c1(x))
+        if self.fail:
+            raise RuntimeError("failure in the middle of the forward")
+        x = self.c3(F.relu(self.c2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def make(permuted: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    model = ChainNet().eval()
+    layout = WeightLayout.from_model(model, include=REPRESENTED)
+    if permuted:
+        g = torch.Generator().manual_seed(3)
+        layout = layout.with_permutations([torch.randperm(l.num_kernels, generator=g)
+                                           for l in layout.layers])
+    pred = random_predictor(layout, backend="eager")
+    return model, pred
+
+
+def run(model, x, grad_mode="inference"):
+    if grad_mode == "inference":
+        with torch.inference_mode():
+            return model(x)
+    with torch.no_grad():
+        return model(x)
+
+
+def layer_bytes(pred):
+    return [l.num_weights * 4 for l in pred.layout.layers]
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("grad_mode", ["inference", "no_grad"])
+def test_modes_give_identical_outputs(permuted, batch, grad_mode):
+    model, pred = make(permuted)
+    x = torch.randn(batch, 3, 6, 6)
+    outputs = {}
+    for mode, cache in [("materialized", None), ("on_demand", None), ("cached", None), ("cached", 6000)]:
+        pred.attach(model, mode=mode, cache_bytes=cache)
+        first, second = run(model, x, grad_mode), run(model, x, grad_mode)
+        pred.detach(model)
+        assert torch.equal(first, second)
+        outputs[(mode, cache)] = first
+    reference = outputs[("materialized", None)]
+    for key, out in outputs.items():
+        assert torch.equal(out, reference), key
+    # The detached model is an ordinary model with the decoded weights: same outputs again.
+    assert torch.equal(run(model, x, grad_mode), reference)
+    # ... and those weights are the predictor's decode of each layer.
+    for i, name in enumerate(REPRESENTED):
+        assert torch.equal(getattr(model, name).weight, pred.decode_layer(i).detach())
+
+
+def test_on_demand_keeps_no_weight_alive():
+    model, pred = make()
+    pred.attach(model, mode="on_demand")
+    seen = []
+
+    def grab(module, args):  # runs after the attach hook: sees the decoded weight
+        seen.append(weakref.ref(module.weight))
+
+    for name in REPRESENTED:
+        getattr(model, name).register_forward_pre_hook(grab)
+    out = run(model, torch.randn(2, 3, 6, 6))
+    assert len(seen) == 4 and out.shape == (2, 5)
+    assert all(ref() is None for ref in seen), "a decoded weight outlived the forward"
+    for name in REPRESENTED:
+        w = getattr(model, name).weight
+        assert w.device.type == "meta" and not isinstance(w, nn.Parameter)
+    stats = attachment(model).stats
+    assert stats["held_bytes"] == 0 and stats["cached_bytes"] == 0
+    assert stats["peak_held_bytes"] == max(layer_bytes(pred)) == attachment(model).largest_layer_bytes
+    assert stats["decodes"] == 4
+    # What the model stores: everything but the represented weights.
+    stored = {n for n, _ in model.named_parameters()}
+    assert stored == {"stem.weight", "stem.bias", "bn.weight", "bn.bias", "c1.bias", "c3.bias",
+                      "head.weight", "head.bias"}
+
+
+def test_cached_lru_respects_cache_bytes():
+    model, pred = make()
+    sizes = layer_bytes(pred)  # 2304, 4608, 9216, 512
+    limit = sizes[1] + sizes[2]
+    pred.attach(model, mode="cached", cache_bytes=limit)
+    state = attachment(model)
+    observed = []
+
+    def check(module, args):
+        observed.append(state.stats["cached_bytes"])
+
+    for name in REPRESENTED:
+        getattr(model, name).register_forward_pre_hook(check)
+    x = torch.randn(1, 3, 6, 6)
+    run(model, x)
+    assert max(observed) <= limit
+    # 0, 1 cached; 2 evicts 0; 3 evicts 1 -> {2, 3}
+    assert state.cached_layers == [2, 3] and state.stats["evictions"] == 2
+    assert state.stats["cached_bytes"] == sizes[2] + sizes[3]
+    # 0 fits ([2, 3, 0]); 1 evicts 2 ([3, 0, 1]); 2 evicts 3 and 0 ([1, 2]); 3 evicts 1 ([2, 3]):
+    # layers 2 and 3 were evicted before their turn, so no hit.
+    run(model, x)
+    assert max(observed) <= limit and state.stats["cache_hits"] == 0
+    assert state.cached_layers == [2, 3] and state.stats["evictions"] == 6
+    assert state.stats["decodes"] == 8
+
+
+def test_cached_hits_and_a_layer_larger_than_the_cache():
+    model, pred = make()
+    sizes = layer_bytes(pred)
+    pred.attach(model, mode="cached", cache_bytes=sizes[2] - 1)  # layer 2 never fits
+    state = attachment(model)
+    x = torch.randn(1, 3, 6, 6)
+    run(model, x)
+    assert 2 not in state.cached_layers and state.stats["decodes"] == 4
+    run(model, x)
+    assert state.stats["decodes"] == 5  # only layer 2 decoded again
+    assert state.stats["cache_hits"] == 3
+    pred.detach(model)
+    pred.attach(model, mode="cached", cache_bytes=0)  # nothing cached: behaves as on_demand
+    run(model, x)
+    run(model, x)
+    assert attachment(model).stats["decodes"] == 8 and attachment(model).stats["held_bytes"] == 0
+
+
+def test_unlimited_cache_decodes_each_layer_once():
+    model, pred = make()
+    pred.attach(model, mode="cached")
+    for _ in range(3):
+        run(model, torch.randn(2, 3, 6, 6))
+    stats = attachment(model).stats
+    assert stats["decodes"] == 4 and stats["cache_hits"] == 8
+    assert stats["cached_bytes"] == sum(layer_bytes(pred))
+
+
+def test_conv_called_twice_in_one_forward():
+    model, pred = make()
+    model.twice = True
+    x = torch.randn(3, 3, 6, 6)
+    pred.attach(model, mode="materialized")
+    expected = run(model, x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    assert torch.equal(run(model, x), expected)
+    state = attachment(model)
+    assert state.stats["decodes"] == 5 and state.stats["held_bytes"] == 0
+    assert state._order == (0, 0, 1, 2, 3)  # the call order prefetch follows on CUDA
+    pred.detach(model)
+    assert torch.equal(run(model, x), expected)
+
+
+def test_exception_in_forward_leaves_hooks_working():
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    pred.attach(model, mode="materialized")
+    expected = run(model, x)
+    pred.detach(model)
+    for mode in ("on_demand", "cached"):
+        pred.attach(model, mode=mode, cache_bytes=5000 if mode == "cached" else None)
+        state = attachment(model)
+        model.fail = True
+        with pytest.raises(RuntimeError, match="middle of the forward"):
+            run(model, x)
+        model.fail = False
+        assert all(getattr(model, n).weight.device.type == "meta" for n in REPRESENTED)
+        assert state._in_use == {} and not state._in_forward
+        assert torch.equal(run(model, x), expected)
+        pred.detach(model)
+
+
+def test_interrupt_inside_a_conv_is_repaired_by_the_next_forward():
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt  # not an Exception: always-call hooks do not run
+
+    handle = model.c1.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, x)
+    assert model.c1.weight.device.type != "meta"  # left behind by the interrupted forward
+    handle.remove()
+    assert torch.equal(run(model, x), expected)
+    assert model.c1.weight.device.type == "meta"
+    assert attachment(model).stats["held_bytes"] == 0
+
+
+def test_calling_a_represented_conv_directly():
+    model, pred = make()
+    pred.attach(model, mode="on_demand")
+    x = torch.randn(1, 8, 5, 5)
+    out = model.c0(x)  # outside a forward of the root model: decoded synchronously
+    assert torch.equal(out, F.conv2d(x, pred.decode_layer(0).detach(), None, 1, 1))
+    assert model.c0.weight.device.type == "meta"
+
+
+def test_state_dict_while_attached_is_an_ordinary_state_dict():
+    model, pred = make()
+    plain_keys = list(model.state_dict())
+    pred.attach(model, mode="on_demand")
+    state = model.state_dict()
+    assert list(state) == plain_keys
+    for i, name in enumerate(REPRESENTED):
+        assert torch.equal(state[f"{name}.weight"], pred.decode_layer(i).detach())
+    fresh = ChainNet().eval()
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(run(fresh, x), run(model, x))
+    with pytest.raises(RuntimeError, match="detach"):
+        model.load_state_dict(state)
+    unrepresented = {k: v for k, v in state.items() if k not in {f"{n}.weight" for n in REPRESENTED}}
+    model.load_state_dict(unrepresented)  # strict: the represented weights are not expected
+    assert torch.equal(run(model, x), run(fresh, x))
+
+
+def test_gradients_with_respect_to_the_input():
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    grads = []
+    for mode in ("materialized", "on_demand"):
+        pred.attach(model, mode=mode)
+        xg = x.clone().requires_grad_()
+        model(xg).square().sum().backward()
+        grads.append(xg.grad)
+        assert all(p.grad is None for p in pred.parameters())
+        pred.detach(model)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_detach_restores_parameters():
+    model, pred = make()
+    model.c2.weight.requires_grad_(False)
+    names = [n for n, _ in model.named_parameters()]
+    pred.attach(model, mode="on_demand")
+    assert is_attached(model)
+    pred.detach(model)
+    assert not is_attached(model)
+    assert [n for n, _ in model.named_parameters()] == names  # same names, same order
+    for name in REPRESENTED:
+        w = getattr(model, name).weight
+        assert isinstance(w, nn.Parameter) and w.device.type == "cpu"
+    assert not model.c2.weight.requires_grad and model.c1.weight.requires_grad
+    assert not model.c0._forward_pre_hooks and not model._forward_hooks
+    pred.attach(model, mode="cached")  # attachable again
+    pred.detach(model)
+
+
+def test_attach_errors():
+    model, pred = make()
+    with pytest.raises(ValueError, match="mode must be one of"):
+        pred.attach(model, mode="lazy")
+    with pytest.raises(ValueError, match="cached"):
+        pred.attach(model, mode="on_demand", cache_bytes=100)
+    with pytest.raises(ValueError, match="non-negative"):
+        pred.attach(model, mode="cached", cache_bytes=-1)
+    with pytest.raises(AttachError, match="not attached"):
+        pred.detach(model)
+    with pytest.raises(LayoutError):
+        pred.attach(cifar_resnet(8, width=4))
+    pred.attach(model)
+    with pytest.raises(AttachError, match="already attached"):
+        pred.attach(model)
+    _, other = make(seed=1)
+    with pytest.raises(AttachError, match="different predictor"):
+        other.detach(model)
+    pred.detach(model)
+
+
+def test_cifar_resnet_modes_and_prepare_for_inference():
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4).eval()
+    pred = random_predictor(WeightLayout.from_model(model, include="nern"), backend="eager")
+    x = torch.randn(4, 3, 8, 8)
+    outs = []
+    for mode in ("materialized", "on_demand", "cached"):
+        prepare_for_inference(model, pred, mode=mode)
+        outs.append(run(model, x))
+        pred.detach(model)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    prepare_for_inference(model, pred, mode="parameters")
+    assert not is_attached(model)
+    torch.testing.assert_close(run(model, x), outs[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- CUDA: prefetch on a side stream
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_resnet(depth=20):
+    torch.manual_seed(0)
+    model = cifar_resnet(depth).eval().cuda()
+    pred = random_predictor(WeightLayout.from_model(model, include="nern"), hidden=64, levels=8).cuda()
+    return model, pred
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 64])
+def test_cuda_prefetch_matches_materialized(batch):
+    model, pred = _cuda_resnet()
+    x = torch.randn(batch, 3, 32, 32, device="cuda")
+    pred.attach(model, mode="materialized")
+    expected = run(model, x)
+    pred.detach(model)
+    for mode, cache in (("on_demand", None), ("cached", 2 * 64 * 64 * 9 * 4)):
+        pred.attach(model, mode=mode, cache_bytes=cache, prefetch=True)
+        state = attachment(model)
+        assert state.prefetch
+        for _ in range(3):
+            assert torch.equal(run(model, x), expected)
+        torch.cuda.synchronize()
+        assert state.stats["prefetched"] > 0
+        if mode == "on_demand":
+            assert state.stats["held_bytes"] == 0
+            assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+        pred.detach(model)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_on_demand_frees_memory_and_survives_path_changes():
+    model, pred = _cuda_resnet()
+    x = torch.randn(8, 3, 32, 32, device="cuda")
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand", prefetch=True)
+    run(model, x)  # learns the order
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # also retires blocks whose record_stream events completed
+    before = torch.cuda.memory_allocated()
+    out = run(model, x)
+    assert torch.equal(out, expected)
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_allocated() <= before  # nothing decoded is kept
+    assert attachment(model).stats["prefetched"] > 0
+    # Another path than the recorded one: the stale prefetch is dropped, results stay exact.
+    model.layer1[1].forward = lambda t: t  # skip a block: a different conv call order
+    run(model, x)
+    del model.layer1[1].forward
+    state = attachment(model)
+    assert state.stats["prefetch_dropped"] >= 1 and state.stats["held_bytes"] == 0
+    assert torch.equal(run(model, x), expected)
+    torch.cuda.synchronize()
+    pred.detach(model)
+    assert torch.equal(run(model, x), expected)
+
+
+@cuda
+@pytest.mark.gpu
+def test_cuda_prefetch_on_a_user_stream():
+    model, pred = _cuda_resnet()
+    x = torch.randn(16, 3, 32, 32, device="cuda")
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand", prefetch=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        outs = [run(model, x) for _ in range(3)]
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, expected) for o in outs)
+    pred.detach(model)
