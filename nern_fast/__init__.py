@@ -9,10 +9,11 @@ from .io import FileFormatError
 from .layout import LayerSpec, LayoutError, WeightLayout
 from .ops import BackendUnavailable, availability, backend_names
 from .predictor import FastPredictor
+from .compressed import ModelSpec, load_compressed, save_compressed
 from .reference import reference_decode
 
 __version__ = "0.1.0"
 
 __all__ = ["FastPredictor", "WeightLayout", "LayerSpec", "EncodingSpec", "LayoutError",
            "FileFormatError", "BackendUnavailable", "availability", "backend_names",
-           "reference_decode", "__version__"]
+           "reference_decode", "save_compressed", "load_compressed", "ModelSpec", "__version__"]

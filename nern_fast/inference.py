@@ -70,15 +70,15 @@ class AttachError(RuntimeError):
 
 
 @contextlib.contextmanager
-def represented_state_excluded() -> Iterator[None]:
-    """Within this block, ``state_dict()`` of an attached model leaves out the represented weights
-    (no decode): what the compressed-model writer stores beside the predictor."""
-    previous = getattr(_local, "exclude", False)
-    _local.exclude = True
+def represented_as_placeholders() -> Iterator[None]:
+    """Within this block, ``state_dict()`` of an attached model holds the ``meta`` placeholders of
+    the represented weights (shape and dtype, no decode), e.g. to list a model's entries cheaply."""
+    previous = getattr(_local, "placeholders", False)
+    _local.placeholders = True
     try:
         yield
     finally:
-        _local.exclude = previous
+        _local.placeholders = previous
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -320,10 +320,11 @@ class Attachment:
         self._update_held()
 
     def _state_dict(self, i: int, module, state_dict, prefix, local_metadata) -> None:
-        if getattr(_local, "exclude", False):
-            return
-        weight = self._store[i] if i in self._store else self._decode(i)
-        state_dict[prefix + "weight"] = weight.to(self._params[i][1]).detach()
+        if getattr(_local, "placeholders", False):
+            weight = self._placeholders[i]
+        else:
+            weight = (self._store[i] if i in self._store else self._decode(i)).to(self._params[i][1])
+        state_dict[prefix + "weight"] = weight.detach()
         if hasattr(state_dict, "move_to_end") and prefix + "bias" in state_dict:
             state_dict.move_to_end(prefix + "bias")  # keep an ordinary conv's key order
 

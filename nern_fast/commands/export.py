@@ -1,0 +1,150 @@
+"""``nern-fast export``: write a trained predictor as a compressed model file or a plain state dict.
+
+Sources (one of):
+  --compressed FILE           a compressed model file (convert it, e.g. to a plain state dict)
+  --predictor FILE --base CKPT [--model SPEC]
+                              a predictor file (FastPredictor.save) plus the original model's
+                              checkpoint, which supplies every unrepresented parameter and buffer
+                              (stem, BN, shortcuts, classifier). SPEC builds the network
+                              (resnet20, cifar_resnet:depth=56,num_classes=100,
+                              torchvision:resnet18); without it the checkpoint's "model_spec"
+                              entry is used.
+Formats:
+  compressed                  nern_fast.save_compressed (--predictor-dtype fp32|fp16|bf16|int8)
+  state_dict                  torch.save(model.state_dict()) of the reconstructed network: loads
+                              into the plain architecture with load_state_dict
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+CHECKPOINT_STATE_KEYS = ("model_state_dict", "state_dict", "model")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write a compressed model file or a plain state dict",
+                              description=__doc__, formatter_class=_raw_formatter())
+    source = p.add_argument_group("source")
+    source.add_argument("--compressed", help="a compressed model file")
+    source.add_argument("--predictor", help="a predictor file (FastPredictor.save)")
+    source.add_argument("--base", help="the original model's checkpoint (state dict), with --predictor")
+    source.add_argument("--model", help="model spec, e.g. resnet56 or torchvision:resnet18")
+    p.add_argument("--format", choices=("compressed", "state_dict"), default="compressed")
+    p.add_argument("--predictor-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+                   help="storage of the predictor in a compressed file (default fp32)")
+    p.add_argument("--device", default="cpu", help="where to decode the weights (cpu, cuda)")
+    p.add_argument("--out", required=True, help="output file")
+    p.set_defaults(func=run)
+
+
+def _raw_formatter():
+    import argparse
+    return argparse.RawDescriptionHelpFormatter
+
+
+def run(args) -> int:
+    from nern_fast.io import FileFormatError
+    from nern_fast.layout import LayoutError
+    try:
+        return _export(args)
+    except (FileFormatError, LayoutError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        print(f"nern-fast export: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _export(args) -> int:
+    from nern_fast.compressed import load_compressed, save_compressed, state_dict_bytes
+    from nern_fast.io import atomic_save
+
+    if bool(args.compressed) == bool(args.predictor):
+        raise ValueError("give either --compressed FILE or --predictor FILE --base CHECKPOINT")
+    if args.compressed:
+        model_fn = _model_fn(args.model) if args.model else None
+        model, pred = load_compressed(args.compressed, model_fn, mode="parameters", map_location="cpu")
+        source = Path(args.compressed)
+    else:
+        model, pred = _from_predictor(args)
+        source = Path(args.predictor)
+    model.to(args.device)
+    pred.to(args.device)
+    out = Path(args.out)
+    if args.format == "compressed":
+        save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype)
+    else:
+        if not args.compressed:  # load_compressed already decoded into the parameters
+            pred.load_into(model)
+        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
+    plain = state_dict_bytes(model)  # same shapes and dtypes as the original network's file
+    size = out.stat().st_size
+    print(f"source     {source}")
+    print(f"predictor  H={pred.hidden}, {pred.num_parameters} parameters for "
+          f"{pred.represented_parameters} conv weights in {pred.layout.num_layers} layers")
+    print(f"wrote      {out} ({args.format}"
+          f"{', predictor ' + args.predictor_dtype if args.format == 'compressed' else ''})")
+    if args.format == "compressed":
+        print(f"size       {size} bytes; plain state dict {plain} bytes; ratio {size / plain:.4f} "
+              f"({plain / size:.2f}x smaller)")
+    else:
+        print(f"size       {size} bytes")
+    return 0
+
+
+def _model_fn(spec_text):
+    from nern_fast.compressed import ModelSpec
+    spec = ModelSpec.parse(spec_text)
+    return spec.build
+
+
+def _read_checkpoint(path):
+    import torch
+
+    from nern_fast.io import FileFormatError
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise FileFormatError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from exc
+    if not isinstance(data, dict):
+        raise FileFormatError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
+    spec = data.get("model_spec") if isinstance(data.get("model_spec"), dict) else None
+    if all(isinstance(v, torch.Tensor) for v in data.values()):
+        return data, spec
+    for key in CHECKPOINT_STATE_KEYS:
+        state = data.get(key)
+        if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state, spec
+    raise FileFormatError(f"{path}: found no model state dict (a dict of tensors, or one under "
+                          f"{list(CHECKPOINT_STATE_KEYS)}); keys: {list(data)[:8]}")
+
+
+def _from_predictor(args):
+    from nern_fast import FastPredictor
+    from nern_fast.compressed import ModelSpec
+
+    if not args.base:
+        raise ValueError("--predictor needs --base CHECKPOINT: the original model's state dict holds "
+                         "the parameters the predictor does not represent (stem, BN, classifier)")
+    state, stored_spec = _read_checkpoint(args.base)
+    if args.model:
+        spec = ModelSpec.parse(args.model)
+    elif stored_spec is not None:
+        spec = ModelSpec.from_description(stored_spec)
+    else:
+        raise ValueError(f"{args.base} records no model spec; name the network with --model "
+                         f"(e.g. resnet56, cifar_resnet:depth=20,num_classes=100, torchvision:resnet18)")
+    model = spec.build()
+    pred = FastPredictor.load(args.predictor, model=model, map_location="cpu")
+    represented = {f"{l.name}.weight" for l in pred.layout.layers}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{args.base} does not fit {spec.describe()} ({str(exc)[:300]}); check --model") from exc
+    missing = [k for k in missing if k not in represented]
+    if missing or unexpected:
+        raise ValueError(f"{args.base} does not fit {spec.describe()}: missing {missing[:4]}, "
+                         f"unexpected {list(unexpected)[:4]}; check --model")
+    model.eval()
+    return model, pred

@@ -1,0 +1,255 @@
+"""The compressed model file (nern_fast.compressed) and ``nern-fast export``."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import random_predictor
+from nern_fast import FastPredictor, FileFormatError, WeightLayout, load_compressed, save_compressed
+from nern_fast.cli import main
+from nern_fast.compressed import (PREDICTOR_DTYPES, ArchitectureMismatch, ModelSpec, dequantize_int8,
+                                  predictor_as_stored, quantize_int8, read_compressed, state_dict_bytes)
+from nern_fast.inference import attachment
+from nern_fast.models import cifar_resnet
+
+TOLERANCE = {"fp32": 0.0, "fp16": 2 ** -10, "bf16": 2 ** -7, "int8": 1 / 127}
+
+
+def trained_like(depth=8, width=4, hidden=24, num_classes=10):
+    """A CIFAR ResNet with non-default BN statistics and a predictor for its block convs."""
+    torch.manual_seed(0)
+    model = cifar_resnet(depth, num_classes=num_classes, width=width).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+    pred = random_predictor(WeightLayout.from_model(model, include="nern"), hidden=hidden, backend="eager")
+    return model, pred
+
+
+def unrepresented(model, pred):
+    represented = {f"{l.name}.weight" for l in pred.layout.layers}
+    return {k: v for k, v in model.state_dict().items() if k not in represented}
+
+
+@pytest.mark.parametrize("predictor_dtype", PREDICTOR_DTYPES)
+def test_round_trip(tmp_path, predictor_dtype):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz", predictor_dtype=predictor_dtype)
+    loaded_model, loaded_pred = load_compressed(path)  # the architecture comes from the file's spec
+    assert type(loaded_model) is type(model) and loaded_pred.layout == pred.layout
+    assert loaded_pred.config == pred.config
+    # The unrepresented parameters and buffers come back exactly.
+    expected = unrepresented(model, pred)
+    got = unrepresented(loaded_model, loaded_pred)
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # The predictor comes back with exactly the values of its stored form, close to the original.
+    stored = predictor_as_stored(pred, predictor_dtype)
+    for (name, a), b, c in zip(loaded_pred.state_dict().items(), stored.state_dict().values(),
+                               pred.state_dict().values()):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+        bound = TOLERANCE[predictor_dtype] * c.abs().max()
+        assert (a - c).abs().max() <= bound, name
+    if predictor_dtype == "fp32":
+        assert all(torch.equal(a, b) for a, b in zip(loaded_pred.state_dict().values(),
+                                                     pred.state_dict().values()))
+    # The loaded model is the base model with the stored predictor's weights decoded into it.
+    reference = cifar_resnet(8, width=4).eval()
+    reference.load_state_dict(model.state_dict())
+    stored.load_into(reference)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded_model(x), reference(x))
+
+
+def test_load_attached_and_sizes(tmp_path):
+    model, pred = trained_like(depth=14, width=8, hidden=64)
+    sizes = {}
+    for dtype in PREDICTOR_DTYPES:
+        sizes[dtype] = save_compressed(model, pred, tmp_path / f"{dtype}.nfz", predictor_dtype=dtype).stat().st_size
+    assert sizes["int8"] < sizes["fp16"] == sizes["bf16"] < sizes["fp32"] < state_dict_bytes(model)
+    plain, _ = load_compressed(tmp_path / "fp32.nfz")
+    attached, attached_pred = load_compressed(tmp_path / "fp32.nfz", mode="on_demand")
+    assert attachment(attached).mode == "on_demand" and attachment(attached).pred is attached_pred
+    assert not any(n.endswith("conv1.weight") and "layer" in n for n, _ in attached.named_parameters())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(attached(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_saving_an_attached_model_stores_the_same(tmp_path):
+    model, pred = trained_like()
+    save_compressed(model, pred, tmp_path / "plain.nfz")
+    pred.attach(model, mode="on_demand")
+    save_compressed(model, pred, tmp_path / "attached.nfz")
+    a, b = read_compressed(tmp_path / "plain.nfz"), read_compressed(tmp_path / "attached.nfz")
+    assert a.architecture == b.architecture
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert attachment(model).stats["decodes"] == 0  # saving decoded nothing
+
+
+@pytest.mark.parametrize("other, message", [
+    (lambda: cifar_resnet(14, width=4), "conv 'layer1.1.conv1'"),
+    (lambda: cifar_resnet(8, num_classes=100, width=4), "'linear.weight' has shape"),
+    (lambda: cifar_resnet(8, width=8), "conv 'conv1' is"),
+])
+def test_another_architecture_is_rejected(tmp_path, other, message):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz")
+    with pytest.raises(ArchitectureMismatch, match="another architecture") as info:
+        load_compressed(path, model_fn=other)
+    assert message in str(info.value)
+
+
+def test_model_fn_and_model_instance(tmp_path):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz", model_spec=None)
+    with pytest.raises(ValueError, match="model_fn"):
+        load_compressed(path)
+    a, _ = load_compressed(path, model_fn=lambda: cifar_resnet(8, width=4))
+    target = cifar_resnet(8, width=4)
+    b, _ = load_compressed(path, model_fn=target)
+    assert b is target
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(TypeError, match="nn.Module"):
+        load_compressed(path, model_fn=lambda: "not a model")
+
+
+def test_custom_model_needs_model_fn(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(4, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.b(self.a(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net()
+    pred = random_predictor(WeightLayout.from_model(net, include=["b"]), backend="eager")
+    path = save_compressed(net, pred, tmp_path / "net.nfz")
+    assert read_compressed(path).model_spec is None
+    with pytest.raises(ValueError, match="pass model_fn"):
+        load_compressed(path)
+    loaded, _ = load_compressed(path, model_fn=Net)
+    assert torch.equal(loaded.a.weight, net.a.weight)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.02, 0.3, 0.6, 0.95, 0.999])
+def test_truncated_file_is_a_clear_error(tmp_path, keep):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz")
+    data = path.read_bytes()
+    cut = tmp_path / "cut.nfz"
+    cut.write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(FileFormatError, match="cut.nfz"):
+        load_compressed(cut)
+
+
+def test_wrong_kind_of_file(tmp_path):
+    model, pred = trained_like()
+    pred.save(tmp_path / "pred.pt")
+    with pytest.raises(FileFormatError, match="expected a nern_fast.compressed_model file"):
+        load_compressed(tmp_path / "pred.pt")
+    torch.save({"format": "nern_fast.compressed_model", "version": 1}, tmp_path / "empty.nfz")
+    with pytest.raises(FileFormatError, match="incomplete"):
+        load_compressed(tmp_path / "empty.nfz")
+    with pytest.raises(FileNotFoundError):
+        load_compressed(tmp_path / "missing.nfz")
+    with pytest.raises(ValueError, match="predictor_dtype"):
+        save_compressed(model, pred, tmp_path / "x.nfz", predictor_dtype="int4")
+
+
+def test_file_loads_with_weights_only(tmp_path):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz", predictor_dtype="int8")
+    data = torch.load(path, weights_only=True)
+    assert data["format"] == "nern_fast.compressed_model"
+    assert data["predictor"]["state"]["layers.0.weight"]["int8"].dtype == torch.int8
+
+
+def test_int8_quantisation():
+    torch.manual_seed(0)
+    w = torch.randn(7, 13) * torch.logspace(-3, 1, 7)[:, None]
+    w[3] = 0.0
+    entry = quantize_int8(w)
+    assert entry["int8"].dtype == torch.int8 and entry["scale"].shape == (7,)
+    back = dequantize_int8(entry)
+    assert torch.equal(back[3], torch.zeros(13))
+    assert ((back - w).abs() <= entry["scale"][:, None] / 2 + 1e-12).all()
+    assert torch.equal(entry["int8"].abs().amax(1)[[0, 1, 2, 4, 5, 6]], torch.full((6,), 127, dtype=torch.int8))
+
+
+def test_model_spec():
+    assert ModelSpec.parse("resnet56") == ModelSpec("cifar_resnet", {"depth": 56})
+    assert ModelSpec.parse("cifar_resnet:depth=20,num_classes=100") == ModelSpec(
+        "cifar_resnet", {"depth": 20, "num_classes": 100})
+    assert ModelSpec.parse("torchvision:resnet18,num_classes=10") == ModelSpec(
+        "torchvision", {"name": "resnet18", "num_classes": 10})
+    for bad in ("vgg", "cifar_resnet:", "torchvision:num_classes=3", "keras:resnet"):
+        with pytest.raises(ValueError):
+            ModelSpec.parse(bad)
+    model = cifar_resnet(14, num_classes=7, in_channels=1, width=8)
+    spec = ModelSpec.infer(model)
+    assert spec == ModelSpec("cifar_resnet", {"depth": 14, "num_classes": 7, "in_channels": 1, "width": 8})
+    assert ModelSpec.from_description(spec.describe()) == spec
+    assert ModelSpec.infer(nn.Sequential(nn.Conv2d(3, 3, 3))) is None
+
+
+def test_torchvision_spec(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        meta = torchvision.models.resnet18(num_classes=10)
+    assert ModelSpec.infer(meta) == ModelSpec("torchvision", {"name": "resnet18", "num_classes": 10})
+    # Saved and rebuilt without a model_fn (no decode: the file is read and the model checked).
+    model = torchvision.models.resnet18(num_classes=10)
+    pred = FastPredictor.for_model(model, include="nern", hidden=8, levels=2, backend="eager")
+    path = save_compressed(model, pred, tmp_path / "r18.nfz")
+    loaded = read_compressed(path)
+    rebuilt = loaded.build_model()
+    assert type(rebuilt) is type(model)
+    assert torch.equal(rebuilt.fc.weight, model.fc.weight)
+    with pytest.raises(ArchitectureMismatch):
+        loaded.build_model(lambda: torchvision.models.resnet34(num_classes=10))
+
+
+# ---------------------------------------------------------------------- nern-fast export
+def test_export_command(tmp_path, capsys):
+    model, pred = trained_like()
+    torch.save({"model_state_dict": model.state_dict(),
+                "model_spec": {"kind": "cifar_resnet", "args": {"depth": 8, "width": 4}}},
+               tmp_path / "base.pt")
+    pred.save(tmp_path / "pred.pt")
+    out = tmp_path / "model.nfz"
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "base.pt"),
+                 "--predictor-dtype", "fp16", "--out", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "plain state dict" in report and "ratio" in report
+    assert read_compressed(out).storage == "fp16"
+    sd = tmp_path / "model.pt"
+    assert main(["export", "--compressed", str(out), "--format", "state_dict", "--out", str(sd)]) == 0
+    plain = cifar_resnet(8, width=4).eval()
+    plain.load_state_dict(torch.load(sd, weights_only=True))
+    loaded, _ = load_compressed(out)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(x), loaded(x))
+    # --model names the network when the checkpoint does not; a wrong one is a clear error.
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
+                 "--out", str(out)]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
+                 "--model", "cifar_resnet:depth=8,width=4", "--format", "state_dict",
+                 "--out", str(sd)]) == 0
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
+                 "--model", "resnet8", "--out", str(out)]) == 2
+    assert "another architecture" in capsys.readouterr().err
