@@ -23,11 +23,13 @@ the conv's original dtype), so the outputs of the three modes are identical for 
 and precision.
 
 Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
-which the represented convs run (a conv called twice appears twice). In later forwards, while conv
-i runs on the current stream, the next conv's weight is decoded on a side stream; an event orders
-its use and ``record_stream`` keeps the caching allocator from reusing its memory early. A forward
-that takes another path than the recorded one simply decodes synchronously (and records the new
-order). Nothing prefetched outlives a forward of the root model.
+which the represented convs run (a conv called twice appears twice). In later forwards, as soon as
+conv i has been launched on the current stream, the next conv's weight is decoded on a side stream
+(which first waits for an event recorded just before conv i, so it overlaps conv i and what follows
+it); the next conv waits for the decode's event, and ``record_stream`` keeps the caching allocator
+from reusing the weight's memory while the current stream still reads it. A forward that takes
+another path than the recorded one decodes synchronously (and records the new order). Nothing
+prefetched outlives a forward of the root model.
 
 While attached:
 
@@ -116,6 +118,7 @@ class Attachment:
         self._store_bytes = 0
         self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
         self._pending = None  # (layer, call position, tensor, event): a prefetch not yet used
+        self._planned = None  # (layer, call position, event): to prefetch once the running conv is launched
         self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
         self._trace: list[int] = []
         self._in_forward = False
@@ -224,10 +227,21 @@ class Attachment:
         self.stats["peak_held_bytes"] = max(self.stats.get("peak_held_bytes", 0), held)
 
     # ------------------------------------------------------------------ prefetch (CUDA)
-    def _start_prefetch(self, layer: int, position: int) -> None:
-        main = torch.cuda.current_stream(self.device)
+    def _plan_prefetch(self, i: int, position: int) -> None:
+        order = self._order
+        if order is None or position + 1 >= len(order) or order[position] != i:
+            return
+        following = order[position + 1]
+        if following in self._store:
+            return
+        # Everything the current stream enqueued before conv i (e.g. a predictor just moved there).
+        ready = torch.cuda.current_stream(self.device).record_event()
+        self._planned = (following, position + 1, ready)
+
+    def _start_prefetch(self, layer: int, position: int, ready: torch.cuda.Event) -> None:
+        self._drop_pending()
         side = self._side_stream
-        side.wait_stream(main)  # everything the main stream enqueued so far (e.g. moved predictor)
+        side.wait_event(ready)
         with torch.cuda.stream(side):
             weight = self._decode(layer)
             event = torch.cuda.Event()
@@ -258,6 +272,7 @@ class Attachment:
         # A fresh forward. Also repairs anything an interrupted forward (Ctrl-C skips the
         # always-call hooks) may have left behind.
         self._drop_pending()
+        self._planned = None
         for i in list(self._in_use):
             self.convs[i].__dict__["weight"] = self._placeholders[i]
         self._in_use.clear()
@@ -271,6 +286,7 @@ class Attachment:
 
     def _root_cleanup(self, module, args, output) -> None:
         self._drop_pending()
+        self._planned = None
         self._in_forward = False
         self._trace = []
         self._update_held()
@@ -290,22 +306,13 @@ class Attachment:
             self._store_put(i, weight)
         return weight
 
-    def _next_to_prefetch(self, i: int, position: int) -> Optional[int]:
-        order = self._order
-        if order is None or position + 1 >= len(order) or order[position] != i:
-            return None
-        following = order[position + 1]
-        return None if following in self._store else following
-
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
         position = len(self._trace) if self._in_forward else None
         weight = self._acquire(i, position)
         if position is not None:
             self._trace.append(i)
             if self.prefetch:
-                following = self._next_to_prefetch(i, position)
-                if following is not None:
-                    self._start_prefetch(following, position + 1)
+                self._plan_prefetch(i, position)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)
@@ -317,6 +324,9 @@ class Attachment:
     def _after_conv(self, i: int, module: nn.Module, args, output) -> None:
         module.__dict__["weight"] = self._placeholders[i]
         self._in_use.pop(i, None)
+        planned, self._planned = self._planned, None
+        if planned is not None and output is not None:  # output is None when the conv raised
+            self._start_prefetch(*planned)
         self._update_held()
 
     def _state_dict(self, i: int, module, state_dict, prefix, local_metadata) -> None:

@@ -2,6 +2,7 @@
 the CUDA prefetch tests at the end run where a GPU is present."""
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import pytest
@@ -326,6 +327,104 @@ def test_cifar_resnet_modes_and_prepare_for_inference():
     prepare_for_inference(model, pred, mode="parameters")
     assert not is_attached(model)
     torch.testing.assert_close(run(model, x), outs[0], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- prefetch logic, streams faked on CPU
+class FakeEvent:
+    def __init__(self, log=None, name="event"):
+        self.log, self.name = log, name
+
+    def record(self, stream):
+        stream.log.append(("record", stream.name))
+
+
+class FakeStream:
+    """Stands in for a CUDA stream: logs waits and recorded events so the ordering can be checked."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def record_event(self):
+        self.log.append(("record", self.name))
+        return FakeEvent()
+
+    def wait_event(self, event):
+        self.log.append(("wait", self.name))
+
+
+@pytest.fixture
+def fake_streams(monkeypatch):
+    log = []
+    main, side = FakeStream("main", log), FakeStream("side", log)
+    current = [main]
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.Tensor, "record_stream",
+                        lambda self, stream: log.append(("record_stream", stream.name)))
+
+    def enable(model):
+        state = attachment(model)
+        state.prefetch, state._side_stream = True, side
+        return state
+    return enable, log
+
+
+def test_prefetch_logic_with_faked_streams(fake_streams):
+    enable, log = fake_streams
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    pred.attach(model, mode="materialized")
+    expected_once = run(model, x)
+    model.twice = True
+    expected = run(model, x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    assert torch.equal(run(model, x), expected)  # learns the order (0, 0, 1, 2, 3)
+    assert state.stats["prefetched"] == 0 and state._order == (0, 0, 1, 2, 3)
+    log.clear()
+    assert torch.equal(run(model, x), expected)
+    assert state.stats["prefetched"] == 4 and state.stats["decodes"] == 10
+    assert state.stats["held_bytes"] == 0 and state._pending is None
+    assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+    # Per prefetch: the side stream waits for the event recorded before the running conv, decodes,
+    # records its event; the consumer waits for it and marks the weight used on the main stream.
+    assert log.count(("wait", "side")) == 4 and log.count(("wait", "main")) == 4
+    assert log.count(("record_stream", "main")) == 4
+    first_wait = log.index(("wait", "side"))
+    assert log[first_wait - 1] == ("record", "main") and log[first_wait + 1] == ("record", "side")
+    # Another path than the recorded one: the stale prefetch is dropped, results stay exact.
+    model.twice = False
+    dropped = state.stats["prefetch_dropped"]
+    assert torch.equal(run(model, x), expected_once)
+    assert state.stats["prefetch_dropped"] > dropped and state._order == (0, 1, 2, 3)
+    prefetched = state.stats["prefetched"]
+    assert torch.equal(run(model, x), expected_once)
+    assert state.stats["prefetched"] == prefetched + 3
+    # An exception with a prefetch in flight: nothing stays held, the next forward is exact.
+    model.fail = True
+    with pytest.raises(RuntimeError):
+        run(model, x)
+    model.fail = False
+    assert state._pending is None and state.stats["held_bytes"] == 0
+    assert torch.equal(run(model, x), expected_once)
+    # Cached mode prefetches only what the cache does not hold.
+    pred.detach(model)
+    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[2])
+    state = enable(model)
+    for _ in range(3):
+        assert torch.equal(run(model, x), expected_once)
+    assert state.stats["prefetched"] > 0 and state.stats["cached_bytes"] <= layer_bytes(pred)[2]
 
 
 # ---------------------------------------------------------------------- CUDA: prefetch on a side stream
