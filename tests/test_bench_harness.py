@@ -1,0 +1,184 @@
+"""The benchmark suite still works: the harness end to end on a tiny network, its formulas, its
+results file, the README section it generates and the `nern-fast bench` entry point."""
+from __future__ import annotations
+
+import csv
+import sys
+
+import pytest
+import torch
+
+from nern_fast.commands.bench import BenchNotFound, find_bench_dir
+
+sys.path.insert(0, str(find_bench_dir().parent))  # `bench` is a package of the checkout
+
+from bench import harness, report  # noqa: E402
+from bench.harness import COLUMNS, append_rows, decode_flops, peak_tflops, read_rows  # noqa: E402
+from bench.nern_style import NernStyleDecoder, crossfilter_loop, infilter_loop  # noqa: E402
+from bench.plans import selftest  # noqa: E402
+from bench.suite import Log, Runner  # noqa: E402
+from helpers import mixed_layout, random_predictor  # noqa: E402
+
+from nern_fast.reference import reference_decode  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def selftest_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    torch.set_num_threads(1)
+    try:
+        runner = Runner(selftest(), torch.device("cpu"), out, log=Log(out / harness.LOG_FILE))
+        rows = runner.run()
+    finally:
+        torch.set_num_threads(2)
+    return out, rows
+
+
+def test_selftest_plan_covers_every_operation(selftest_rows):
+    out, rows = selftest_rows
+    written = read_rows(out / harness.RESULTS_FILE)
+    assert len(written) == len(rows) > 0
+    assert {r["operation"] for r in written} == {"decode_forward", "decode_backward", "recon_step",
+                                                 "distill_step", "inference_forward", "permutations"}
+    assert (out / harness.LOG_FILE).read_text().count("\n") >= len(rows)
+    with (out / harness.RESULTS_FILE).open() as f:
+        assert tuple(next(csv.reader(f))) == COLUMNS
+
+
+def test_selftest_rows_are_complete(selftest_rows):
+    _, rows = selftest_rows
+    # The harness's own providers never fail; a backend's failure (its own tests cover it) is an
+    # "error" row with the message, and the suite goes on.
+    own = {"nern_eager", "eager", "nern_joint", "nern_loop", "dense"}
+    assert not [r["note"] for r in rows if r["status"] == "error" and r["provider"] in own]
+    assert all(r["note"] for r in rows if r["status"] != "ok")
+    by = {(r["operation"], r["provider"], r["precision"]): r for r in rows}
+    for op in ("decode_forward", "decode_backward", "recon_step", "distill_step"):
+        for provider in ("nern_eager", "eager"):
+            r = by[(op, provider, "fp32")]
+            assert r["status"] == "ok" and r["median_s"] > 0 and r["p20_s"] <= r["median_s"] <= r["p80_s"]
+            assert r["speedup_vs_nern"] == pytest.approx(by[(op, "nern_eager", "fp32")]["median_s"] / r["median_s"])
+    # The forward rows checked every provider against the fp32 reference, and bf16 is really bf16.
+    assert by[("decode_forward", "eager", "fp32")]["note"].startswith("max rel err vs fp32 eager 0.0e+00")
+    bf16_error = float(by[("decode_forward", "eager", "bf16")]["note"].split()[-1])
+    assert 0 < bf16_error < 0.05
+    assert by[("recon_step", "nern_joint", "fp32")]["status"] == "ok"
+    assert by[("decode_forward", "eager", "fp32")]["tflops"] > 0
+    assert by[("decode_forward", "eager", "fp32")]["pct_peak"] is None  # no known CPU peak
+    # Memory: one fresh-process RSS probe on the first entry.
+    mem = by[("decode_forward", "nern_eager", "fp32")]
+    assert mem["mem_kind"] == "rss_peak_extra" and mem["peak_mem_mb"] > 0
+
+
+def test_selftest_skips_carry_reasons(selftest_rows):
+    _, rows = selftest_rows
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    assert skipped and all(r["note"] for r in skipped)
+    providers = {r["provider"] for r in rows}
+    assert {"nern_eager", "eager", "compile", "triton", "csrc"} <= providers  # none silently dropped
+    triton = [r for r in rows if r["provider"] == "triton"]
+    assert all(r["status"] == "skipped" for r in triton)  # the interpreter is never benchmarked
+
+
+def test_decode_flops_match_the_spec():
+    assert decode_flops(94_208, 280) == pytest.approx(57e9, rel=0.02)
+    assert decode_flops(1_220_608, 1256) == pytest.approx(12.3e12, rel=0.03)
+    # backward: weight grads of every layer + input grads of all but the first
+    n, h = 10, 8
+    fwd = decode_flops(n, h, num_blocks=3, levels=1, kernel_size=1)
+    assert fwd == 2 * n * (6 * h + h * h + h)
+    assert decode_flops(n, h, 3, 1, 1, backward=True) == fwd + 2 * n * (6 * h + h * h + h) + 2 * n * (h * h + h)
+
+
+def test_peaks_known_only_for_listed_gpus():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == pytest.approx(494.7)
+    assert peak_tflops("NVIDIA H200", "tf32") == pytest.approx(494.7)
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)
+    assert peak_tflops("AMD EPYC (2 cores)", "fp32") is None
+
+
+def test_quantiles_and_timer():
+    assert harness.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
+    calls = []
+    timing = harness.time_cpu(lambda: calls.append(1), harness.TimerSettings(warmup=2, min_repeats=4,
+                                                                             max_repeats=4, min_seconds=0))
+    assert timing.repeats == 4 and len(calls) == 6
+
+
+def test_append_rows_refuses_a_foreign_header(tmp_path):
+    path = tmp_path / "bench.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="another header"):
+        append_rows(path, [{"operation": "x"}])
+    with pytest.raises(ValueError, match="not in the results schema"):
+        append_rows(tmp_path / "new.csv", [{"nonsense": 1}])
+
+
+def test_nern_style_decoder_equals_reference():
+    layout = mixed_layout(permuted=True)
+    pred = random_predictor(layout)
+    nern = NernStyleDecoder(layout, pred.encoding, torch.device("cpu"), chunk_size=50)
+    w, b = pred.weights(), pred.biases()
+    with torch.no_grad():
+        ref = reference_decode(w, b, layout, pred.encoding)
+        torch.testing.assert_close(nern.decode(w, b), ref, rtol=1e-6, atol=1e-6)
+        rows = torch.tensor([0, 70, 200, layout.num_kernels - 1, 5])
+        torch.testing.assert_close(nern.decode_rows(w, b, rows),
+                                   reference_decode(w, b, layout, pred.encoding, rows), rtol=1e-6, atol=1e-6)
+    # NeRN's training-step decode: same values, gradients only through the sampled rows
+    rows = torch.tensor([3, 64, 300])
+    flat = nern.joint_decode(w, b, rows)
+    torch.testing.assert_close(flat.detach(), ref, rtol=1e-6, atol=1e-6)
+    flat.sum().backward()
+    expected = torch.autograd.grad(reference_decode(w, b, layout, pred.encoding, rows).sum(), w[0])[0]
+    torch.testing.assert_close(w[0].grad, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nern_loops_follow_the_greedy_rule():
+    # Kernels along a line at increasing angles: the chain visits them in angle order.
+    angles = torch.tensor([0.0, 1.0, 0.2, 0.6, 0.4])
+    kernels = torch.stack([torch.cos(angles), torch.sin(angles)], 1)
+    weight = torch.zeros(5, 1, 3, 3)
+    weight.view(5, 9)[:, :2] = kernels
+    assert crossfilter_loop(weight) == [0, 2, 4, 3, 1]
+    filter_order, channel_orders = infilter_loop(torch.randn(3, 4, 3, 3))
+    assert sorted(filter_order) == [0, 1, 2] and all(sorted(c) == [0, 1, 2, 3] for c in channel_orders)
+
+
+def test_report_renders_devices_apart_and_rewrites_readme(selftest_rows, tmp_path):
+    out, rows = selftest_rows
+    gpu = [dict(r, suite="gpu", device="NVIDIA H100 80GB HBM3", device_kind="cuda", run_id="g1")
+           for r in read_rows(out / harness.RESULTS_FILE)]
+    cpu = [dict(r, suite="cpu-full", run_id="c1") for r in read_rows(out / harness.RESULTS_FILE)]
+    for r in gpu + cpu:  # pretend the tiny case is a headline case
+        if r["layout"] == "tiny":
+            r.update(layout="resnet20", hidden="180")
+    text = report.render(gpu + cpu)
+    assert text.index("#### CPU: ") < text.index("#### GPU: NVIDIA H100 80GB HBM3")
+    assert "| decode_forward | resnet20 | 180 | fp32 | nern_eager |" in text
+    assert "Not measured in this run:" in text and "`triton` skipped" in text
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\nintro\n")
+    first = report.replace_section(readme.read_text(), "table one")
+    assert first.startswith("# title\n\nintro\n") and first.endswith(f"{report.BEGIN}\ntable one\n{report.END}\n")
+    second = report.replace_section(first + "after\n", "table two")
+    assert "table one" not in second and "table two" in second and second.endswith("after\n")
+    with pytest.raises(ValueError, match="broken"):
+        report.replace_section(f"{report.END}\n{report.BEGIN}\n", "x")
+
+
+def test_report_merge_appends_only_new_rows(selftest_rows, tmp_path):
+    out, _ = selftest_rows
+    target = tmp_path / "bench.csv"
+    assert report.merge(target, out / harness.RESULTS_FILE) == len(read_rows(out / harness.RESULTS_FILE))
+    assert report.merge(target, out / harness.RESULTS_FILE) == 0
+
+
+def test_bench_command_finds_the_checkout_or_says_why(monkeypatch, tmp_path):
+    assert (find_bench_dir() / "suite.py").is_file()
+    import nern_fast
+    monkeypatch.setattr(nern_fast, "__file__", str(tmp_path / "site" / "nern_fast" / "__init__.py"))
+    with pytest.raises(BenchNotFound, match="editable mode"):
+        find_bench_dir()
