@@ -1,0 +1,594 @@
+// CPU decode: tile by tile over the rows (flat kernel indices), each thread owning whole tiles.
+//
+// Per tile: first layer (separable tables for basic, encode + GEMM for ffn), every further MLP
+// layer as an ATen GEMM into per-thread buffers that stay cache-resident, bias/ReLU in one pass,
+// crop and scatter straight into the output. Backward recomputes the tile's activations and
+// accumulates weight gradients per thread group; groups are reduced in a fixed order, so results
+// are deterministic for a fixed thread count.
+#include "decode.h"
+#include "decode_tables.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+
+namespace nern_fast {
+namespace {
+
+using BF16 = c10::BFloat16;
+
+struct LayerInfo {
+  int64_t kernel_off, weight_off, c_out, c_in, size, crop, filter_off, channel_off;
+};
+
+struct RowInfo {
+  int64_t filter;   // global filter index: row of the filter table / pos_filter
+  int64_t channel;  // global channel index
+  int64_t out;      // first output element written by this row
+  int32_t layer, size, crop;
+};
+
+// Typed data pointer (dtype-checked) of a tensor whose type depends on a template parameter.
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+std::vector<LayerInfo> read_layers(const DecodeProblem& p) {
+  std::vector<LayerInfo> layers(p.num_layers);
+  const int32_t* m = ptr<int32_t>(p.meta);
+  for (int64_t l = 0; l < p.num_layers; ++l) {
+    const int32_t* r = m + l * kMetaColumns;
+    layers[l] = {r[kKernelOffset], r[kWeightOffset], r[kCOut],   r[kCIn],
+                 r[kSize],         r[kCrop],         r[kFilterOffset], r[kChannelOffset]};
+  }
+  return layers;
+}
+
+// Rows per tile: one activation buffer of about 128 KiB keeps a tile's working set in L2.
+// NERN_FAST_CPU_TILE overrides it (benchmarks).
+int64_t tile_rows(int64_t hidden, size_t elem) {
+  if (const char* env = std::getenv("NERN_FAST_CPU_TILE")) {
+    const long v = std::strtol(env, nullptr, 10);
+    if (v >= 1 && v <= 65536) return v;
+  }
+  const int64_t rows = int64_t(128 * 1024) / (hidden * int64_t(elem));
+  return std::max<int64_t>(32, std::min<int64_t>(512, rows / 16 * 16));
+}
+
+// ---- crops (NERN_SPEC §2), with torch's avg_pool2d / max_pool2d semantics -----------------------
+template <typename scalar_t>
+inline void crop_forward(const scalar_t* y, int k, int s, int mode, scalar_t* out) {
+  if (s == k) {
+    for (int j = 0; j < k * k; ++j) out[j] = y[j];
+    return;
+  }
+  if (mode == kCropCenter) {
+    const int lo = center_lo(k, s);
+    for (int a = 0; a < s; ++a)
+      for (int b = 0; b < s; ++b) out[a * s + b] = y[(lo + a) * k + lo + b];
+    return;
+  }
+  const int w = pool_window(k, s);
+  for (int a = 0; a < s; ++a) {
+    for (int b = 0; b < s; ++b) {
+      if (mode == kCropAverage) {
+        scalar_t sum = 0;
+        for (int i = 0; i < w; ++i)
+          for (int j = 0; j < w; ++j) sum += y[(a + i) * k + b + j];
+        out[a * s + b] = sum / scalar_t(w * w);
+      } else {
+        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+        int arg = a * k + b;
+        for (int i = 0; i < w; ++i)
+          for (int j = 0; j < w; ++j) {
+            const scalar_t v = y[(a + i) * k + b + j];
+            if (v > best || std::isnan(v)) {
+              best = v;
+              arg = (a + i) * k + b + j;
+            }
+          }
+        out[a * s + b] = y[arg];
+      }
+    }
+  }
+}
+
+// gy (k·k, zeroed by the caller) += d(crop)/dy · go (s·s)
+template <typename scalar_t>
+inline void crop_backward(const scalar_t* go, const scalar_t* y, int k, int s, int mode,
+                          scalar_t* gy) {
+  if (s == k) {
+    for (int j = 0; j < k * k; ++j) gy[j] = go[j];
+    return;
+  }
+  if (mode == kCropCenter) {
+    const int lo = center_lo(k, s);
+    for (int a = 0; a < s; ++a)
+      for (int b = 0; b < s; ++b) gy[(lo + a) * k + lo + b] = go[a * s + b];
+    return;
+  }
+  const int w = pool_window(k, s);
+  for (int a = 0; a < s; ++a) {
+    for (int b = 0; b < s; ++b) {
+      if (mode == kCropAverage) {
+        const scalar_t delta = go[a * s + b] / scalar_t(w * w);
+        for (int i = 0; i < w; ++i)
+          for (int j = 0; j < w; ++j) gy[(a + i) * k + b + j] += delta;
+      } else {
+        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+        int arg = a * k + b;
+        for (int i = 0; i < w; ++i)
+          for (int j = 0; j < w; ++j) {
+            const scalar_t v = y[(a + i) * k + b + j];
+            if (v > best || std::isnan(v)) {
+              best = v;
+              arg = (a + i) * k + b + j;
+            }
+          }
+        gy[arg] += go[a * s + b];
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+class CpuDecoder {
+ public:
+  explicit CpuDecoder(const DecodeProblem& p)
+      : p_(p),
+        layers_(read_layers(p)),
+        bf16_(p.precision == Precision::kBf16),
+        k_(static_cast<int>(p.kernel_size)),
+        k2_(p.k2()),
+        hidden_(p.hidden),
+        enc_size_(6 * p.levels),
+        last_(p.num_blocks - 1),
+        tile_(tile_rows(p.hidden, sizeof(scalar_t))) {
+    kernel_offsets_.reserve(layers_.size() + 1);
+    for (const auto& l : layers_) kernel_offsets_.push_back(l.kernel_off);
+    kernel_offsets_.push_back(p.num_kernels);
+    for (int64_t i = 0; i < p.num_blocks; ++i) {
+      wt_.push_back(p.weights[i].t());
+      if (bf16_) {
+        w_lp_.push_back(p.weights[i].to(at::kBFloat16).contiguous());
+        wt_lp_.push_back(w_lp_.back().t());
+      }
+    }
+    if (p.encoding == kBasic) {
+      tables_ = build_tables(p, [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); });
+    } else {
+      ffn_ = p.encoding_table.to(p.weights[0].scalar_type()).contiguous();
+    }
+    if (p.coord_rows.defined()) coord_ = ptr<int64_t>(p.coord_rows);
+    if (p.subset()) rows_ = ptr<int64_t>(p.rows);
+  }
+
+  at::Tensor forward() {
+    at::Tensor out = p_.output_like();
+    scalar_t* o = ptr<scalar_t>(out);
+    for_each_group(/*backward=*/false, [&](Scratch& s, int64_t, int64_t begin, int64_t n) {
+      forward_tile(s, begin, n, false);
+      scatter(s, n, o);
+    });
+    return out;
+  }
+
+  std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward(const at::Tensor& grad) {
+    const int64_t groups = num_groups();
+    std::vector<Grads> partial(groups);
+    for (auto& g : partial) g = make_grads();
+    const scalar_t* go = ptr<scalar_t>(grad);
+    for_each_group(/*backward=*/true, [&](Scratch& s, int64_t group, int64_t begin, int64_t n) {
+      backward_tile(s, partial[group], go, begin, n);
+    });
+    // Fixed-order reduction over groups: deterministic for a fixed thread count.
+    Grads& total = partial[0];
+    for (int64_t g = 1; g < groups; ++g) {
+      for (int64_t i = 0; i < p_.num_blocks; ++i) {
+        total.w[i].add_(partial[g].w[i]);
+        total.b[i].add_(partial[g].b[i]);
+      }
+      if (p_.encoding == kBasic) {
+        total.g_filter.add_(partial[g].g_filter);
+        total.g_channel.add_(partial[g].g_channel);
+      }
+    }
+    if (p_.encoding == kBasic) {
+      first_layer_grads(p_, tables_, total.g_filter, total.g_channel,
+                        [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); },
+                        total.w[0], total.b[0]);
+    }
+    return {total.w, total.b};
+  }
+
+ private:
+  struct Scratch {
+    std::vector<at::Tensor> act, act_lp;  // (T, H) per hidden layer (2 alternating in forward)
+    at::Tensor acc_lp;                    // bf16 GEMM results, flat
+    at::Tensor y, enc, enc_lp;            // (T, k²), (T, 6·levels)
+    at::Tensor g, g2, g_lp, gy, gy_lp;    // backward: (T, H) x3, (T, k²) x2
+    at::Tensor prod_lp;                   // bf16 per-tile weight-gradient product, flat
+    std::vector<RowInfo> info;
+  };
+  struct Grads {
+    std::vector<at::Tensor> w, b;
+    at::Tensor g_filter, g_channel;  // basic: per-filter / per-channel sums of dL/dz1
+  };
+
+  int64_t num_groups() const {
+    const int64_t tiles = (p_.num_rows() + tile_ - 1) / tile_;
+    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  }
+
+  template <typename Fn>
+  void for_each_group(bool backward, const Fn& fn) {
+    const int64_t rows = p_.num_rows();
+    if (rows == 0) return;
+    const int64_t tiles = (rows + tile_ - 1) / tile_;
+    const int64_t groups = num_groups();
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      for (int64_t g = g0; g < g1; ++g) {
+        Scratch s = make_scratch(backward);
+        for (int64_t t = g * tiles / groups; t < (g + 1) * tiles / groups; ++t) {
+          const int64_t begin = t * tile_;
+          fn(s, g, begin, std::min(tile_, rows - begin));
+        }
+      }
+    });
+  }
+
+  Scratch make_scratch(bool backward) const {
+    const auto opts = p_.weights[0].options();
+    const auto lp = opts.dtype(at::kBFloat16);
+    const int64_t wide = std::max(hidden_, k2_);
+    Scratch s;
+    const int64_t buffers = backward ? last_ : std::min<int64_t>(2, last_);
+    for (int64_t i = 0; i < buffers; ++i) {
+      s.act.push_back(at::empty({tile_, hidden_}, opts));
+      if (bf16_) s.act_lp.push_back(at::empty({tile_, hidden_}, lp));
+    }
+    if (bf16_) s.acc_lp = at::empty({tile_ * wide}, lp);
+    s.y = at::empty({tile_, k2_}, opts);
+    if (p_.encoding == kFfn) {
+      s.enc = at::empty({tile_, enc_size_}, opts);
+      if (bf16_) s.enc_lp = at::empty({tile_, enc_size_}, lp);
+    }
+    if (backward) {
+      s.g = at::empty({tile_, hidden_}, opts);
+      s.g2 = at::empty({tile_, hidden_}, opts);
+      s.gy = at::empty({tile_, k2_}, opts);
+      if (bf16_) {
+        s.g_lp = at::empty({tile_, hidden_}, lp);
+        s.gy_lp = at::empty({tile_, k2_}, lp);
+        s.prod_lp = at::empty({wide * std::max(hidden_, enc_size_)}, lp);
+      }
+    }
+    s.info.resize(tile_);
+    return s;
+  }
+
+  Grads make_grads() const {
+    Grads g;
+    for (int64_t i = 0; i < p_.num_blocks; ++i) {
+      g.w.push_back(at::zeros_like(p_.weights[i]));
+      g.b.push_back(at::zeros_like(p_.biases[i]));
+    }
+    if (p_.encoding == kBasic) {
+      g.g_filter = at::zeros({p_.num_filters, hidden_}, p_.weights[0].options());
+      g.g_channel = at::zeros({p_.num_channels, hidden_}, p_.weights[0].options());
+    }
+    return g;
+  }
+
+  // ---- per-row coordinates ----------------------------------------------------------------------
+  void fill_rows(int64_t begin, int64_t n, RowInfo* info) const {
+    int64_t layer = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t slot = rows_ ? rows_[begin + i] : begin + i;
+      if (layer < 0 || slot < kernel_offsets_[layer] || slot >= kernel_offsets_[layer + 1]) {
+        layer = std::upper_bound(kernel_offsets_.begin(), kernel_offsets_.end(), slot) -
+                kernel_offsets_.begin() - 1;
+      }
+      const LayerInfo& m = layers_[layer];
+      const int64_t q = slot - m.kernel_off;
+      const int64_t coord = coord_ ? coord_[slot] : q;
+      TORCH_CHECK(coord >= 0 && coord < m.c_out * m.c_in, "nern_fast: coordinate row ", coord,
+                  " of kernel ", slot, " is outside its layer (", m.c_out * m.c_in,
+                  " kernels); the layout's permutation is corrupt");
+      info[i].filter = m.filter_off + coord / m.c_in;
+      info[i].channel = m.channel_off + coord % m.c_in;
+      info[i].out = rows_ ? (begin + i) * k2_ : m.weight_off + q * m.size * m.size;
+      info[i].layer = static_cast<int32_t>(layer);
+      info[i].size = static_cast<int32_t>(m.size);
+      info[i].crop = static_cast<int32_t>(m.crop);
+    }
+  }
+
+  // ---- forward ------------------------------------------------------------------------------------
+  at::Tensor rows_of(const at::Tensor& t, int64_t n) const { return t.narrow(0, 0, n); }
+  at::Tensor lp_result(Scratch& s, int64_t n, int64_t cols) const {
+    return s.acc_lp.narrow(0, 0, n * cols).view({n, cols});
+  }
+
+  // dst (n, out) <- relu?(src @ W_i^T + b_i); in bf16 mode from the bf16 copy of src, and the
+  // bf16 copy of dst is written alongside for the next layer.
+  template <bool Relu>
+  void linear(Scratch& s, int64_t i, const at::Tensor& src, const at::Tensor& src_lp,
+              const at::Tensor& dst, const at::Tensor& dst_lp, int64_t n) {
+    const int64_t cols = p_.weights[i].size(0);
+    const scalar_t* bias = ptr<scalar_t>(p_.biases[i]);
+    scalar_t* d = ptr<scalar_t>(dst);
+    if (bf16_) {
+      at::Tensor acc = lp_result(s, n, cols);
+      at::mm_out(acc, src_lp, wt_lp_[i]);
+      const BF16* a = ptr<BF16>(acc);
+      BF16* dl = dst_lp.defined() ? ptr<BF16>(dst_lp) : nullptr;
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t j = 0; j < cols; ++j) {
+          scalar_t v = static_cast<scalar_t>(static_cast<float>(a[r * cols + j])) + bias[j];
+          if (Relu) v = v > scalar_t(0) ? v : scalar_t(0);
+          d[r * cols + j] = v;
+          if (dl) dl[r * cols + j] = BF16(static_cast<float>(v));
+        }
+      }
+      return;
+    }
+    at::Tensor out = rows_of(dst, n);
+    at::mm_out(out, src, wt_[i]);
+    for (int64_t r = 0; r < n; ++r) {
+      scalar_t* row = d + r * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        scalar_t v = row[j] + bias[j];
+        if (Relu) v = v > scalar_t(0) ? v : scalar_t(0);
+        row[j] = v;
+      }
+    }
+  }
+
+  void forward_tile(Scratch& s, int64_t begin, int64_t n, bool keep_all) {
+    fill_rows(begin, n, s.info.data());
+    auto slot = [&](int64_t i) { return keep_all ? i : i % 2; };
+    auto act = [&](int64_t i) { return rows_of(s.act[slot(i)], n); };
+    auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[slot(i)], n) : at::Tensor(); };
+
+    if (p_.encoding == kBasic) {
+      first_layer_separable(s, n, act(0), act_lp(0));
+    } else {
+      encode_ffn(s, n);
+      linear<true>(s, 0, rows_of(s.enc, n), bf16_ ? rows_of(s.enc_lp, n) : at::Tensor(), act(0),
+                   act_lp(0), n);
+    }
+    for (int64_t i = 1; i < last_; ++i) linear<true>(s, i, act(i - 1), act_lp(i - 1), act(i), act_lp(i), n);
+    linear<false>(s, last_, act(last_ - 1), act_lp(last_ - 1), rows_of(s.y, n), at::Tensor(), n);
+  }
+
+  void first_layer_separable(Scratch& s, int64_t n, const at::Tensor& dst, const at::Tensor& dst_lp) {
+    const scalar_t* tf = ptr<scalar_t>(tables_.filter);
+    const scalar_t* tc = ptr<scalar_t>(tables_.channel);
+    scalar_t* d = ptr<scalar_t>(dst);
+    BF16* dl = dst_lp.defined() ? ptr<BF16>(dst_lp) : nullptr;
+    const int64_t H = hidden_;
+    for (int64_t r = 0; r < n; ++r) {
+      const scalar_t* a = tf + s.info[r].filter * H;
+      const scalar_t* b = tc + s.info[r].channel * H;
+      scalar_t* o = d + r * H;
+      for (int64_t j = 0; j < H; ++j) {
+        const scalar_t v = a[j] + b[j];
+        o[j] = v > scalar_t(0) ? v : scalar_t(0);
+      }
+      if (dl)
+        for (int64_t j = 0; j < H; ++j) dl[r * H + j] = BF16(static_cast<float>(o[j]));
+    }
+  }
+
+  // ffn: x = (2π·p) @ Bᵀ, e[2m] = sin(x_m), e[2m+1] = cos(x_m) (nern_fast.encoding)
+  void encode_ffn(Scratch& s, int64_t n) {
+    const float* pl = ptr<float>(p_.pos_layer);
+    const float* pf = ptr<float>(p_.pos_filter);
+    const float* pc = ptr<float>(p_.pos_channel);
+    const scalar_t* B = ptr<scalar_t>(ffn_);
+    const int64_t m3 = 3 * p_.levels;
+    scalar_t* e = ptr<scalar_t>(s.enc);
+    BF16* el = bf16_ ? ptr<BF16>(s.enc_lp) : nullptr;
+    const scalar_t pi = static_cast<scalar_t>(M_PI);
+    for (int64_t r = 0; r < n; ++r) {
+      const RowInfo& info = s.info[r];
+      const scalar_t q0 = static_cast<scalar_t>(pl[info.layer]) * scalar_t(2) * pi;
+      const scalar_t q1 = static_cast<scalar_t>(pf[info.filter]) * scalar_t(2) * pi;
+      const scalar_t q2 = static_cast<scalar_t>(pc[info.channel]) * scalar_t(2) * pi;
+      scalar_t* row = e + r * enc_size_;
+      for (int64_t m = 0; m < m3; ++m) {
+        const scalar_t x = q0 * B[m * 3] + q1 * B[m * 3 + 1] + q2 * B[m * 3 + 2];
+        row[2 * m] = std::sin(x);
+        row[2 * m + 1] = std::cos(x);
+      }
+      if (el)
+        for (int64_t j = 0; j < enc_size_; ++j) el[r * enc_size_ + j] = BF16(static_cast<float>(row[j]));
+    }
+  }
+
+  void scatter(const Scratch& s, int64_t n, scalar_t* out) const {
+    const scalar_t* y = ptr<scalar_t>(s.y);
+    for (int64_t r = 0; r < n; ++r) {
+      const RowInfo& info = s.info[r];
+      scalar_t* o = out + info.out;
+      crop_forward(y + r * k2_, k_, info.size, info.crop, o);
+      if (rows_)  // subset rows are k² wide: zeros after the s·s kernel
+        for (int64_t j = int64_t(info.size) * info.size; j < k2_; ++j) o[j] = scalar_t(0);
+    }
+  }
+
+  // ---- backward -----------------------------------------------------------------------------------
+  static void add_column_sums(const at::Tensor& acc, const at::Tensor& g, int64_t n) {
+    scalar_t* a = ptr<scalar_t>(acc);
+    const scalar_t* x = ptr<scalar_t>(g);
+    const int64_t cols = acc.size(0);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t j = 0; j < cols; ++j) a[j] += x[r * cols + j];
+  }
+
+  // acc (out, in) += g (n, out)ᵀ @ a (n, in)
+  void add_weight_grad(Scratch& s, const at::Tensor& acc, const at::Tensor& g, const at::Tensor& g_lp,
+                       const at::Tensor& a, const at::Tensor& a_lp) {
+    if (!bf16_) {
+      at::Tensor out = acc;
+      out.addmm_(g.t(), a);
+      return;
+    }
+    const int64_t rows = acc.size(0), cols = acc.size(1);
+    at::Tensor prod = s.prod_lp.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(prod, g_lp.t(), a_lp);
+    scalar_t* d = ptr<scalar_t>(acc);
+    const BF16* x = ptr<BF16>(prod);
+    for (int64_t j = 0; j < rows * cols; ++j) d[j] += static_cast<scalar_t>(static_cast<float>(x[j]));
+  }
+
+  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); the bf16 copy of dst alongside in bf16 mode
+  void backprop(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp, const at::Tensor& a,
+                const at::Tensor& dst, const at::Tensor& dst_lp, int64_t n) {
+    const int64_t cols = p_.weights[i].size(1);
+    const scalar_t* mask = ptr<scalar_t>(a);
+    scalar_t* d = ptr<scalar_t>(dst);
+    if (bf16_) {
+      at::Tensor acc = lp_result(s, n, cols);
+      at::mm_out(acc, g_lp, w_lp_[i]);
+      const BF16* x = ptr<BF16>(acc);
+      BF16* dl = ptr<BF16>(dst_lp);
+      for (int64_t j = 0; j < n * cols; ++j) {
+        const scalar_t v = mask[j] > scalar_t(0) ? static_cast<scalar_t>(static_cast<float>(x[j])) : scalar_t(0);
+        d[j] = v;
+        dl[j] = BF16(static_cast<float>(v));
+      }
+      return;
+    }
+    at::Tensor out = dst;
+    at::mm_out(out, g, p_.weights[i]);
+    for (int64_t j = 0; j < n * cols; ++j)
+      if (!(mask[j] > scalar_t(0))) d[j] = scalar_t(0);
+  }
+
+  void backward_tile(Scratch& s, Grads& gr, const scalar_t* grad, int64_t begin, int64_t n) {
+    forward_tile(s, begin, n, /*keep_all=*/true);
+    auto act = [&](int64_t i) { return rows_of(s.act[i], n); };
+    auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[i], n) : at::Tensor(); };
+    auto lp = [&](const at::Tensor& t) { return bf16_ ? rows_of(t, n) : at::Tensor(); };
+
+    // dL/dy through the crop
+    const scalar_t* y = ptr<scalar_t>(s.y);
+    scalar_t* gy = ptr<scalar_t>(s.gy);
+    for (int64_t r = 0; r < n; ++r) {
+      const RowInfo& info = s.info[r];
+      scalar_t* row = gy + r * k2_;
+      std::fill(row, row + k2_, scalar_t(0));
+      crop_backward(grad + info.out, y + r * k2_, k_, info.size, info.crop, row);
+    }
+    if (bf16_) {
+      BF16* gl = ptr<BF16>(s.gy_lp);
+      for (int64_t j = 0; j < n * k2_; ++j) gl[j] = BF16(static_cast<float>(gy[j]));
+    }
+
+    at::Tensor g_out = rows_of(s.gy, n), g_out_lp = lp(s.gy_lp);
+    at::Tensor cur = rows_of(s.g, n), other = rows_of(s.g2, n);
+    for (int64_t i = last_; i >= 1; --i) {
+      add_column_sums(gr.b[i], g_out, n);
+      add_weight_grad(s, gr.w[i], g_out, g_out_lp, act(i - 1), act_lp(i - 1));
+      backprop(s, i, g_out, g_out_lp, act(i - 1), cur, lp(s.g_lp), n);
+      g_out = cur;
+      g_out_lp = lp(s.g_lp);
+      std::swap(cur, other);
+    }
+    // g_out = dL/dz1 (first layer pre-activation)
+    if (p_.encoding == kBasic) {
+      const int64_t H = hidden_;
+      const scalar_t* g1 = ptr<scalar_t>(g_out);
+      scalar_t* gf = ptr<scalar_t>(gr.g_filter);
+      scalar_t* gc = ptr<scalar_t>(gr.g_channel);
+      for (int64_t r = 0; r < n; ++r) {
+        scalar_t* a = gf + s.info[r].filter * H;
+        scalar_t* b = gc + s.info[r].channel * H;
+        const scalar_t* x = g1 + r * H;
+        for (int64_t j = 0; j < H; ++j) a[j] += x[j];
+        for (int64_t j = 0; j < H; ++j) b[j] += x[j];
+      }
+    } else {
+      add_column_sums(gr.b[0], g_out, n);
+      add_weight_grad(s, gr.w[0], g_out, g_out_lp, rows_of(s.enc, n), lp(s.enc_lp));
+    }
+  }
+
+  const DecodeProblem& p_;
+  std::vector<LayerInfo> layers_;
+  std::vector<int64_t> kernel_offsets_;
+  const bool bf16_;
+  const int k_;
+  const int64_t k2_, hidden_, enc_size_, last_, tile_;
+  std::vector<at::Tensor> wt_, w_lp_, wt_lp_;
+  SeparableTables tables_;
+  at::Tensor ffn_;
+  const int64_t* coord_ = nullptr;
+  const int64_t* rows_ = nullptr;
+};
+
+DecodeProblem problem_from_args(at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
+                                const at::Tensor& pos_layer, const at::Tensor& pos_filter,
+                                const at::Tensor& pos_channel,
+                                const c10::optional<at::Tensor>& coord_rows,
+                                const c10::optional<at::Tensor>& rows,
+                                const at::Tensor& encoding_table, int64_t encoding,
+                                int64_t kernel_size, int64_t num_kernels, int64_t num_weights,
+                                c10::string_view precision) {
+  DecodeProblem p = make_problem(weights, biases, meta, pos_layer, pos_filter, pos_channel,
+                                 coord_rows, rows, encoding_table, encoding, kernel_size,
+                                 num_kernels, num_weights, std::string(precision.data(), precision.size()));
+  TORCH_CHECK(p.weights[0].device().is_cpu(), "nern_fast: internal error: CPU kernel called with ",
+              p.weights[0].device(), " tensors");
+  return p;
+}
+
+at::Tensor decode_forward_cpu(at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
+                              const at::Tensor& pos_layer, const at::Tensor& pos_filter,
+                              const at::Tensor& pos_channel,
+                              const c10::optional<at::Tensor>& coord_rows,
+                              const c10::optional<at::Tensor>& rows,
+                              const at::Tensor& encoding_table, int64_t encoding,
+                              int64_t kernel_size, int64_t num_kernels, int64_t num_weights,
+                              c10::string_view precision) {
+  DecodeProblem p = problem_from_args(weights, biases, meta, pos_layer, pos_filter, pos_channel,
+                                      coord_rows, rows, encoding_table, encoding, kernel_size,
+                                      num_kernels, num_weights, precision);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(p.weights[0].scalar_type(), "nern_fast_decode_forward_cpu",
+                             [&] { out = CpuDecoder<scalar_t>(p).forward(); });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cpu(
+    const at::Tensor& grad, at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
+    const at::Tensor& pos_layer, const at::Tensor& pos_filter, const at::Tensor& pos_channel,
+    const c10::optional<at::Tensor>& coord_rows, const c10::optional<at::Tensor>& rows,
+    const at::Tensor& encoding_table, int64_t encoding, int64_t kernel_size, int64_t num_kernels,
+    int64_t num_weights, c10::string_view precision) {
+  DecodeProblem p = problem_from_args(weights, biases, meta, pos_layer, pos_filter, pos_channel,
+                                      coord_rows, rows, encoding_table, encoding, kernel_size,
+                                      num_kernels, num_weights, precision);
+  check_grad_output(p, grad);
+  std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> result;
+  AT_DISPATCH_FLOATING_TYPES(p.weights[0].scalar_type(), "nern_fast_decode_backward_cpu",
+                             [&] { result = CpuDecoder<scalar_t>(p).backward(grad); });
+  return result;
+}
+
+}  // namespace
+}  // namespace nern_fast
+
+TORCH_LIBRARY_IMPL(nern_fast_C, CPU, m) {
+  m.impl("decode_forward", &nern_fast::decode_forward_cpu);
+  m.impl("decode_backward", &nern_fast::decode_backward_cpu);
+}

@@ -1,0 +1,33 @@
+// The separable first layer of the basic encoding (NERN_SPEC §4), shared by CPU and CUDA:
+// W1·e(l,f,c) + b1 = [W1_l·e_l(l) + W1_f·e_f(f) + b1] + W1_c·e_c(c): a per-filter table (the layer
+// term and the bias folded in) plus a per-channel table, computed once per call.
+#pragma once
+
+#include "decode.h"
+
+#include <functional>
+
+namespace nern_fast {
+
+// a (n, k) @ b (k, m) -> (n, m) at the device's chosen precision (IEEE fp32 on CUDA, whatever
+// the global TF32 switches say).
+using MatmulFn = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
+
+struct SeparableTables {
+  at::Tensor filter;        // (F, H): W1_f·e_f(f) + W1_l·e_l(layer of f) + b1
+  at::Tensor channel;       // (C, H): W1_c·e_c(c)
+  at::Tensor enc_layer;     // (L, 2·levels) encodings, kept for the gradient of W1
+  at::Tensor enc_filter;    // (F, 2·levels)
+  at::Tensor enc_channel;   // (C, 2·levels)
+  at::Tensor filter_layer;  // (F,) int64: layer of every filter, on the device
+};
+
+SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm);
+
+// Gradients of W1 and b1 from the per-filter and per-channel sums of the first layer's
+// pre-activation gradient ((F, H) and (C, H)).
+void first_layer_grads(const DecodeProblem& p, const SeparableTables& t, const at::Tensor& g_filter,
+                       const at::Tensor& g_channel, const MatmulFn& mm, at::Tensor& grad_w0,
+                       at::Tensor& grad_b0);
+
+}  // namespace nern_fast

@@ -1,0 +1,172 @@
+"""The ``csrc`` backend: the compiled extension ``nern_fast._C`` behind the dispatcher.
+
+The extension registers two ops with torch.library (``torch.ops.nern_fast_C``): ``decode_forward``
+(full flat buffer or subset rows) and ``decode_backward`` (gradients of every MLP weight and bias).
+This module loads it safely (a missing or broken build is a recorded reason, never an import
+error), makes the forward op differentiable (``register_autograd``) and traceable by
+``torch.compile`` (``register_fake``), and exposes it as the backend named ``"csrc"``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+from typing import Optional
+
+import torch
+
+from ..encoding import EncodingSpec
+from ..reference import matmul_precision
+from .dispatch import DecodeRequest, record_load_error, register_backend
+
+NAME = "csrc"
+PRIORITY = 20
+ENCODING_IDS = {"basic": 0, "ffn": 1}
+MAX_KERNEL_SIZE = 7
+REBUILD = "rebuild with `pip install --no-build-isolation -e .` (needs torch and a C++ compiler)"
+
+
+def _load_extension():
+    """(module, None) or (None, why it is unavailable)."""
+    try:  # loading the library registers torch.ops.nern_fast_C
+        ext = importlib.import_module("nern_fast._C")
+    except ModuleNotFoundError as exc:
+        if exc.name == "nern_fast._C":
+            return None, f"the C++ extension nern_fast._C is not built; {REBUILD}"
+        return None, f"the C++ extension nern_fast._C failed to load ({exc}); {REBUILD}"
+    except ImportError as exc:
+        return None, f"the C++ extension nern_fast._C failed to load ({exc}); {REBUILD}"
+    except Exception as exc:  # a broken binary must not break `import nern_fast`
+        return None, f"the C++ extension nern_fast._C failed to load ({type(exc).__name__}: {exc})"
+    return ext, None
+
+
+_EXT, _LOAD_ERROR = _load_extension()
+
+
+def build_info() -> dict:
+    """How the extension was built (``cuda_requested``, ``cuda_built``, ``cuda_note``, ...)."""
+    if _EXT is None:
+        return {"built": False, "reason": _LOAD_ERROR}
+    return {"built": True, "with_cuda": bool(_EXT.WITH_CUDA), **json.loads(_EXT.BUILD_INFO)}
+
+
+# ---------------------------------------------------------------------------- op registration
+def _op_args(inputs):
+    (weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows, rows, table, encoding,
+     kernel_size, num_kernels, num_weights, precision) = inputs
+    return dict(weights=weights, biases=biases, meta=meta, pos_layer=pos_layer, pos_filter=pos_filter,
+                pos_channel=pos_channel, coord_rows=coord_rows, rows=rows, table=table,
+                encoding=encoding, kernel_size=kernel_size, num_kernels=num_kernels,
+                num_weights=num_weights, precision=precision)
+
+
+def _decode_forward_fake(weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows, rows,
+                         table, encoding, kernel_size, num_kernels, num_weights, precision):
+    w = weights[0]
+    if rows is None:
+        return w.new_empty((num_weights,))
+    return w.new_empty((rows.shape[0], kernel_size * kernel_size))
+
+
+def _decode_backward_fake(grad, weights, biases, *rest):
+    return [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
+
+
+def _setup_context(ctx, inputs, output):
+    a = _op_args(inputs)
+    ctx.num_blocks = len(a["weights"])
+    ctx.has_coord_rows = a["coord_rows"] is not None
+    ctx.has_rows = a["rows"] is not None
+    ctx.static = (a["encoding"], a["kernel_size"], a["num_kernels"], a["num_weights"], a["precision"])
+    optional = [t for t in (a["coord_rows"], a["rows"]) if t is not None]
+    ctx.save_for_backward(*a["weights"], *a["biases"], a["meta"], a["pos_layer"], a["pos_filter"],
+                          a["pos_channel"], a["table"], *optional)
+
+
+def _backward(ctx, grad):
+    saved = list(ctx.saved_tensors)
+    nb = ctx.num_blocks
+    weights, biases = saved[:nb], saved[nb:2 * nb]
+    meta, pos_layer, pos_filter, pos_channel, table = saved[2 * nb:2 * nb + 5]
+    optional = saved[2 * nb + 5:]
+    coord_rows = optional.pop(0) if ctx.has_coord_rows else None
+    rows = optional.pop(0) if ctx.has_rows else None
+    encoding, kernel_size, num_kernels, num_weights, precision = ctx.static
+    with matmul_precision(precision, grad.device):
+        grad_w, grad_b = torch.ops.nern_fast_C.decode_backward(
+            grad.contiguous(), weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows,
+            rows, table, encoding, kernel_size, num_kernels, num_weights, precision)
+    return (list(grad_w), list(grad_b)) + (None,) * 12
+
+
+def _register_op_wrappers() -> None:
+    torch.library.register_fake("nern_fast_C::decode_forward")(_decode_forward_fake)
+    torch.library.register_fake("nern_fast_C::decode_backward")(_decode_backward_fake)
+    torch.library.register_autograd("nern_fast_C::decode_forward", _backward,
+                                    setup_context=_setup_context)
+
+
+if _EXT is not None:
+    _register_op_wrappers()
+
+
+# ---------------------------------------------------------------------------- the backend
+@functools.lru_cache(maxsize=64)
+def _encoding_table(encoding: EncodingSpec, device: str) -> torch.Tensor:
+    """basic: the frequencies (levels,); ffn: B (3·levels, 3); float32, cached per device."""
+    if encoding.kind == "basic":
+        return encoding.frequencies(device).contiguous()
+    return encoding.ffn_matrix(device).contiguous()
+
+
+class CsrcBackend:
+    """Fused decode in C++ (CPU: tiles over threads, ATen GEMMs) or CUDA (cuBLAS + own kernels)."""
+
+    name = NAME
+
+    def unavailable_reason(self, request: DecodeRequest) -> Optional[str]:
+        if _EXT is None:
+            return _LOAD_ERROR
+        device = request.device_type
+        if device == "cuda":
+            if not _EXT.WITH_CUDA:
+                note = json.loads(_EXT.BUILD_INFO).get("cuda_note") or "not requested"
+                return (f"nern_fast._C was built without its CUDA ops ({note}); rebuild with nvcc "
+                        f"available (CUDA_HOME) to decode CUDA tensors here")
+            if request.dtype != torch.float32:
+                return (f"the CUDA ops take float32 parameters, got {request.dtype}; use "
+                        f"precision='bf16' or 'tf32' for reduced precision")
+        elif device == "cpu":
+            if request.dtype not in (torch.float32, torch.float64):
+                return f"the CPU ops take float32 or float64 parameters, got {request.dtype}"
+        else:
+            return f"the compiled ops run on CPU and CUDA tensors, not {device}"
+        if request.precision == "bf16" and request.dtype != torch.float32:
+            return f"precision 'bf16' needs float32 parameters, got {request.dtype}"
+        if not 1 <= request.kernel_size <= MAX_KERNEL_SIZE:
+            return (f"kernel size {request.kernel_size} is outside the 1..{MAX_KERNEL_SIZE} the "
+                    f"compiled ops support")
+        if request.encoding not in ENCODING_IDS:
+            return f"encoding '{request.encoding}' is not supported"
+        return None
+
+    def decode(self, weights, biases, layout, encoding, rows, precision) -> torch.Tensor:
+        device = weights[0].device
+        tensors = layout.tensors(device)
+        meta = layout.tensors("cpu").meta
+        if rows is not None:
+            rows = rows.to(torch.long).contiguous()
+        with matmul_precision(precision, device):
+            return torch.ops.nern_fast_C.decode_forward(
+                [w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
+                tensors.pos_layer, tensors.pos_filter, tensors.pos_channel, tensors.coord_rows, rows,
+                _encoding_table(encoding, str(device)), ENCODING_IDS[encoding.kind],
+                layout.kernel_size, layout.num_kernels, layout.num_weights, precision)
+
+
+def register() -> None:
+    if _EXT is None:
+        record_load_error(NAME, _LOAD_ERROR)
+        return
+    register_backend(CsrcBackend(), PRIORITY)
