@@ -50,14 +50,14 @@ def cpu_quick() -> Plan:
         Entry("decode_forward", "resnet20", H20, leave_out=NO_COMPILE_QUICK),
         Entry("decode_forward", "resnet56", H56, leave_out=NO_COMPILE_QUICK, memory=False),
         Entry("decode_backward", "resnet20", H20, leave_out=NO_COMPILE_QUICK, memory=False),
-        Entry("recon_step", "resnet56", H56, variant="subset4096", leave_out=NO_COMPILE_QUICK, memory=False),
-        Entry("distill_step", "resnet20", H20, batch=8, leave_out=NO_COMPILE_QUICK, memory=False),
-        Entry("inference_forward", "resnet20", H20, batch=1, memory=False),
+        Entry("recon_step", "resnet20", H20, variant="subset4096", leave_out=NO_COMPILE_QUICK, memory=False),
         Entry("permutations", "conv64x64", None, variant="crossfilter", memory=False),
         Entry("permutations", "conv64x64", None, variant="infilter", memory=False),
+        Entry("distill_step", "resnet20", H20, batch=8, leave_out=NO_COMPILE_QUICK, memory=False),
+        Entry("inference_forward", "resnet20", H20, batch=1, memory=False),
     ]
-    return Plan("cpu-quick", e, TimerSettings(warmup=1, min_repeats=3, max_repeats=10, min_seconds=0.3,
-                                              max_seconds=3.0), budget_s=100.0, max_call_s=5.0)
+    return Plan("cpu-quick", e, TimerSettings(warmup=1, min_repeats=3, max_repeats=10, min_seconds=0.2,
+                                              max_seconds=2.0), budget_s=100.0, max_call_s=5.0)
 
 
 def cpu_full() -> Plan:

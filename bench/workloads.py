@@ -15,22 +15,12 @@ from torch import nn
 from nern_fast import FastPredictor, WeightLayout
 from nern_fast.models import cifar_resnet
 
+from .resnet18 import resnet18
+
 # NERN_SPEC §9: NeRN's hidden sizes (5 blocks, levels 40, base 0.76 throughout).
 NERN_HIDDEN = {"resnet20": 180, "resnet56": 280, "resnet18": 1256}
 SUBSET_SIZE = 4096  # NeRN's weights_batch_size: kernels per reconstruction step
 NUM_BLOCKS, LEVELS, BASE = 5, 40, 0.76
-
-
-def _torchvision_resnet18() -> nn.Module:
-    try:
-        import torchvision
-    except ImportError as exc:  # optional dependency
-        raise LayoutUnavailable(f"resnet18 needs torchvision ({exc})") from exc
-    return torchvision.models.resnet18(weights=None)
-
-
-class LayoutUnavailable(RuntimeError):
-    """A benchmark network that cannot be built here (missing optional dependency)."""
 
 
 # name -> (model builder, input shape of one image)
@@ -41,7 +31,7 @@ NETWORKS = {
     "resnet44": (lambda: cifar_resnet(44), (3, 32, 32)),
     "resnet56": (lambda: cifar_resnet(56), (3, 32, 32)),
     "resnet110": (lambda: cifar_resnet(110), (3, 32, 32)),
-    "resnet18": (_torchvision_resnet18, (3, 224, 224)),
+    "resnet18": (resnet18, (3, 224, 224)),  # ImageNet; torchvision's when it imports
 }
 
 

@@ -182,3 +182,15 @@ def test_bench_command_finds_the_checkout_or_says_why(monkeypatch, tmp_path):
     monkeypatch.setattr(nern_fast, "__file__", str(tmp_path / "site" / "nern_fast" / "__init__.py"))
     with pytest.raises(BenchNotFound, match="editable mode"):
         find_bench_dir()
+
+
+def test_bench_resnet18_matches_torchvision():
+    """The GPU machine has no torchvision: the bench's own ResNet-18 must give the same layout."""
+    torchvision = pytest.importorskip("torchvision")
+    from bench.resnet18 import ResNet18
+    from nern_fast import WeightLayout
+
+    ours, theirs = ResNet18(), torchvision.models.resnet18(weights=None)
+    assert WeightLayout.from_model(ours, include="nern") == WeightLayout.from_model(theirs, include="nern")
+    shapes = lambda m: [(n, tuple(p.shape)) for n, p in m.named_parameters()]  # noqa: E731
+    assert shapes(ours) == shapes(theirs)
