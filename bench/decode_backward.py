@@ -38,6 +38,9 @@ class DecodeBackward(Operation):
     def flops(self, case, work):
         return decode_flops(work.layout.num_kernels, case.hidden, backward=True)
 
+    def case_inputs(self, case, work):
+        upstream_gradient(work)
+
     def prepare(self, case, work, provider, precision):
         work.set_requires_grad(True)
         decode = provider.full(work, precision)

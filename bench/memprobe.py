@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     work = op.workload(case, device)
     provider = next(p for p in op.providers() if p.name == spec["provider"])
+    op.case_inputs(case, work)
     harness.release_freed_memory()
     before = harness.rss_bytes()
     step = op.prepare(case, work, provider, spec["precision"])

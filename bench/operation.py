@@ -59,6 +59,9 @@ class Operation:
         """Decode FLOPs one call (or its set-up) implies, whoever does them: gates slow cases."""
         return self.flops(case, work) or 0.0
 
+    def case_inputs(self, case: Case, work) -> None:
+        """Create (and keep on ``work``) inputs every provider shares, before memory is measured."""
+
     def prepare(self, case: Case, work, provider, precision: str) -> Step:
         raise NotImplementedError
 

@@ -194,3 +194,23 @@ def test_bench_resnet18_matches_torchvision():
     assert WeightLayout.from_model(ours, include="nern") == WeightLayout.from_model(theirs, include="nern")
     shapes = lambda m: [(n, tuple(p.shape)) for n, p in m.named_parameters()]  # noqa: E731
     assert shapes(ours) == shapes(theirs)
+
+
+@pytest.mark.parametrize("name", ["cpu-quick", "cpu-full", "gpu", "gpu-quick", "selftest"])
+def test_plans_name_real_operations_layouts_and_providers(name):
+    from bench.permutations import parse_conv_layout
+    from bench.plans import PLANS
+    from bench.registry import operation
+    from bench.workloads import NETWORKS
+
+    plan = PLANS[name]()
+    assert plan.entries
+    for entry in plan.entries:
+        op = operation(entry.operation)
+        if entry.operation == "permutations":
+            parse_conv_layout(entry.layout)
+        else:
+            assert entry.layout in NETWORKS and entry.hidden > 0
+        names = {p.name for p in op.providers()}
+        assert {p for p, _ in entry.leave_out} <= names and set(entry.only or ()) <= names
+        assert set(entry.precisions) <= {"fp32", "tf32", "bf16"}
