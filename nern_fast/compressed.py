@@ -20,9 +20,11 @@ round(w / s)``, ``s = max|w_row| / 127``, biases kept in fp32). Loading dequanti
 (or the predictor's original dtype) predictor; the rest of the model is stored at full precision.
 
 A :class:`ModelSpec` records how to rebuild the network without user code: ``cifar_resnet``
-(depth, num_classes, in_channels, width) or ``torchvision`` (builder name, num_classes). It is
-inferred when saving (and checked by building the model on the ``meta`` device); for any other
-network pass ``model_fn`` to :func:`load_compressed`.
+(depth, num_classes, in_channels, width), ``torchvision`` (builder name, num_classes) or
+``registry`` (a built-in architecture name of ``nern_fast.models.build_model`` with num_classes,
+in_channels, image_size: what ``nern-fast train-base`` model files record). cifar_resnet and
+torchvision specs are inferred when saving; every spec is checked by building the model on the
+``meta`` device. For any other network pass ``model_fn`` to :func:`load_compressed`.
 """
 from __future__ import annotations
 
@@ -54,19 +56,28 @@ class ArchitectureMismatch(LayoutError):
 class ModelSpec:
     """How to build a network from a name and keyword arguments (no user code, no pickles)."""
 
-    kind: str  # "cifar_resnet" | "torchvision"
+    kind: str  # "cifar_resnet" | "torchvision" | "registry"
     args: dict = field(default_factory=dict)
 
-    KINDS = ("cifar_resnet", "torchvision")
+    KINDS = ("cifar_resnet", "torchvision", "registry")
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise ValueError(f"model spec kind '{self.kind}' is not one of {self.KINDS}")
+        if self.kind == "registry" and ":" in str(self.args.get("arch", "")):
+            # A file must never make us import code it names; user models come with model_fn.
+            raise ValueError(f"model spec {self.args.get('arch')!r} names user code; pass model_fn")
 
     def build(self) -> nn.Module:
         if self.kind == "cifar_resnet":
             from .models import cifar_resnet
             return cifar_resnet(**self.args)
+        if self.kind == "registry":
+            from . import models
+            if not hasattr(models, "build_model"):
+                raise ImportError(f"this nern_fast has no model registry to build {self.describe()}; "
+                                  f"pass model_fn")
+            return models.build_model(**self.args)
         try:
             import torchvision
         except ImportError as exc:

@@ -253,3 +253,37 @@ def test_export_command(tmp_path, capsys):
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
                  "--model", "resnet8", "--out", str(out)]) == 2
     assert "another architecture" in capsys.readouterr().err
+
+
+def test_export_from_a_train_base_model_file(tmp_path, capsys):
+    """`nern-fast train-base` writes {"format": "nern_fast.model", "arch", "num_classes", ...}."""
+    torch.manual_seed(0)
+    model = cifar_resnet(8, num_classes=7).eval()
+    torch.save({"format": "nern_fast.model", "version": 1, "arch": "cifar_resnet8", "num_classes": 7,
+                "in_channels": 3, "image_size": 32, "state_dict": model.state_dict()}, tmp_path / "model.pt")
+    pred = FastPredictor.for_model(model, include="nern", hidden=8, levels=2, backend="eager")
+    pred.save(tmp_path / "pred.pt")
+    out = tmp_path / "model.nfz"
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "model.pt"),
+                 "--out", str(out)]) == 0
+    loaded = read_compressed(out)
+    assert loaded.model_spec == ModelSpec("cifar_resnet", {"depth": 8, "num_classes": 7, "in_channels": 3})
+    assert torch.equal(loaded.build_model().linear.weight, model.linear.weight)
+
+
+def test_registry_spec(tmp_path):
+    from nern_fast import models
+    if not hasattr(models, "build_model"):
+        pytest.skip("no model registry in this build")
+    pytest.importorskip("torchvision")
+    spec = ModelSpec("registry", {"arch": "resnet18", "num_classes": 10, "in_channels": 3, "image_size": 32})
+    model = spec.build()  # torchvision ResNet-18 with the small-input stem: no torchvision spec fits
+    assert ModelSpec.infer(model) is None
+    pred = FastPredictor.for_model(model, include="nern", hidden=8, levels=2, backend="eager")
+    path = save_compressed(model, pred, tmp_path / "r18.nfz", model_spec=spec)
+    assert read_compressed(path).model_spec == spec
+    assert torch.equal(read_compressed(path).build_model().conv1.weight, model.conv1.weight)
+    with pytest.raises(ValueError, match="model_fn"):
+        ModelSpec("registry", {"arch": "my.package:net"})
+    with pytest.raises(ArchitectureMismatch, match="another architecture"):
+        save_compressed(model, pred, tmp_path / "x.nfz", model_spec="torchvision:resnet18,num_classes=10")

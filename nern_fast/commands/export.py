@@ -7,8 +7,9 @@ Sources (one of):
                               checkpoint, which supplies every unrepresented parameter and buffer
                               (stem, BN, shortcuts, classifier). SPEC builds the network
                               (resnet20, cifar_resnet:depth=56,num_classes=100,
-                              torchvision:resnet18); without it the checkpoint's "model_spec"
-                              entry is used.
+                              torchvision:resnet18); without it the architecture recorded in the
+                              checkpoint is used (a `nern-fast train-base` model file, or a
+                              "model_spec" entry {"kind": ..., "args": {...}}).
 Formats:
   compressed                  nern_fast.save_compressed (--predictor-dtype fp32|fp16|bf16|int8)
   state_dict                  torch.save(model.state_dict()) of the reconstructed network: loads
@@ -54,14 +55,17 @@ def run(args) -> int:
 
 
 def _export(args) -> int:
-    from nern_fast.compressed import load_compressed, save_compressed, state_dict_bytes
+    from nern_fast.compressed import ModelSpec, read_compressed, save_compressed, state_dict_bytes
     from nern_fast.io import atomic_save
 
     if bool(args.compressed) == bool(args.predictor):
         raise ValueError("give either --compressed FILE or --predictor FILE --base CHECKPOINT")
     if args.compressed:
-        model_fn = _model_fn(args.model) if args.model else None
-        model, pred = load_compressed(args.compressed, model_fn, mode="parameters", map_location="cpu")
+        loaded = read_compressed(args.compressed, map_location="cpu")
+        spec = ModelSpec.parse(args.model) if args.model else None
+        model = loaded.build_model(spec.build if spec is not None else None).eval()
+        pred = loaded.predictor
+        args.model_spec = spec or loaded.model_spec
         source = Path(args.compressed)
     else:
         model, pred = _from_predictor(args)
@@ -70,10 +74,11 @@ def _export(args) -> int:
     pred.to(args.device)
     out = Path(args.out)
     if args.format == "compressed":
-        save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype)
+        spec = getattr(args, "model_spec", None)
+        save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype,
+                        model_spec="auto" if spec is None else spec)
     else:
-        if not args.compressed:  # load_compressed already decoded into the parameters
-            pred.load_into(model)
+        pred.load_into(model)  # the reconstructed network: decoded weights in ordinary parameters
         atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
     plain = state_dict_bytes(model)  # same shapes and dtypes as the original network's file
     size = out.stat().st_size
@@ -90,12 +95,6 @@ def _export(args) -> int:
     return 0
 
 
-def _model_fn(spec_text):
-    from nern_fast.compressed import ModelSpec
-    spec = ModelSpec.parse(spec_text)
-    return spec.build
-
-
 def _read_checkpoint(path):
     import torch
 
@@ -110,6 +109,8 @@ def _read_checkpoint(path):
     if not isinstance(data, dict):
         raise FileFormatError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
     spec = data.get("model_spec") if isinstance(data.get("model_spec"), dict) else None
+    if data.get("format") == "nern_fast.model" and isinstance(data.get("arch"), str):
+        spec = _spec_of_model_file(data)
     if all(isinstance(v, torch.Tensor) for v in data.values()):
         return data, spec
     for key in CHECKPOINT_STATE_KEYS:
@@ -118,6 +119,20 @@ def _read_checkpoint(path):
             return state, spec
     raise FileFormatError(f"{path}: found no model state dict (a dict of tensors, or one under "
                           f"{list(CHECKPOINT_STATE_KEYS)}); keys: {list(data)[:8]}")
+
+
+def _spec_of_model_file(data: dict):
+    """The architecture of a ``nern-fast train-base`` model file (arch, num_classes, in_channels)."""
+    from nern_fast.compressed import ModelSpec
+    arch = data["arch"]
+    args = {k: data[k] for k in ("num_classes", "in_channels") if isinstance(data.get(k), int)}
+    if arch.startswith("cifar_resnet") and arch[len("cifar_resnet"):].isdigit():
+        return ModelSpec("cifar_resnet", {"depth": int(arch[len("cifar_resnet"):]), **args}).describe()
+    if ":" in arch:
+        return None  # user code: name it with --model or use the Python API with model_fn
+    if isinstance(data.get("image_size"), int):
+        args["image_size"] = data["image_size"]
+    return ModelSpec("registry", {"arch": arch, **args}).describe()
 
 
 def _from_predictor(args):
@@ -137,6 +152,7 @@ def _from_predictor(args):
                          f"(e.g. resnet56, cifar_resnet:depth=20,num_classes=100, torchvision:resnet18)")
     model = spec.build()
     pred = FastPredictor.load(args.predictor, model=model, map_location="cpu")
+    args.model_spec = spec
     represented = {f"{l.name}.weight" for l in pred.layout.layers}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
