@@ -83,6 +83,7 @@ def make_plots(results: Path, out_dir: Path) -> list[Path]:
 
     rows = read_rows(results)
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for kind, device in devices(rows):
         tag = f"{kind}-{slug(device)}"
