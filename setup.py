@@ -94,13 +94,13 @@ def _build_info_header(directory, info):
 def _make_extension(cpp_extension, with_cuda, include_dir, archs):
     import torch
 
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-parameter"]
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-parameter", "-Wno-maybe-uninitialized"]
     common = dict(name="nern_fast._C", include_dirs=[os.path.join(ROOT, CSRC), include_dir],
                   extra_link_args=["-fopenmp"])
     if not with_cuda:
         return cpp_extension.CppExtension(sources=CPU_SOURCES,
                                           extra_compile_args={"cxx": cxx}, **common)
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo"] + _cuda_arch_flags(archs)
+    nvcc = ["-O3", "-lineinfo"] + _cuda_arch_flags(archs)
     return cpp_extension.CUDAExtension(sources=CPU_SOURCES + CUDA_SOURCES,
                                        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
 

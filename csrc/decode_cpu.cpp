@@ -5,6 +5,7 @@
 // crop and scatter straight into the output. Backward recomputes the tile's activations and
 // accumulates weight gradients per thread group; groups are reduced in a fixed order, so results
 // are deterministic for a fixed thread count.
+#include "cpu_kernels.h"
 #include "decode.h"
 #include "decode_tables.h"
 
@@ -209,7 +210,8 @@ class CpuDecoder {
 
  private:
   struct Scratch {
-    std::vector<at::Tensor> act, act_lp;  // (T, H) per hidden layer (2 alternating in forward)
+    std::vector<at::Tensor> act, act_lp;  // (T, H) per hidden layer (2 alternating in forward);
+                                          // fp32/fp64, or bf16 in bf16 mode
     at::Tensor acc_lp;                    // bf16 GEMM results, flat
     at::Tensor y, enc, enc_lp;            // (T, k²), (T, 6·levels)
     at::Tensor g, g2, g_lp, gy, gy_lp;    // backward: (T, H) x3, (T, k²) x2
@@ -250,9 +252,9 @@ class CpuDecoder {
     const int64_t wide = std::max(hidden_, k2_);
     Scratch s;
     const int64_t buffers = backward ? last_ : std::min<int64_t>(2, last_);
-    for (int64_t i = 0; i < buffers; ++i) {
-      s.act.push_back(at::empty({tile_, hidden_}, opts));
+    for (int64_t i = 0; i < buffers; ++i) {  // bf16 mode keeps activations in bf16 only
       if (bf16_) s.act_lp.push_back(at::empty({tile_, hidden_}, lp));
+      else s.act.push_back(at::empty({tile_, hidden_}, opts));
     }
     if (bf16_) s.acc_lp = at::empty({tile_ * wide}, lp);
     s.y = at::empty({tile_, k2_}, opts);
@@ -323,25 +325,18 @@ class CpuDecoder {
   void linear(Scratch& s, int64_t i, const at::Tensor& src, const at::Tensor& src_lp,
               const at::Tensor& dst, const at::Tensor& dst_lp, int64_t n) {
     const int64_t cols = p_.weights[i].size(0);
-    const scalar_t* bias = ptr<scalar_t>(p_.biases[i]);
-    scalar_t* d = ptr<scalar_t>(dst);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
       at::mm_out(acc, src_lp, wt_lp_[i]);
-      const BF16* a = ptr<BF16>(acc);
-      BF16* dl = dst_lp.defined() ? ptr<BF16>(dst_lp) : nullptr;
-      for (int64_t r = 0; r < n; ++r) {
-        for (int64_t j = 0; j < cols; ++j) {
-          scalar_t v = static_cast<scalar_t>(static_cast<float>(a[r * cols + j])) + bias[j];
-          if (Relu) v = v > scalar_t(0) ? v : scalar_t(0);
-          d[r * cols + j] = v;
-          if (dl) dl[r * cols + j] = BF16(static_cast<float>(v));
-        }
-      }
+      const float* bias = ptr<float>(p_.biases[i]);
+      if (Relu) cpu::bias_relu_to_bf16(ptr<BF16>(acc), bias, ptr<BF16>(dst_lp), n, cols);
+      else cpu::bias_to_float(ptr<BF16>(acc), bias, ptr<float>(dst), n, cols);
       return;
     }
     at::Tensor out = rows_of(dst, n);
     at::mm_out(out, src, wt_[i]);
+    const scalar_t* bias = ptr<scalar_t>(p_.biases[i]);
+    scalar_t* d = ptr<scalar_t>(dst);
     for (int64_t r = 0; r < n; ++r) {
       scalar_t* row = d + r * cols;
       for (int64_t j = 0; j < cols; ++j) {
@@ -355,7 +350,7 @@ class CpuDecoder {
   void forward_tile(Scratch& s, int64_t begin, int64_t n, bool keep_all) {
     fill_rows(begin, n, s.info.data());
     auto slot = [&](int64_t i) { return keep_all ? i : i % 2; };
-    auto act = [&](int64_t i) { return rows_of(s.act[slot(i)], n); };
+    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : rows_of(s.act[slot(i)], n); };
     auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[slot(i)], n) : at::Tensor(); };
 
     if (p_.encoding == kBasic) {
@@ -372,9 +367,15 @@ class CpuDecoder {
   void first_layer_separable(Scratch& s, int64_t n, const at::Tensor& dst, const at::Tensor& dst_lp) {
     const scalar_t* tf = ptr<scalar_t>(tables_.filter);
     const scalar_t* tc = ptr<scalar_t>(tables_.channel);
-    scalar_t* d = ptr<scalar_t>(dst);
-    BF16* dl = dst_lp.defined() ? ptr<BF16>(dst_lp) : nullptr;
     const int64_t H = hidden_;
+    if (bf16_) {
+      BF16* dl = ptr<BF16>(dst_lp);
+      for (int64_t r = 0; r < n; ++r)
+        cpu::add_relu_to_bf16(reinterpret_cast<const float*>(tf + s.info[r].filter * H),
+                              reinterpret_cast<const float*>(tc + s.info[r].channel * H), dl + r * H, H);
+      return;
+    }
+    scalar_t* d = ptr<scalar_t>(dst);
     for (int64_t r = 0; r < n; ++r) {
       const scalar_t* a = tf + s.info[r].filter * H;
       const scalar_t* b = tc + s.info[r].channel * H;
@@ -383,8 +384,6 @@ class CpuDecoder {
         const scalar_t v = a[j] + b[j];
         o[j] = v > scalar_t(0) ? v : scalar_t(0);
       }
-      if (dl)
-        for (int64_t j = 0; j < H; ++j) dl[r * H + j] = BF16(static_cast<float>(o[j]));
     }
   }
 
@@ -396,7 +395,6 @@ class CpuDecoder {
     const scalar_t* B = ptr<scalar_t>(ffn_);
     const int64_t m3 = 3 * p_.levels;
     scalar_t* e = ptr<scalar_t>(s.enc);
-    BF16* el = bf16_ ? ptr<BF16>(s.enc_lp) : nullptr;
     const scalar_t pi = static_cast<scalar_t>(M_PI);
     for (int64_t r = 0; r < n; ++r) {
       const RowInfo& info = s.info[r];
@@ -409,9 +407,8 @@ class CpuDecoder {
         row[2 * m] = std::sin(x);
         row[2 * m + 1] = std::cos(x);
       }
-      if (el)
-        for (int64_t j = 0; j < enc_size_; ++j) el[r * enc_size_ + j] = BF16(static_cast<float>(row[j]));
     }
+    if (bf16_) cpu::to_bf16(ptr<float>(s.enc), ptr<BF16>(s.enc_lp), n * enc_size_);
   }
 
   void scatter(const Scratch& s, int64_t n, scalar_t* out) const {
@@ -445,38 +442,31 @@ class CpuDecoder {
     const int64_t rows = acc.size(0), cols = acc.size(1);
     at::Tensor prod = s.prod_lp.narrow(0, 0, rows * cols).view({rows, cols});
     at::mm_out(prod, g_lp.t(), a_lp);
-    scalar_t* d = ptr<scalar_t>(acc);
-    const BF16* x = ptr<BF16>(prod);
-    for (int64_t j = 0; j < rows * cols; ++j) d[j] += static_cast<scalar_t>(static_cast<float>(x[j]));
+    cpu::accumulate_bf16(ptr<float>(acc), ptr<BF16>(prod), rows * cols);
   }
 
-  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); the bf16 copy of dst alongside in bf16 mode
+  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); in bf16 mode a is the bf16 activation and the
+  // bf16 copy of dst is written alongside.
   void backprop(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp, const at::Tensor& a,
                 const at::Tensor& dst, const at::Tensor& dst_lp, int64_t n) {
     const int64_t cols = p_.weights[i].size(1);
-    const scalar_t* mask = ptr<scalar_t>(a);
-    scalar_t* d = ptr<scalar_t>(dst);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
       at::mm_out(acc, g_lp, w_lp_[i]);
-      const BF16* x = ptr<BF16>(acc);
-      BF16* dl = ptr<BF16>(dst_lp);
-      for (int64_t j = 0; j < n * cols; ++j) {
-        const scalar_t v = mask[j] > scalar_t(0) ? static_cast<scalar_t>(static_cast<float>(x[j])) : scalar_t(0);
-        d[j] = v;
-        dl[j] = BF16(static_cast<float>(v));
-      }
+      cpu::masked_from_bf16(ptr<BF16>(acc), ptr<BF16>(a), ptr<float>(dst), ptr<BF16>(dst_lp), n * cols);
       return;
     }
     at::Tensor out = dst;
     at::mm_out(out, g, p_.weights[i]);
+    const scalar_t* mask = ptr<scalar_t>(a);
+    scalar_t* d = ptr<scalar_t>(dst);
     for (int64_t j = 0; j < n * cols; ++j)
       if (!(mask[j] > scalar_t(0))) d[j] = scalar_t(0);
   }
 
   void backward_tile(Scratch& s, Grads& gr, const scalar_t* grad, int64_t begin, int64_t n) {
     forward_tile(s, begin, n, /*keep_all=*/true);
-    auto act = [&](int64_t i) { return rows_of(s.act[i], n); };
+    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : rows_of(s.act[i], n); };
     auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[i], n) : at::Tensor(); };
     auto lp = [&](const at::Tensor& t) { return bf16_ ? rows_of(t, n) : at::Tensor(); };
 
@@ -489,17 +479,14 @@ class CpuDecoder {
       std::fill(row, row + k2_, scalar_t(0));
       crop_backward(grad + info.out, y + r * k2_, k_, info.size, info.crop, row);
     }
-    if (bf16_) {
-      BF16* gl = ptr<BF16>(s.gy_lp);
-      for (int64_t j = 0; j < n * k2_; ++j) gl[j] = BF16(static_cast<float>(gy[j]));
-    }
+    if (bf16_) cpu::to_bf16(ptr<float>(s.gy), ptr<BF16>(s.gy_lp), n * k2_);
 
     at::Tensor g_out = rows_of(s.gy, n), g_out_lp = lp(s.gy_lp);
     at::Tensor cur = rows_of(s.g, n), other = rows_of(s.g2, n);
     for (int64_t i = last_; i >= 1; --i) {
       add_column_sums(gr.b[i], g_out, n);
       add_weight_grad(s, gr.w[i], g_out, g_out_lp, act(i - 1), act_lp(i - 1));
-      backprop(s, i, g_out, g_out_lp, act(i - 1), cur, lp(s.g_lp), n);
+      backprop(s, i, g_out, g_out_lp, bf16_ ? act_lp(i - 1) : act(i - 1), cur, lp(s.g_lp), n);
       g_out = cur;
       g_out_lp = lp(s.g_lp);
       std::swap(cur, other);
