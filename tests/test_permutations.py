@@ -1,0 +1,154 @@
+"""Permutations equal a straightforward NeRN-style Python loop (NeRN/permutations/tsp.py), and
+the cache and layout plumbing work."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from nern_fast import WeightLayout
+from nern_fast import permutations as P
+
+
+# ------------------------------------------------------------------ the NeRN-style loop (oracle)
+def _one_cosine_sim(source, candidates):
+    normed = candidates / np.expand_dims(np.linalg.norm(candidates, axis=-1), -1)
+    src = source / np.expand_dims(np.linalg.norm(source), -1)
+    return np.dot(src, normed.T)
+
+
+def _all_cosine_sim(vectors):
+    if vectors.shape[1] == 1:  # NeRN's special case for vectors of length 1
+        normed = vectors / np.linalg.norm(vectors, keepdims=True)
+        return -(normed - normed.T) ** 2
+    normed = vectors / np.expand_dims(np.linalg.norm(vectors, axis=-1), -1)
+    normed = normed.reshape(normed.shape[0], -1)
+    return np.dot(normed, normed.T)
+
+
+def nern_chain(vectors, calc_all):
+    """NeRN's get_max_sim_order: a loop over a list of remaining indices."""
+    n = len(vectors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zero kernels divide by zero, as in NeRN
+        sims = _all_cosine_sim(vectors) if calc_all else None
+        order, remaining, current = [0], list(range(1, n)), 0
+        for _ in range(n - 1):
+            candidates = [i for i in remaining if i != current]
+            values = (sims[current, candidates] if calc_all
+                      else _one_cosine_sim(vectors[current], vectors[candidates]))
+            best = candidates[int(np.argmax(values))]
+            order.append(best)
+            remaining.remove(best)
+            current = best
+    return order
+
+
+def nern_crossfilter(weight):
+    w = weight.numpy()
+    return nern_chain(w.reshape(-1, w.shape[-1] ** 2), calc_all=False)
+
+
+def nern_infilter(weight):
+    w = weight.numpy()
+    channel_orders = [nern_chain(f.reshape(-1, w.shape[-1] ** 2), True) for f in w]
+    reordered = np.array([f[o] for f, o in zip(w, channel_orders)])
+    filters = nern_chain(reordered.reshape(-1, reordered.shape[1], reordered.shape[-1] ** 2), True)
+    return filters, channel_orders
+
+
+# ------------------------------------------------------------------ layers to test on
+def _layers():
+    g = torch.Generator().manual_seed(3)
+    shapes = [(8, 8, 3), (16, 8, 3), (5, 7, 3), (12, 12, 1), (20, 20, 2), (24, 16, 3)]
+    out = []
+    for i, (co, ci, s) in enumerate(shapes):
+        w = torch.randn(co, ci, s, s, generator=g)
+        out.append((f"random{i}", w))
+        z = w.clone()  # zero kernels: NaN similarities, which NeRN's argmax prefers
+        z[1, 2 % ci] = 0
+        z[3 % co, 0] = 0
+        out.append((f"zeros{i}", z))
+        d = w.clone()  # duplicates and scaled copies: exact ties go to the lowest index
+        d[2 % co, 1 % ci] = d[0, 3 % ci]
+        d[4 % co, 0] = 2 * d[0, 0]
+        out.append((f"ties{i}", d))
+    return out
+
+
+LAYERS = _layers()
+
+
+@pytest.mark.parametrize("name,weight", LAYERS, ids=[n for n, _ in LAYERS])
+def test_crossfilter_equals_nern_loop(name, weight):
+    expected = nern_crossfilter(weight)
+    assert P.crossfilter(weight).tolist() == expected
+    n = weight.shape[0] * weight.shape[1]
+    # Tiny candidate lists and groups force the exact fallback scans and list rebuilds.
+    for candidates, group in ((1, 2), (2, 4), (3, 8)):
+        assert P._crossfilter_chain(weight.reshape(n, -1), candidates, group) == expected
+
+
+@pytest.mark.parametrize("name,weight", LAYERS, ids=[n for n, _ in LAYERS])
+def test_infilter_equals_nern_loop(name, weight):
+    filters, channels = nern_infilter(weight)
+    filter_order, channel_orders = P.infilter(weight)
+    assert filter_order.tolist() == list(filters)
+    assert channel_orders.tolist() == [list(c) for c in channels]
+
+
+def test_crossfilter_larger_layer():
+    w = torch.randn(40, 32, 3, 3, generator=torch.Generator().manual_seed(1))
+    assert P.crossfilter(w).tolist() == nern_crossfilter(w)
+
+
+def test_single_input_channel_infilter_is_a_chain_of_kernels():
+    # NeRN's own code fails for C_in == 1; the filter chain is then the chain of the kernels.
+    w = torch.randn(9, 1, 3, 3, generator=torch.Generator().manual_seed(2))
+    filter_order, channel_orders = P.infilter(w)
+    assert channel_orders.tolist() == [[0]] * 9
+    assert filter_order.tolist() == nern_chain(w.numpy().reshape(9, 9), True)
+
+
+def test_tiny_layers():
+    for shape in ((1, 1, 3, 3), (1, 2, 3, 3), (2, 1, 1, 1)):
+        w = torch.randn(shape)
+        n = shape[0] * shape[1]
+        assert sorted(P.crossfilter(w).tolist()) == list(range(n))
+        fo, co = P.infilter(w)
+        assert sorted(fo.tolist()) == list(range(shape[0]))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="conv weight"):
+        P.crossfilter(torch.randn(4, 9))
+    with pytest.raises(ValueError, match="floating point"):
+        P.infilter(torch.ones(2, 2, 3, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="not one of"):
+        P.compute_permutations([torch.randn(2, 2, 3, 3)], "sideways")
+
+
+def test_forms_fit_the_layout_and_cache(tmp_path):
+    weights = [torch.randn(8, 4, 3, 3), torch.randn(6, 8, 3, 3)]
+    layout = WeightLayout.from_shapes([tuple(w.shape) for w in weights])
+    for mode in P.MODES:
+        perms = P.compute_permutations(weights, mode, cache_dir=tmp_path)
+        permuted = layout.with_permutations(perms)  # the NeRN forms the layout accepts
+        assert permuted.is_permuted
+        files = list(tmp_path.glob(f"{mode}_*.pt"))
+        assert len(files) == 1
+        again = P.compute_permutations(weights, mode, cache_dir=tmp_path)  # read from the cache
+        assert layout.with_permutations(again) == permuted
+    changed = [weights[0] + 1, weights[1]]
+    P.compute_permutations(changed, "crossfilter", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("crossfilter_*.pt"))) == 2  # a new hash, a new file
+    assert P.permute_layout(layout, weights, "none") is layout
+
+
+def test_corrupt_cache_is_recomputed(tmp_path):
+    weights = [torch.randn(4, 4, 3, 3)]
+    path = tmp_path / f"crossfilter_{P.weights_hash(weights, 'crossfilter')}.pt"
+    path.write_bytes(b"not a torch file")
+    perms = P.compute_permutations(weights, "crossfilter", cache_dir=tmp_path)
+    assert perms[0].tolist() == nern_crossfilter(weights[0])
+    assert path.stat().st_size > 100
