@@ -8,7 +8,6 @@ error), makes the forward op differentiable (``register_autograd``) and traceabl
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 from typing import Optional
@@ -112,12 +111,22 @@ if _EXT is not None:
 
 
 # ---------------------------------------------------------------------------- the backend
-@functools.lru_cache(maxsize=64)
-def _encoding_table(encoding: EncodingSpec, device: str) -> torch.Tensor:
-    """basic: the frequencies (levels,); ffn: B (3·levels, 3); float32, cached per device."""
-    if encoding.kind == "basic":
-        return encoding.frequencies(device).contiguous()
-    return encoding.ffn_matrix(device).contiguous()
+_TABLES: dict = {}
+
+
+def _encoding_table(encoding: EncodingSpec, device: torch.device) -> torch.Tensor:
+    """basic: the frequencies (levels,); ffn: B (3·levels, 3); float32, cached per device (not
+    while torch.compile traces: there the table is part of the graph)."""
+    def make():
+        table = encoding.frequencies(device) if encoding.kind == "basic" else encoding.ffn_matrix(device)
+        return table.contiguous()
+
+    if torch.compiler.is_compiling():
+        return make()
+    key = (encoding, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = make()
+    return _TABLES[key]
 
 
 class CsrcBackend:
@@ -161,7 +170,7 @@ class CsrcBackend:
             return torch.ops.nern_fast_C.decode_forward(
                 [w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
                 tensors.pos_layer, tensors.pos_filter, tensors.pos_channel, tensors.coord_rows, rows,
-                _encoding_table(encoding, str(device)), ENCODING_IDS[encoding.kind],
+                _encoding_table(encoding, device), ENCODING_IDS[encoding.kind],
                 layout.kernel_size, layout.num_kernels, layout.num_weights, precision)
 
 
