@@ -149,7 +149,7 @@ def decode_bwd_kernel(
         K: tl.constexpr, K2P: tl.constexpr, SUBSET: tl.constexpr, PERMUTED: tl.constexpr,
         FFN: tl.constexpr, SEPARABLE: tl.constexpr, CROP: tl.constexpr, HAS_MAX: tl.constexpr,
         ATOMIC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
     """Per tile: recompute encoding and activations into scratch, then walk the layers backwards.
 
     Scratch per program: encoding (BM × E_S), activations of the NH+1 hidden outputs
@@ -192,7 +192,7 @@ def decode_bwd_kernel(
         # ---- recompute the activations
         if SEPARABLE:
             separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, acts,
-                           PRECISION, INTERPRET, BM, BN)
+                           PRECISION, INTERPRET, BM, BS)
         else:
             dense_relu(enc_s, E_S, w1_ptr, b1_ptr, H, H_S, acts, PRECISION, INTERPRET, F64, BM, BN, BK)
         tl.debug_barrier()

@@ -58,7 +58,7 @@ def decode_fwd_kernel(
         K: tl.constexpr, K2P: tl.constexpr, SUBSET: tl.constexpr, PERMUTED: tl.constexpr,
         FFN: tl.constexpr, SEPARABLE: tl.constexpr, CROP: tl.constexpr,
         PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
     """Decode R rows: coordinates, encoding, every MLP layer, crop, write.
 
     Full decode (SUBSET=False): row i is flat kernel i, written into the flat weight buffer at
@@ -67,6 +67,8 @@ def decode_fwd_kernel(
     a tile's activations in its own scratch: the encoding (BM × E_S, unless SEPARABLE) and two
     BM × H_S buffers that alternate between layers. Weights are zero-padded to row lengths E_S (W1)
     and H_S (hidden, last), multiples of 16; the hidden layers are one (NH, H, H_S) buffer.
+    BM rows per tile; BN output and BK reduction columns per GEMM chunk; BS columns per chunk of
+    the separable gathers (narrower than BN: three row-gathered pointer tiles are register-hungry).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -84,7 +86,7 @@ def decode_fwd_kernel(
         tl.debug_barrier()  # the previous tile is done with this program's scratch
         if SEPARABLE:
             separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, act0,
-                           PRECISION, INTERPRET, BM, BN)
+                           PRECISION, INTERPRET, BM, BS)
         else:
             p_l = tl.load(pos_l_ptr + layer, mask=valid, other=0.0)
             p_f = tl.load(pos_f_ptr + f_row, mask=valid, other=0.0)

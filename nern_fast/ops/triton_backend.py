@@ -173,22 +173,30 @@ class LaunchConfig:
 
 
 def _tile_candidates(kind: str, shape: DecodeShape) -> list[tuple]:
-    """(BM, BN, BK, warps, stages, programs/SM), most likely best first (the default)."""
+    """(BM, BN, BK, warps, stages, programs/SM), most likely best first (the default).
+
+    Chosen from sm_90 compiles of these kernels (ptxas register/spill counts, see kernels/README.md):
+    the forward candidates compile without spills (separable first layer); backward ones spill a
+    few dozen bytes per thread (more with the max crop).
+    """
     if INTERPRETED:
         return [(64, 64, 64, 4, 1, 1)]
     big = shape.hidden >= 768
-    if shape.precision == "fp32":  # IEEE fp32: FMA dots, no tensor cores
+    if shape.precision == "fp32":  # IEEE fp32: FMA dots, no tensor cores; operands live in registers
         if kind == "fwd":
             return [(64, 64, 32, 4, 2, 2), (32, 64, 32, 4, 2, 4), (128, 64, 16, 8, 2, 1)]
-        return [(32, 64, 32, 4, 1, 2), (64, 64, 32, 4, 1, 1)]
-    bk = 64 if shape.precision == "bf16" else 32
-    if kind == "fwd":
+        return [(32, 64, 32, 4, 1, 2), (64, 64, 16, 8, 1, 1)]
+    if shape.precision == "tf32":
+        if kind == "fwd":
+            if big:
+                return [(128, 128, 32, 8, 3, 1), (128, 256, 32, 8, 3, 1), (64, 256, 32, 8, 3, 1)]
+            return [(128, 128, 32, 8, 3, 1), (64, 128, 32, 4, 3, 2), (64, 64, 32, 4, 3, 2)]
+        return [(64, 64, 32, 4, 2, 2), (128, 64, 32, 8, 2, 1)]
+    if kind == "fwd":  # bf16
         if big:
-            return [(128, 256, bk, 8, 3, 1), (128, 128, bk, 8, 3, 1), (64, 128, bk, 4, 3, 2)]
-        return [(128, 128, bk, 8, 3, 1), (64, 128, bk, 4, 3, 2), (64, 64, bk, 4, 3, 2)]
-    if big:
-        return [(128, 128, bk, 8, 2, 1), (64, 128, bk, 4, 2, 1)]
-    return [(64, 128, bk, 4, 2, 1), (64, 64, bk, 4, 2, 2)]
+            return [(128, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1), (64, 256, 64, 8, 3, 1)]
+        return [(128, 128, 64, 8, 3, 1), (64, 128, 64, 4, 3, 2), (64, 64, 64, 4, 3, 2)]
+    return [(128, 64, 64, 8, 2, 1), (128, 128, 64, 8, 2, 1), (64, 64, 64, 4, 2, 2)]
 
 
 def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto") -> list[LaunchConfig]:
@@ -433,7 +441,7 @@ def _constexprs(shape: DecodeShape, config: LaunchConfig) -> dict:
     return dict(K=shape.kernel_size, K2P=shape.k2_pad, SUBSET=shape.subset, PERMUTED=shape.permuted,
                 FFN=shape.ffn, SEPARABLE=config.separable, CROP=shape.crop,
                 PRECISION=shape.precision_code, INTERPRET=INTERPRETED, F64=shape.f64,
-                BM=config.bm, BN=config.bn, BK=config.bk,
+                BM=config.bm, BN=config.bn, BK=config.bk, BS=min(config.bn, 64),
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
