@@ -1,12 +1,14 @@
 """On-demand inference: run a network whose represented conv weights exist only as a predictor.
 
-The API (stable; ``bench/bench_inference.py`` and the CLI use it)::
+The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
 
     model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True)
     with torch.inference_mode():
         logits = model(x)                 # the user's forward code is unchanged
     attachment(model).stats              # decodes, cache hits, prefetches, held bytes, ...
     model = pred.detach(model)            # ordinary nn.Parameters again, holding the decoded values
+
+    prepare_for_inference(model, pred, mode="on_demand", device="cuda")  # one call for CLIs
 
 ``attach`` works in place on ``model`` (same object, same module tree) and returns it. Modes:
 
@@ -16,6 +18,7 @@ The API (stable; ``bench/bench_inference.py`` and the CLI use it)::
   ``prefetch``, the next layer being decoded on a side stream: at most two layers).
 * ``"cached"``: as on_demand, but decoded layers stay in an LRU cache of at most ``cache_bytes``
   bytes (``None``: no limit; a layer larger than the limit is decoded each time and never cached).
+  The cache fills during forwards (the first forward decodes every layer), not at attach.
 * ``"materialized"``: every layer is decoded once, at attach time (the baseline).
 
 Every mode decodes a layer with the same call (``pred.decode_layer(i)`` under ``no_grad``, cast to
