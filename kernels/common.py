@@ -6,7 +6,8 @@ Conventions (see README.md):
 * every program owns a private *scratch* region in global memory (size ∝ number of programs, never
   ∝ number of kernels) that holds one tile's activations between layers; a ``tl.debug_barrier()``
   separates the writes of one phase from the reads of the next (all threads of the program);
-* ``PRECISION``: 0 = fp32 (IEEE), 1 = tf32, 2 = bf16 operands with fp32 accumulation;
+* ``PRECISION``: 0 = fp32 (IEEE), 1 = tf32, 2 = bf16 operands with fp32 accumulation, 3 = fp32
+  operands multiplied as three tf32 products ("tf32x3", opt-in for the fp32 mode);
 * ``INTERPRET``: running under ``TRITON_INTERPRET=1`` (numpy), where a bf16 ``tl.dot`` is not
   supported: bf16 operands are then emulated by rounding fp32 values to bf16 (round to nearest
   even, as torch does) and multiplying in fp32 — products of bf16 values are exact in fp32, so the
@@ -39,6 +40,8 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
             out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
     elif PRECISION == 1:
         out = tl.dot(a, b, acc, input_precision="tf32")
+    elif PRECISION == 3:  # fp32 emulated with three tf32 products (opt-in, see the backend)
+        out = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         out = tl.dot(a, b, acc, input_precision="ieee")
     return out

@@ -41,6 +41,13 @@ def _device_params():
 DEVICES = _device_params()
 
 
+@pytest.fixture(autouse=True)
+def _default_configs(monkeypatch):
+    """Take each call's first candidate configuration: timing every candidate would compile each
+    of them for every test shape (minutes on a GPU). The tuner has its own tests below."""
+    monkeypatch.setenv("NERN_FAST_TRITON_AUTOTUNE", "0")
+
+
 @pytest.fixture
 def first_layer(monkeypatch):
     def set_mode(mode: str):
@@ -184,6 +191,55 @@ def test_torch_compile_fullgraph(device):
         assert rel_err(g, r) <= 1e-5
 
 
+# ----------------------------------------------------------------------------- tuner
+def test_tuner_keeps_the_fastest_runnable_candidate_and_remembers_it(monkeypatch):
+    layout = mixed_layout(3)
+    shape = tb.DecodeShape(rows=layout.num_kernels, subset=False, hidden=24, num_hidden=1, enc_size=36,
+                           levels=6, kernel_size=3, ffn=False, permuted=False, crop=True, has_max=False,
+                           precision="fp32", f64=False, num_layers=4, num_filters=48, num_channels=48)
+    candidates = tb.candidate_configs("fwd", shape, "auto")
+    assert {c.separable for c in candidates} == {True, False}  # both first-layer forms are timed
+    ran, fastest = [], candidates[-1]
+
+    def run(config):
+        ran.append(config)
+        if config == candidates[0]:
+            raise RuntimeError("out of resources")  # a candidate the device cannot run
+
+    def timer(fn):
+        fn()
+        return 1.0 if ran[-1] == fastest else 2.0
+
+    monkeypatch.setattr(tb, "_TUNED", {})
+    cpu = torch.device("cpu")
+    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=True, timer=timer) == fastest
+    assert ran == candidates
+    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=True, timer=timer) == fastest
+    assert len(ran) == len(candidates)  # remembered: nothing timed again
+    assert list(tb.tuned_configs().values()) == [fastest]
+    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=False) == candidates[0]
+    with pytest.raises(ValueError, match="not separable"):
+        tb.candidate_configs("fwd", tb.DecodeShape(**{**shape.__dict__, "ffn": True}), "separable")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_tuner_on_gpu(monkeypatch, capfd):
+    monkeypatch.setenv("NERN_FAST_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("NERN_FAST_TRITON_TUNE_LOG", "1")
+    monkeypatch.setattr(tb, "_TUNED", {})
+    layout = mixed_layout(3, "local", "center", permuted=True)
+    pred = random_predictor(layout, hidden=48, num_blocks=4, levels=6).cuda()
+    out, grads = decode_and_grads(pred, "triton")
+    ref, ref_grads = decode_and_grads(pred, "eager")
+    assert rel_err(out, ref) <= FP32_TOL
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= FP32_TOL
+    kinds = sorted(key[0] for key in tb.tuned_configs())
+    assert kinds == ["bwd", "fwd"]
+    assert "[nern_fast.triton] fwd" in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- backend selection
 def _request(**kw) -> DecodeRequest:
     base = dict(device=torch.device("cpu"), dtype=torch.float32, precision="fp32", hidden=24, num_blocks=4,
@@ -258,6 +314,20 @@ GPU_CASES = [
     ("resnet18slice-h1256-tf32", lambda: WeightLayout.from_shapes(_resnet18_shapes()[:6]), 1256, "tf32"),
     ("resnet18slice-h1256-bf16", lambda: WeightLayout.from_shapes(_resnet18_shapes()[:6]), 1256, "bf16"),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_fp32_mode_with_tf32x3_dots_keeps_fp32_tolerance(monkeypatch):
+    """Opt-in NERN_FAST_TRITON_FP32_DOT=tf32x3: the fp32 mode on tensor cores must stay within the
+    fp32 tolerance of the IEEE eager decoder, or it is of no use."""
+    monkeypatch.setenv("NERN_FAST_TRITON_FP32_DOT", "tf32x3")
+    pred = random_predictor(_cifar_layout(20), hidden=180, num_blocks=5, levels=40).cuda()
+    ours, ours_grads = decode_and_grads(pred, "triton")
+    eager, eager_grads = decode_and_grads(pred, "eager")
+    assert rel_err(ours, eager) <= FP32_TOL
+    for g, r in zip(ours_grads, eager_grads):
+        assert rel_err(g, r) <= FP32_TOL
 
 
 @pytest.mark.gpu

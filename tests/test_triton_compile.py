@@ -36,6 +36,7 @@ CALLS = [
     ("fwd-resnet18-h1256-tf32", "fwd", 1256, "tf32", 3, False, False, False, False, False),
     ("fwd-resnet18-h1256-bf16", "fwd", 1256, "bf16", 3, False, False, False, False, False),
     ("fwd-h180-fp32-crop-perm-subset-ffn", "fwd", 180, "fp32", 5, True, True, True, True, True),
+    ("fwd-resnet56-h280-fp32x3", "fwd", 280, "fp32x3", 3, False, False, False, False, False),
     ("bwd-h1256-bf16", "bwd", 1256, "bf16", 3, False, False, False, False, False),
     ("bwd-h280-tf32-maxcrop", "bwd", 280, "tf32", 3, True, True, True, False, False),
     ("bwd-h180-fp32", "bwd", 180, "fp32", 3, False, False, False, False, False),

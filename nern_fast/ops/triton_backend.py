@@ -14,6 +14,7 @@ Settings (environment variables, read when a call is made; also attributes of th
   NERN_FAST_TRITON_BWD_MEMORY_MB=1024 memory for the backward's per-program partials and scratch
   NERN_FAST_TRITON_FIRST_LAYER=auto   "separable" | "direct" | "auto" (timed per configuration)
   NERN_FAST_TRITON_AUTOTUNE=1         0: take the first candidate configuration, time nothing
+  NERN_FAST_TRITON_FP32_DOT=ieee      tf32x3: the fp32 mode's products as three tf32 products
   NERN_FAST_TRITON_TUNE_LOG=1         print every timed candidate and the choice (stderr)
 """
 from __future__ import annotations
@@ -37,7 +38,11 @@ BACKEND_NAME = "triton"
 PRIORITY = 10
 MAX_HIDDEN = 2048
 MAX_KERNEL_SIZE = 8  # k² <= 64 output columns per row
-PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2}
+# Precision of the kernels' dots. "fp32x3" is the fp32 mode computed with three tf32 tensor-core
+# products per fp32 product (near-fp32 accuracy, tensor-core speed); only when
+# NERN_FAST_TRITON_FP32_DOT=tf32x3 is set: fp32 means IEEE by default.
+PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp32x3": 3}
+REQUEST_PRECISIONS = ("fp32", "tf32", "bf16")
 FIRST_LAYER_MODES = ("auto", "separable", "direct")
 
 # Whether triton was imported in interpreter mode (decided by TRITON_INTERPRET at import time).
@@ -186,6 +191,10 @@ def _tile_candidates(kind: str, shape: DecodeShape) -> list[tuple]:
         if kind == "fwd":
             return [(64, 64, 32, 4, 2, 2), (32, 64, 32, 4, 2, 4), (128, 64, 16, 8, 2, 1)]
         return [(32, 64, 32, 4, 1, 2), (64, 64, 16, 8, 1, 1)]
+    if shape.precision == "fp32x3":  # the split operands need registers: smaller accumulators
+        if kind == "fwd":
+            return [(128, 64, 32, 8, 3, 1), (128, 128, 16, 8, 3, 1), (64, 64, 32, 4, 3, 2)]
+        return [(64, 64, 32, 4, 2, 2), (128, 64, 32, 8, 2, 1)]
     if shape.precision == "tf32":
         if kind == "fwd":
             if big:
@@ -242,34 +251,46 @@ def _device_key(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def _time_ms(fn: Callable[[], None]) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=3, rep=15)
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """Time candidates on CUDA unless NERN_FAST_TRITON_AUTOTUNE=0 (never under the interpreter)."""
+    return not INTERPRETED and device.type == "cuda" and _env_flag("NERN_FAST_TRITON_AUTOTUNE", True)
+
+
 def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_layer: str,
-                  run: Callable[[LaunchConfig], None]) -> LaunchConfig:
+                  run: Callable[[LaunchConfig], None], tune: Optional[bool] = None,
+                  timer: Callable[[Callable[[], None]], float] = _time_ms) -> LaunchConfig:
     """The fastest candidate for (kind, shape, device), timed once per process and remembered.
 
-    Under the interpreter, or with NERN_FAST_TRITON_AUTOTUNE=0, the first candidate is taken.
+    Without tuning (interpreter, CPU, NERN_FAST_TRITON_AUTOTUNE=0) the first candidate is taken.
     Candidates that fail to compile or launch (e.g. out of shared memory) are skipped.
     """
     candidates = candidate_configs(kind, shape, first_layer)
-    if len(candidates) == 1 or INTERPRETED or device.type != "cuda" or not _env_flag(
-            "NERN_FAST_TRITON_AUTOTUNE", True):
+    if tune is None:
+        tune = tuning_enabled(device)
+    if len(candidates) == 1 or not tune:
         return candidates[0]
     rows_bucket = max(0, round(math.log2(max(shape.rows, 1)) / 2))  # powers of 4
     key = (kind, _device_key(device), replace(shape, rows=rows_bucket), first_layer)
     if key not in _TUNED:
-        from triton.testing import do_bench
+        log = _env_flag("NERN_FAST_TRITON_TUNE_LOG", False)
         timings = {}
         for config in candidates:
             try:
-                timings[config] = do_bench(lambda: run(config), warmup=3, rep=15)
+                timings[config] = timer(lambda: run(config))
             except Exception as exc:  # a candidate the device cannot run: skip it
                 timings[config] = float("inf")
-                if _env_flag("NERN_FAST_TRITON_TUNE_LOG", False):
+                if log:
                     print(f"[nern_fast.triton] {kind} {config.describe()}: failed ({exc})", file=sys.stderr)
         best = min(timings, key=timings.get)
         if timings[best] == float("inf"):
             raise RuntimeError(f"no Triton launch configuration runs the {kind} decode on {device} "
                                f"(hidden {shape.hidden}, precision {shape.precision}); use another backend")
-        if _env_flag("NERN_FAST_TRITON_TUNE_LOG", False):
+        if log:
             for config, ms in sorted(timings.items(), key=lambda kv: kv[1]):
                 print(f"[nern_fast.triton] {kind} H={shape.hidden} {shape.precision} rows={shape.rows}: "
                       f"{ms:9.4f} ms  {config.describe()}", file=sys.stderr)
@@ -655,6 +676,14 @@ class TritonBackend:
             mb = int(os.environ.get("NERN_FAST_TRITON_BWD_MEMORY_MB", "1024") or 1024)
         return int(mb) << 20
 
+    def _kernel_precision(self, precision: str) -> str:
+        if precision != "fp32":
+            return precision
+        dot = os.environ.get("NERN_FAST_TRITON_FP32_DOT", "ieee").strip().lower() or "ieee"
+        if dot not in ("ieee", "tf32x3"):
+            raise ValueError(f"NERN_FAST_TRITON_FP32_DOT='{dot}' is not 'ieee' or 'tf32x3'")
+        return "fp32" if dot == "ieee" else "fp32x3"
+
     def _first_layer(self) -> str:
         mode = self.first_layer or os.environ.get("NERN_FAST_TRITON_FIRST_LAYER", "auto") or "auto"
         if mode not in FIRST_LAYER_MODES:
@@ -679,7 +708,7 @@ class TritonBackend:
             return f"hidden size {request.hidden} > {MAX_HIDDEN} is not supported (scratch grows with H)"
         if request.kernel_size > MAX_KERNEL_SIZE:
             return f"kernel size {request.kernel_size} > {MAX_KERNEL_SIZE} is not supported"
-        if request.precision not in PRECISION_CODES:
+        if request.precision not in REQUEST_PRECISIONS:
             return f"precision '{request.precision}' is not supported"
         return None
 
@@ -692,7 +721,8 @@ class TritonBackend:
                              t.coord_rows, t.pos_layer, t.pos_filter, t.pos_channel,
                              encoding_table(encoding, device), layout.kernel_size, layout.num_kernels,
                              layout.num_weights,
-                             crop_flags(layout), encoding.kind == "ffn", precision, self._first_layer(),
+                             crop_flags(layout), encoding.kind == "ffn", self._kernel_precision(precision),
+                             self._first_layer(),
                              self._atomic(), self._memory_budget())
 
 
