@@ -125,13 +125,13 @@ def reference_decode(weights: Sequence[torch.Tensor], biases: Sequence[torch.Ten
     k = layout.kernel_size
     device = weights[0].device
     if rows is None:
-        per_layer = []
-        for layer in layout.layers:
-            layer_rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels,
-                                      device=device)
-            out = _decode_rows(weights, biases, layout, encoding, layer_rows, precision, chunk_size)
-            per_layer.append(crop_kernels(out.view(-1, k, k), layer.size, layer.crop).reshape(-1))
-        return torch.cat(per_layer)
+        # One chain over every kernel (the best eager decoder), then per-layer crops as views.
+        out = _decode_rows(weights, biases, layout, encoding,
+                           torch.arange(layout.num_kernels, device=device), precision, chunk_size)
+        if all(layer.size == k for layer in layout.layers):
+            return out.reshape(-1)
+        return torch.cat([crop_kernels(out[l.kernel_offset:l.kernel_offset + l.num_kernels].view(-1, k, k),
+                                       l.size, l.crop).reshape(-1) for l in layout.layers])
 
     rows = rows.to(device=device, dtype=torch.long).reshape(-1)
     out = _decode_rows(weights, biases, layout, encoding, rows, precision, chunk_size)
