@@ -124,8 +124,9 @@ def test_reduced_precision_no_worse_than_twice_eager(precision, device):
     pred = pred.float()
     ours, ours_grads = decode_and_grads(pred, "triton", precision=precision)
     eager, eager_grads = decode_and_grads(pred, "eager", precision=precision)
-    for what, x, e, r in [("output", ours, eager, exact)] + [
-            (f"gradient {i}", x, e, r) for i, (x, e, r) in enumerate(zip(ours_grads, eager_grads, exact_grads))]:
+    triples = [("output", ours, eager, exact)] + [
+        (f"gradient {i}", *g) for i, g in enumerate(zip(ours_grads, eager_grads, exact_grads))]
+    for what, x, e, r in triples:
         bound = max(2 * rel_err(e, r), FP32_TOL)
         assert rel_err(x, r) <= bound, f"{precision} {what}: {rel_err(x, r):.2e} > {bound:.2e}"
     if precision == "bf16":  # the test must be able to tell bf16 from fp32

@@ -9,7 +9,8 @@ Which calls it takes: CUDA tensors (chosen by ``auto``); CPU tensors only under 
 interpreter (``TRITON_INTERPRET=1``, set before triton is imported) and only when the call names
 the backend (tests). float32 parameters, hidden size <= 2048, kernel size <= 8.
 
-Settings (environment variables, read when a call is made; also attributes of the backend object):
+Settings (environment variables, read at each call; the first three can also be set as attributes
+``atomic``, ``memory_budget_mb``, ``first_layer`` of ``nern_fast.ops.get_backend("triton")``):
   NERN_FAST_TRITON_ATOMICS=1          weight gradients by atomic adds (faster, not deterministic)
   NERN_FAST_TRITON_BWD_MEMORY_MB=1024 memory for the backward's per-program partials and scratch
   NERN_FAST_TRITON_FIRST_LAYER=auto   "separable" | "direct" | "auto" (timed per configuration)
@@ -19,6 +20,7 @@ Settings (environment variables, read when a call is made; also attributes of th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -413,10 +415,11 @@ def make_launch_inputs(weights: Sequence[torch.Tensor], biases: Sequence[torch.T
     if rows is not None and rows.dim() != 1:
         raise ValueError(f"rows must be 1-D flat kernel indices, got shape {tuple(rows.shape)}")
     shape = DecodeShape(
-        rows=int(rows.shape[0]) if rows is not None else num_kernels, subset=rows is not None, hidden=hidden, num_hidden=len(weights) - 2, enc_size=enc_size,
-        levels=levels, kernel_size=kernel_size, ffn=ffn, permuted=coord_rows is not None,
-        crop=bool(crop_flags & 1), has_max=bool(crop_flags & 2), precision=precision,
-        f64=dtype == torch.float64, num_layers=num_layers, num_filters=int(pos_filter.shape[0]),
+        rows=int(rows.shape[0]) if rows is not None else num_kernels, subset=rows is not None,
+        hidden=hidden, num_hidden=len(weights) - 2, enc_size=enc_size, levels=levels,
+        kernel_size=kernel_size, ffn=ffn, permuted=coord_rows is not None, crop=bool(crop_flags & 1),
+        has_max=bool(crop_flags & 2), precision=precision, f64=dtype == torch.float64,
+        num_layers=num_layers, num_filters=int(pos_filter.shape[0]),
         num_channels=int(pos_channel.shape[0]))
     return LaunchInputs(shape, weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows,
                         pos_layer, pos_filter, pos_channel, enc_table, num_weights)
@@ -557,18 +560,25 @@ def backward(inputs: LaunchInputs, grad: torch.Tensor, first_layer: str = "auto"
 
 
 # ----------------------------------------------------------------------------- torch.library ops
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the parameters' device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+
 @torch.library.custom_op("nern_fast::triton_decode", mutates_args=())
 def triton_decode(weights: List[torch.Tensor], biases: List[torch.Tensor], rows: Optional[torch.Tensor],
                   kernel_offsets: torch.Tensor, weight_offsets: torch.Tensor, meta: torch.Tensor,
                   coord_rows: Optional[torch.Tensor], pos_layer: torch.Tensor, pos_filter: torch.Tensor,
                   pos_channel: torch.Tensor, enc_table: torch.Tensor, kernel_size: int, num_kernels: int,
-                  num_weights: int, crop_flags: int, ffn: bool, precision: str, first_layer: str, atomic: bool,
-                  memory_budget: int) -> torch.Tensor:
+                  num_weights: int, crop_flags: int, ffn: bool, precision: str, first_layer: str,
+                  atomic: bool, memory_budget: int) -> torch.Tensor:
     """Decode every kernel (flat buffer of ``num_weights``) or ``rows`` ((len(rows), k²))."""
     inputs = make_launch_inputs(weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows,
                                 pos_layer, pos_filter, pos_channel, enc_table, kernel_size, num_kernels,
                                 num_weights, crop_flags, ffn, precision)
-    return forward(inputs, first_layer)
+    with _on_device(inputs.device):
+        return forward(inputs, first_layer)
 
 
 @triton_decode.register_fake
@@ -583,7 +593,8 @@ def _triton_decode_fake(weights, biases, rows, kernel_offsets, weight_offsets, m
 @torch.library.custom_op("nern_fast::triton_decode_backward", mutates_args=())
 def triton_decode_backward(grad: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
                            rows: Optional[torch.Tensor], kernel_offsets: torch.Tensor,
-                           weight_offsets: torch.Tensor, meta: torch.Tensor, coord_rows: Optional[torch.Tensor],
+                           weight_offsets: torch.Tensor, meta: torch.Tensor,
+                           coord_rows: Optional[torch.Tensor],
                            pos_layer: torch.Tensor, pos_filter: torch.Tensor, pos_channel: torch.Tensor,
                            enc_table: torch.Tensor, kernel_size: int, num_kernels: int, num_weights: int,
                            crop_flags: int, ffn: bool, precision: str, first_layer: str, atomic: bool,
@@ -592,7 +603,8 @@ def triton_decode_backward(grad: torch.Tensor, weights: List[torch.Tensor], bias
     inputs = make_launch_inputs(weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows,
                                 pos_layer, pos_filter, pos_channel, enc_table, kernel_size, num_kernels,
                                 num_weights, crop_flags, ffn, precision)
-    return backward(inputs, grad, first_layer, atomic, memory_budget)
+    with _on_device(inputs.device):
+        return backward(inputs, grad, first_layer, atomic, memory_budget)
 
 
 @triton_decode_backward.register_fake
@@ -606,8 +618,8 @@ def _triton_decode_backward_fake(grad, weights, biases, rows, kernel_offsets, we
 
 _TENSOR_ARGS = ("rows", "kernel_offsets", "weight_offsets", "meta", "coord_rows", "pos_layer",
                 "pos_filter", "pos_channel", "enc_table")
-_STATIC_ARGS = ("kernel_size", "num_kernels", "num_weights", "crop_flags", "ffn", "precision", "first_layer", "atomic",
-                "memory_budget")
+_STATIC_ARGS = ("kernel_size", "num_kernels", "num_weights", "crop_flags", "ffn", "precision",
+                "first_layer", "atomic", "memory_budget")
 
 
 def _setup_context(ctx, inputs, output):
@@ -700,7 +712,8 @@ class TritonBackend:
                 return ("the Triton interpreter is for tests: on CPU name backend='triton' explicitly "
                         "(auto uses a compiled backend)")
         elif request.device_type != "cuda":
-            return f"device type '{request.device_type}' is not supported (CUDA, or CPU under the interpreter)"
+            return (f"device type '{request.device_type}' is not supported (CUDA, or CPU under the "
+                    f"interpreter)")
         if request.dtype != torch.float32:
             return (f"parameters must be float32, got {request.dtype}; use the eager backend for other "
                     f"dtypes")
