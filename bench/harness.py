@@ -230,6 +230,48 @@ def time_call(fn: Callable[[], object], device: torch.device, settings: TimerSet
     return time_cuda(fn, settings) if device.type == "cuda" else time_cpu(fn, settings)
 
 
+def time_interleaved(fns: Sequence[Callable[[], object]], settings: TimerSettings) -> list:
+    """Wall-clock times of several functions measured in rounds (one call of each per round).
+
+    On a CPU shared with other jobs the load changes from second to second; timing the providers
+    of a case in alternation exposes them all to the same load, so their ratios stay meaningful.
+    Each function gets ``settings`` as if alone (the limits scale with their number). Returns one
+    :class:`Timing` per function, or the exception that function raised (it is then dropped).
+    """
+    samples: list[list[float]] = [[] for _ in fns]
+    failed: dict[int, BaseException] = {}
+
+    def call(i: int, record: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            fns[i]()
+        except Exception as exc:  # one provider failing must not stop the others
+            failed[i] = exc
+            return
+        if record:
+            samples[i].append(time.perf_counter() - t0)
+
+    for _ in range(settings.warmup):
+        for i in range(len(fns)):
+            if i not in failed:
+                call(i, record=False)
+    n = max(len(fns), 1)
+    started = time.perf_counter()
+    while True:
+        active = [i for i in range(len(fns)) if i not in failed and len(samples[i]) < settings.max_repeats]
+        if not active:
+            break
+        for i in active:
+            call(i, record=True)
+        spent = time.perf_counter() - started
+        done = [i for i in range(len(fns)) if i not in failed]
+        if spent >= settings.max_seconds * n:
+            break
+        if spent >= settings.min_seconds * n and all(len(samples[i]) >= settings.min_repeats for i in done):
+            break
+    return [failed[i] if i in failed else Timing.of(samples[i]) for i in range(len(fns))]
+
+
 # ---------------------------------------------------------------------------------- memory
 def cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device, baseline: int) -> int:
     """Peak CUDA memory allocated during one call of ``fn`` above ``baseline`` bytes."""

@@ -2,9 +2,10 @@
 
 For each case the speed-up baseline (NeRN-style eager, or the NeRN loop for permutations) runs
 first; every other provider's row then carries its speed-up over that baseline from the same run.
-A provider that cannot run a case is a ``skipped`` row with the reason (the dispatcher's own
-sentence for backends); an out-of-memory is an ``oom`` row; any other failure an ``error`` row
-with the message — the suite itself keeps going. Rows are appended as they are measured, so a run
+On the CPU the providers of a case are timed in alternating rounds, so that a machine shared with
+other jobs loads them alike; on a GPU each runs alone. A provider that cannot run a case is a
+``skipped`` row with the reason (the dispatcher's own sentence for backends); an out-of-memory is
+an ``oom`` row; any other failure an ``error`` row with the message — the suite keeps going. Rows are appended as they are measured, so a run
 cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import harness
-from .harness import Environment, append_rows, time_call
+from .harness import Environment, append_rows, time_call, time_interleaved
 from .operation import Skip
 from .plans import PLANS, Entry, Plan
 from .registry import operation
@@ -110,13 +111,14 @@ class Runner:
             return
         providers = op.providers()
         providers.sort(key=lambda p: p.name != op.baseline)  # baseline first (stable sort)
-        leave_out = dict(entry.leave_out)
-        for provider in providers:
-            if entry.only is not None and provider.name not in entry.only:
-                continue
-            precisions = (provider.fixed_precision,) if provider.fixed_precision else entry.precisions
-            for precision in precisions:
-                self.measure(op, case, work, provider, precision, entry, leave_out.get(provider.name))
+        combos = [(provider, precision) for provider in providers
+                  if entry.only is None or provider.name in entry.only
+                  for precision in ((provider.fixed_precision,) if provider.fixed_precision else entry.precisions)]
+        if self.device.type == "cuda":
+            for provider, precision in combos:
+                self.measure(op, case, work, provider, precision, entry)
+        else:
+            self.measure_interleaved(op, case, work, combos, entry)
 
     def _workload(self, op, case: Case):
         key = op.workload_key(case)
@@ -160,10 +162,62 @@ class Runner:
                         f"plan's {self.plan.max_call_s:.0f} s limit")
         return None
 
-    def measure(self, op, case: Case, work, provider, precision: str, entry: Entry,
-                left_out: Optional[str] = None) -> dict:
+    def _failure(self, exc: BaseException) -> tuple[str, str]:
+        """(status, note) of a measurement that raised."""
+        if is_oom(exc):
+            reached = ""
+            if self.device.type == "cuda":
+                reached = (f"; {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated at the peak of "
+                           f"{torch.cuda.get_device_properties(self.device).total_memory / 2**30:.0f} GiB")
+            return "oom", f"out of memory{reached}"
+        if self.log.path is not None:
+            with self.log.path.open("a") as f:
+                f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return "error", short(exc)
+
+    def _record_timing(self, row: dict, op, case: Case, work, precision: str, timing) -> None:
+        row.update(median_s=timing.median, p20_s=timing.p20, p80_s=timing.p80, repeats=timing.repeats)
+        flops = op.flops(case, work)
+        if not flops:
+            return
+        tflops = flops / timing.median / 1e12
+        peak = harness.peak_tflops(self.env.device, precision) if self.device.type == "cuda" else None
+        row.update(gflop=flops / 1e9, tflops=tflops, pct_peak=100 * tflops / peak if peak else None)
+        if self.device.type == "cpu":  # the gate is optimistic on purpose: the best rate seen so far
+            self.cpu_flops = max(self.cpu_flops, flops / timing.median)
+
+    @staticmethod
+    def _check(step, notes: list) -> None:
+        if step.check is not None:
+            try:
+                notes.append(step.check())
+            except Exception as exc:
+                notes.append(f"check failed: {short(exc, 120)}")
+
+    def _release(self, step, notes: list) -> None:
+        if step is not None:
+            try:
+                step.release()
+            except Exception as exc:
+                notes.append(f"release failed: {short(exc, 120)}")
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _probe_memory(self, row: dict, case: Case, provider, precision: str, entry: Entry, notes: list) -> None:
+        """CPU: peak resident memory of one call in a fresh subprocess."""
+        if not (self.memory and entry.memory):
+            return
+        peak, note = probe_cpu_memory(case, provider.name, precision)
+        if peak is not None:
+            row.update(peak_mem_mb=peak / 2**20, mem_kind="rss_peak_extra")
+        if note:
+            notes.append(note)
+
+    def measure(self, op, case: Case, work, provider, precision: str, entry: Entry) -> dict:
+        """One provider alone (GPU: the device is ours, and memory is measured in-process)."""
         row = self._row(op, case, work, provider, precision)
-        reason = self._skip_reason(op, case, work, provider, precision, left_out)
+        reason = self._skip_reason(op, case, work, provider, precision, dict(entry.leave_out).get(provider.name))
         if reason:
             return self._emit(row, "skipped", note=reason)
         cuda = self.device.type == "cuda"
@@ -176,54 +230,57 @@ class Runner:
             op.case_inputs(case, work)
             base_mem = torch.cuda.memory_allocated() if cuda else 0
             step = op.prepare(case, work, provider, precision)
-            timing = time_call(step.run, self.device, self.plan.timer)
-            row.update(median_s=timing.median, p20_s=timing.p20, p80_s=timing.p80, repeats=timing.repeats)
-            flops = op.flops(case, work)
-            if flops:
-                tflops = flops / timing.median / 1e12
-                peak = harness.peak_tflops(self.env.device, precision) if cuda else None
-                row.update(gflop=flops / 1e9, tflops=tflops, pct_peak=100 * tflops / peak if peak else None)
-                if not cuda:  # the gate is optimistic on purpose: the best rate seen so far
-                    self.cpu_flops = max(self.cpu_flops, flops / timing.median)
+            self._record_timing(row, op, case, work, precision, time_call(step.run, self.device, self.plan.timer))
             if cuda:  # before the check, which may keep reference outputs on the workload
                 row.update(peak_mem_mb=harness.cuda_peak_extra_bytes(step.run, self.device, base_mem) / 2**20,
                            mem_kind="cuda_alloc_peak_extra")
-            if step.check is not None:
-                try:
-                    notes.append(step.check())
-                except Exception as exc:
-                    notes.append(f"check failed: {short(exc, 120)}")
+            self._check(step, notes)
         except Skip as exc:
             status, notes = "skipped", [str(exc)]
         except Exception as exc:
-            if is_oom(exc):
-                status = "oom"
-                reached = (f"; {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB allocated at the peak "
-                           f"of {torch.cuda.get_device_properties(self.device).total_memory / 2**30:.0f} GiB"
-                           if cuda else "")
-                notes = [f"out of memory{reached}"]
-            else:
-                status, notes = "error", [short(exc)]
-                if self.log.path is not None:
-                    with self.log.path.open("a") as f:
-                        f.write(traceback.format_exc())
+            status, note = self._failure(exc)
+            notes = [note]
         finally:
-            if step is not None:
-                try:
-                    step.release()
-                except Exception as exc:
-                    notes.append(f"release failed: {short(exc, 120)}")
+            self._release(step, notes)
             step = None
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        if status == "ok" and not cuda and self.memory and entry.memory:
-            peak, note = probe_cpu_memory(case, provider.name, precision)
-            if peak is not None:
-                row.update(peak_mem_mb=peak / 2**20, mem_kind="rss_peak_extra")
-            if note:
-                notes.append(note)
+        if status == "ok" and not cuda:
+            self._probe_memory(row, case, provider, precision, entry, notes)
         return self._emit(row, status, note="; ".join(n for n in notes if n))
+
+    def measure_interleaved(self, op, case: Case, work, combos: list, entry: Entry) -> None:
+        """CPU: prepare every runnable provider of the case, time them in alternating rounds
+        (harness.time_interleaved), then check, release and probe memory one by one."""
+        leave_out = dict(entry.leave_out)
+        prepared = []
+        for provider, precision in combos:
+            row = self._row(op, case, work, provider, precision)
+            reason = self._skip_reason(op, case, work, provider, precision, leave_out.get(provider.name))
+            if reason:
+                self._emit(row, "skipped", note=reason)
+                continue
+            try:
+                op.case_inputs(case, work)
+                prepared.append((row, provider, precision, op.prepare(case, work, provider, precision)))
+            except Skip as exc:
+                self._emit(row, "skipped", note=str(exc))
+            except Exception as exc:
+                status, note = self._failure(exc)
+                self._emit(row, status, note=note)
+        timings = time_interleaved([p[3].run for p in prepared], self.plan.timer)
+        for i, timing in enumerate(timings):
+            (row, provider, precision, step), prepared[i] = prepared[i], None  # free as we go
+            notes = []
+            if isinstance(timing, BaseException):
+                status, note = self._failure(timing)
+                notes.append(note)
+            else:
+                status = "ok"
+                self._record_timing(row, op, case, work, precision, timing)
+                self._check(step, notes)
+            self._release(step, notes)
+            if status == "ok":
+                self._probe_memory(row, case, provider, precision, entry, notes)
+            self._emit(row, status, note="; ".join(n for n in notes if n))
 
     def _emit(self, row: dict, status: str, note: str = "") -> dict:
         row.update(status=status, note=note)

@@ -214,3 +214,20 @@ def test_plans_name_real_operations_layouts_and_providers(name):
         names = {p.name for p in op.providers()}
         assert {p for p, _ in entry.leave_out} <= names and set(entry.only or ()) <= names
         assert set(entry.precisions) <= {"fp32", "tf32", "bf16"}
+
+
+def test_interleaved_timer_alternates_and_survives_a_failure():
+    calls = []
+
+    def ok(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        calls.append("broken")
+        raise RuntimeError("boom")
+
+    timings = harness.time_interleaved([ok("a"), broken, ok("b")], harness.TimerSettings(
+        warmup=1, min_repeats=3, max_repeats=3, min_seconds=0))
+    assert isinstance(timings[1], RuntimeError)
+    assert timings[0].repeats == timings[2].repeats == 3
+    assert calls[:3] == ["a", "broken", "b"] and calls[3:] == ["a", "b"] * 3
