@@ -8,6 +8,8 @@ Conventions (see README.md):
   separates the writes of one phase from the reads of the next (all threads of the program);
 * ``PRECISION``: 0 = fp32 (IEEE), 1 = tf32, 2 = bf16 operands with fp32 accumulation, 3 = fp32
   operands multiplied as three tf32 products ("tf32x3", opt-in for the fp32 mode);
+* tf32: every operand is rounded to the nearest tf32 value where it is produced (scratch stores,
+  weights by the launcher), so the tensor cores' truncation of fp32 inputs changes nothing;
 * ``INTERPRET``: running under ``TRITON_INTERPRET=1`` (numpy), where a bf16 ``tl.dot`` is not
   supported: bf16 operands are then emulated by rounding fp32 values to bf16 (round to nearest
   even, as torch does) and multiplying in fp32 — products of bf16 values are exact in fp32, so the
@@ -30,6 +32,26 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def round_to_tf32(x):
+    """fp32 -> nearest tf32 value (10-bit mantissa, ties away from zero: cvt.rna.tf32.f32)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x1000) >> 13) << 13
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32_operand(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """tf32 tensor cores truncate fp32 operands; values already rounded to nearest make that exact.
+    Applied where an operand is produced (scratch stores, register operands), not in the K loops.
+    The interpreter computes tf32 dots in fp32, so there nothing is rounded."""
+    if PRECISION == 1 and not INTERPRET:
+        out = round_to_tf32(x)
+    else:
+        out = x
+    return out
+
+
+@triton.jit
 def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b at the requested precision (acc is fp32, or fp64 for float64 parameters)."""
     if PRECISION == 2:
@@ -49,14 +71,15 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
 
 @triton.jit
 def to_scratch(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """Value as stored in scratch: bf16 mode keeps bf16 operands (the next layer casts anyway)."""
+    """Value as stored in scratch, i.e. as the next layer's operand: bf16 in bf16 mode (the next
+    layer casts anyway), rounded to tf32 in tf32 mode (see tf32_operand)."""
     if PRECISION == 2:
         if INTERPRET:
             out = round_to_bf16(x.to(tl.float32))  # the scratch is fp32 under the interpreter
         else:
             out = x.to(tl.bfloat16)
     else:
-        out = x
+        out = tf32_operand(x, PRECISION, INTERPRET)
     return out
 
 

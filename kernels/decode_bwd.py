@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import (dense_out, dense_relu, kernel_coords, layer_of, mma, separable_relu,
-                     store_encoding, tile_rows, to_scratch)
+                     store_encoding, tf32_operand, tile_rows, to_scratch)
 
 
 @triton.jit
@@ -221,6 +221,7 @@ def decode_bwd_kernel(
         g = _grad_of_outputs(gbase, valid, size, crop, amax, CROP, HAS_MAX, F64, K, BM, K2P)
         # ---- last layer: W_last (k², H), b_last
         _accumulate(slot + o_bl + q, tl.sum(g, axis=0), q_ok, not_first, ATOMIC)
+        g = tf32_operand(g, PRECISION, INTERPRET)  # from here on a dot operand
         gT = tl.trans(g)
         for k0 in range(0, H_S, BK):
             offs_k = k0 + tl.arange(0, BK)

@@ -4,7 +4,7 @@ import triton
 import triton.language as tl
 
 from .common import (crop_gather, dense_out, dense_relu, encoding_chunk, kernel_coords, layer_of,
-                     mma, separable_relu, store_encoding, tile_rows)
+                     mma, separable_relu, store_encoding, tf32_operand, tile_rows)
 
 
 @triton.jit
@@ -37,7 +37,7 @@ def first_layer_tables_kernel(
         cols = e0 + tl.arange(0, BK)
         e = encoding_chunk(p_l, p_f, p_c, e0, enc_ptr, levels, E, False, BK, F64)
         own_block = (cols // (2 * levels))[None, :] == index[:, None]  # only this row's index block
-        e = tl.where(own_block, e, 0.0)
+        e = tf32_operand(tl.where(own_block, e, 0.0), PRECISION, INTERPRET)
         w = tl.load(w1_ptr + offs_n[None, :] * E_S + cols[:, None],
                     mask=n_ok[None, :] & (cols < E_S)[:, None], other=0.0)
         acc = mma(e, w, acc, PRECISION, INTERPRET)
