@@ -295,9 +295,14 @@ def _positive(value, key: str, allow_zero: bool = False):
 
 
 def _check_model(m, key: str) -> None:
-    if m.arch not in MODEL_ARCHS and ":" not in m.arch:
-        raise ConfigError(f"{key}.arch: {m.arch!r} is not one of {', '.join(MODEL_ARCHS)}, nor a "
-                          f"user model 'package.module:callable'")
+    depth = m.arch[len("cifar_resnet"):] if m.arch.startswith("cifar_resnet") else ""
+    if depth.isdigit():
+        if (int(depth) - 2) % 6 or int(depth) < 8:
+            raise ConfigError(f"{key}.arch: a CIFAR ResNet depth is 6n+2 (8, 14, 20, 32, 44, 56, "
+                              f"110, ...), got {m.arch!r}")
+    elif m.arch not in MODEL_ARCHS and ":" not in m.arch:
+        raise ConfigError(f"{key}.arch: {m.arch!r} is not one of {', '.join(MODEL_ARCHS)} (any "
+                          f"cifar_resnet<6n+2>), nor a user model 'package.module:callable'")
     _positive(m.num_classes, f"{key}.num_classes")
     _positive(m.in_channels, f"{key}.in_channels")
 
@@ -417,7 +422,8 @@ def from_dict(data: Any) -> Config:
 def _name_stages(cfg: Config) -> None:
     counts: dict[str, int] = {}
     for s in cfg.stages:
-        counts[s.type] = counts.get(s.type, 0) + 1
+        if s.name is None:
+            counts[s.type] = counts.get(s.type, 0) + 1
     seen: dict[str, int] = {}
     taken = {s.name for s in cfg.stages if s.name}
     for s in cfg.stages:

@@ -42,6 +42,7 @@ def test_yaml_style_numbers_are_read():
     ({"stagse": []}, r"stagse: unknown key; valid keys: recipe, seed"),
     ({"model": {"arhc": "x"}}, r"model.arhc: unknown key; valid keys of model: arch"),
     ({"model": {"arch": "vgg11"}}, r"model.arch: 'vgg11' is not one of cifar_resnet20.*package.module:callable"),
+    ({"model": {"arch": "cifar_resnet21"}}, r"model.arch: a CIFAR ResNet depth is 6n\+2"),
     ({"data": {"dataset": "mnist"}}, r"data.dataset: 'mnist' is not one of the valid choices 'digits', 'cifar10'"),
     ({"data": {"batch_size": 0}}, r"data.batch_size: must be > 0"),
     ({"data": {"batch_size": 1.5}}, r"data.batch_size: expected an integer"),

@@ -51,7 +51,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: Optio
                 small_input: Optional[bool] = None, kwargs: Optional[dict] = None) -> nn.Module:
     """A freshly initialised network by name (see the module docstring)."""
     kwargs = dict(kwargs or {})
-    if arch in CIFAR_ARCHS:
+    if arch.startswith("cifar_resnet") and arch[len("cifar_resnet"):].isdigit():
         return cifar_resnet(int(arch[len("cifar_resnet"):]), num_classes, in_channels=in_channels,
                             **kwargs)
     if arch in TORCHVISION_RESNETS:

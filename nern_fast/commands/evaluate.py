@@ -1,0 +1,133 @@
+"""``nern-fast eval``: original vs reconstructed accuracy, reconstruction RMSE (overall and per
+layer), compression ratio and parameter counts of a predictor file.
+
+The network and data come from the predictor file (``fit`` records them), or from ``--config``;
+``--checkpoint`` points at the original network's weights when they moved. ``--on-demand`` runs
+the reconstructed network layer by layer from the predictor (``pred.attach(model,
+mode="on_demand")``, nern_fast.inference) instead of materialising every weight first.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ._common import fail, user_errors
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("eval", help="accuracy, reconstruction error and compression of a "
+                                           "predictor", description=__doc__)
+    p.add_argument("--predictor", required=True, help="predictor file (fit writes OUT/predictor.pt)")
+    p.add_argument("--config", help="YAML config for the network and data (default: recorded in "
+                                    "the predictor file)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry (repeatable)")
+    p.add_argument("--checkpoint", help="the original network's weights (overrides model.checkpoint)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's)")
+    p.add_argument("--on-demand", action="store_true",
+                   help="evaluate with the predictor attached on demand (layer-by-layer decode)")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--per-layer", action="store_true", help="print the RMSE of every layer")
+    p.set_defaults(func=run)
+
+
+def _config(args, recorded: dict):
+    from nern_fast.config import ConfigError, load_config
+    overrides = list(args.overrides)
+    if args.checkpoint:
+        overrides.append(f"model.checkpoint={args.checkpoint}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.config:
+        return load_config(args.config, overrides)
+    if not recorded:
+        raise ConfigError(f"{args.predictor} does not record its network and data (not written by "
+                          f"`nern-fast fit`); pass --config")
+    data = {"model": recorded.get("model", {}), "data": recorded.get("data", {})}
+    return load_config(data=data, overrides=overrides)
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from nern_fast.io import safe_load
+    from nern_fast.predictor import FILE_FORMAT, FastPredictor
+    from nern_fast.train import setup
+    from nern_fast.train.evaluation import accuracy
+    from nern_fast.train.fit import RUN_KEY, backend_name
+    from nern_fast.train.losses import per_layer_rmse, rmse
+
+    data = safe_load(args.predictor, FILE_FORMAT, map_location="cpu")
+    cfg = _config(args, data.get(RUN_KEY) or {})
+    if not cfg.model.checkpoint:
+        from nern_fast.config import ConfigError
+        raise ConfigError("model.checkpoint: eval needs the original network's weights; pass "
+                          "--checkpoint FILE")
+    device = setup.apply_runtime(cfg)
+    task = setup.load_data(cfg)
+    model = setup.frozen(setup.make_network(cfg.model, task), device)
+    pred = FastPredictor.from_file_dict(data, model, str(args.predictor)).to(device).eval()
+    layout = pred.layout
+    test = lambda: task.test_batches(cfg.data.eval_batch_size, device, cfg.data.num_workers,
+                                     cfg.data.max_eval_batches)
+    original = layout.flatten(model).to(device).float()
+    original_accuracy = accuracy(model, test())
+    with torch.no_grad():
+        decoded = pred.decode_flat().float()
+    if args.on_demand:
+        if not hasattr(pred, "attach"):
+            raise ImportError("--on-demand needs nern_fast.inference (pred.attach), which is not "
+                              "part of this installation")
+        pred.attach(model, mode="on_demand")
+        try:
+            reconstructed_accuracy = accuracy(model, test())
+        finally:
+            pred.detach(model)
+            layout.model_weights(model)  # detach left the decoded weights in: restore the original
+            with torch.no_grad():
+                for w, o in zip(layout.model_weights(model), layout.split(original)):
+                    w.copy_(o)
+    else:
+        reconstructed_accuracy = accuracy(model, test(), layout, decoded)
+    per_layer = per_layer_rmse(decoded, original, layout)
+    total_params = sum(p.numel() for p in model.parameters())
+    return {
+        "predictor": str(args.predictor), "model": cfg.model.arch, "dataset": cfg.data.dataset,
+        "device": str(device), "backend": backend_name(pred),
+        "mode": "on_demand" if args.on_demand else "materialized",
+        "original_accuracy": original_accuracy, "reconstructed_accuracy": reconstructed_accuracy,
+        "accuracy_drop": original_accuracy - reconstructed_accuracy,
+        "reconstruction_rmse": rmse(decoded, original),
+        "per_layer_rmse": {l.name: v for l, v in zip(layout.layers, per_layer)},
+        "compression_ratio": pred.compression_ratio, "predictor_parameters": pred.num_parameters,
+        "represented_parameters": pred.represented_parameters,
+        "model_parameters": total_params,
+        "unrepresented_parameters": total_params - pred.represented_parameters,
+        "stored_parameters": total_params - pred.represented_parameters + pred.num_parameters,
+    }
+
+
+def run(args) -> int:
+    try:
+        r = evaluate(args)
+    except user_errors() as exc:
+        return fail("eval", exc)
+    print(f"{r['model']} on {r['dataset']} ({r['device']}, backend {r['backend']}, {r['mode']})")
+    print(f"  accuracy:            original {r['original_accuracy']:.2f} %, reconstructed "
+          f"{r['reconstructed_accuracy']:.2f} % ({-r['accuracy_drop']:+.2f})")
+    print(f"  reconstruction RMSE: {r['reconstruction_rmse']:.6f}")
+    print(f"  compression ratio:   {r['compression_ratio']:.4f} (predictor "
+          f"{r['predictor_parameters']:,} parameters / {r['represented_parameters']:,} represented "
+          f"conv weights)")
+    print(f"  network parameters:  {r['model_parameters']:,} original, {r['stored_parameters']:,} "
+          f"stored with the predictor ({r['unrepresented_parameters']:,} not represented)")
+    if args.per_layer:
+        width = max(len(n) for n in r["per_layer_rmse"])
+        for name, value in r["per_layer_rmse"].items():
+            print(f"    {name:<{width}}  {value:.6f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,57 @@
+"""Optional CUDA-graph capture of a training step's decode + loss + backward.
+
+Where every shape of a step is static (a fixed number of sampled kernels, a fixed batch), the
+forward and backward are captured once with ``torch.cuda.make_graphed_callables`` and replayed
+each step, removing the launch overhead of the many small kernels; the optimiser step stays
+eager (a few fused foreach kernels). Capture needs a decode backend that never synchronises with
+the host; when capture fails (the eager backend, a CPU run) the step runs eagerly, with a warning
+that says why.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+
+class _FixedWarm(nn.Module):
+    """A distillation objective with its Python flag fixed, so every argument is a tensor."""
+
+    def __init__(self, objective: nn.Module):
+        super().__init__()
+        self.objective = objective
+
+    def forward(self, x, rows):
+        return self.objective(x, rows, False)
+
+
+def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what: str):
+    """The objective, captured in CUDA graphs when ``enabled`` and possible; else unchanged."""
+    if not enabled:
+        return objective
+    device = sample_args[0].device
+    if device.type != "cuda":
+        warnings.warn(f"{what}: cuda_graphs needs a CUDA device (running on {device}); the step "
+                      f"runs eagerly", RuntimeWarning, stacklevel=2)
+        return objective
+    try:
+        graphed = torch.cuda.make_graphed_callables(objective, sample_args, num_warmup_iters=3)
+    except Exception as exc:  # capture refused: a host sync, an unsupported op, ...
+        torch.cuda.synchronize()
+        warnings.warn(f"{what}: could not capture the step in a CUDA graph ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); it runs eagerly. The decode backend must not "
+                      f"synchronise with the host (the eager backend does)", RuntimeWarning,
+                      stacklevel=2)
+        return objective
+    for p in objective.parameters():  # the warm-up iterations left gradients behind
+        p.grad = None
+    return graphed
+
+
+def graphed_distillation(objective: nn.Module, sample_args: tuple, enabled: bool, what: str):
+    """Like :func:`maybe_graphed` for a DistillationObjective: returns ``f(x, rows)``."""
+    if not enabled:
+        return lambda x, rows: objective(x, rows, False)
+    graphed = maybe_graphed(_FixedWarm(objective), sample_args, enabled, what)
+    return graphed

@@ -1,0 +1,205 @@
+"""Short versions of every recipe on a tiny network: the loss falls, outputs are written, resume
+continues exactly, a NaN stops the run with the last good checkpoint kept."""
+import json
+import warnings
+
+import pytest
+import torch
+
+from nern_fast.config import load_config
+from nern_fast.predictor import FastPredictor
+from nern_fast.train.base import train_base
+from nern_fast.train.checkpoint import load_checkpoint
+from nern_fast.train.fit import FitRun, StageInterrupted, TrainingDiverged
+
+BASE = {
+    "seed": 0, "device": "cpu", "threads": 1,
+    "model": {"arch": "cifar_resnet8", "kwargs": {"width": 4}},
+    "data": {"dataset": "digits", "batch_size": 32, "eval_batch_size": 512},
+    "train_base": {"epochs": 1},
+    "predictor": {"hidden": 16, "levels": 4, "num_blocks": 3},
+    "logging": {"log_every": 2, "checkpoint_every": 1000, "progress": False},
+}
+
+
+def _quiet(*args, **kwargs):
+    pass
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    summary = train_base(load_config(data=BASE), out, echo=_quiet)
+    assert (out / "model.pt").exists() and (out / "log.jsonl").exists()
+    assert summary["accuracy"] > 30  # one epoch of a tiny network on digits
+    return out / "model.pt"
+
+
+def _cfg(base_model, stages, **extra):
+    data = {**BASE, **extra, "stages": stages}
+    data["model"] = {**BASE["model"], "checkpoint": str(base_model)}
+    return load_config(data=data)
+
+
+def _losses(out, stage):
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    return [l["loss"] for l in lines if l.get("stage") == stage and "loss" in l]
+
+
+def _fit(base_model, tmp_path, stages, **kw):
+    out = tmp_path / "run"
+    metrics = FitRun(_cfg(base_model, stages, **kw.pop("extra", {})), out, echo=_quiet, **kw).run()
+    return out, metrics
+
+
+def _check_outputs(out, metrics, n_stages):
+    for name in ("metrics.json", "report.md", "accuracy.png", "predictor.pt", "checkpoint.pt",
+                 "config.yaml", "log.jsonl"):
+        assert (out / name).exists(), name
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("original_accuracy", "final_accuracy", "compression_ratio", "reconstruction_rmse"):
+        assert isinstance(m[key], float), key
+    assert len(m["stages"]) == n_stages
+    for s in m["stages"]:
+        assert {"name", "accuracy", "reconstruction_rmse", "compression_ratio", "seconds"} <= set(s)
+    assert "| original |" in (out / "report.md").read_text()
+    assert len(list((out / "stages").glob("*.pt"))) == n_stages
+    assert m == metrics or m["final_accuracy"] == metrics["final_accuracy"]
+
+
+def _falls(losses):
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+
+
+def test_reconstruction_only(base_model, tmp_path):
+    out, metrics = _fit(base_model, tmp_path, [
+        {"type": "reconstruct", "steps": 40, "sampler": "uniform", "weights_batch_size": 64,
+         "optim": {"name": "adam", "lr": 3e-3}}])
+    _falls(_losses(out, "reconstruct"))
+    _check_outputs(out, metrics, 1)
+
+
+def test_decoupled_and_progressive(base_model, tmp_path):
+    out, metrics = _fit(base_model, tmp_path, [
+        {"type": "reconstruct", "steps": 24, "weights_batch_size": 128,
+         "optim": {"name": "adam", "lr": 3e-3}},
+        {"type": "distill", "steps": 8, "reconstruction_weight": 0.0, "kd_weight": 1.0,
+         "gradients": "sampled", "weights_batch_size": 128, "optim": {"name": "adam", "lr": 1e-3}},
+        {"type": "reconstruct", "name": "round1", "predictor": "new", "hidden": 24, "steps": 24,
+         "target": "previous", "optim": {"name": "adam", "lr": 3e-3}},
+        {"type": "reconstruct", "name": "round2", "predictor": "new", "hidden": 24, "steps": 24,
+         "target": "previous", "sampler": "all", "optim": {"name": "adam", "lr": 3e-3}}])
+    _falls(_losses(out, "reconstruct"))
+    _falls(_losses(out, "round1"))
+    _falls(_losses(out, "round2"))
+    _check_outputs(out, metrics, 4)
+    assert metrics["stages"][2]["hidden"] == 24 and metrics["stages"][1]["hidden"] == 16
+    # progressive rounds follow their target: the previous stage's output
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["stage_index"] == 4 and ckpt["previous_output"].shape == (metrics["represented_parameters"],)
+
+
+@pytest.mark.parametrize("gradients", ["sampled", "full"])
+def test_joint(base_model, tmp_path, gradients):
+    out, metrics = _fit(base_model, tmp_path, [
+        {"type": "distill", "steps": 30, "reconstruction_weight": 1.0, "fmd_weight": 1e-3,
+         "kd_weight": 1e-2, "loss_warmup_steps": 4, "gradients": gradients,
+         "weights_batch_size": 128, "optim": {"name": "ranger", "lr": 5e-3}}])
+    losses = _losses(out, "distill")
+    _falls(losses[2:])  # after the warm-up (the distillation terms join at step 4)
+    lines = [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+    parts = [l for l in lines if l.get("stage") == "distill" and "loss" in l]
+    assert parts[0]["logits"] == 0 and parts[0]["feature_maps"] == 0  # warm-up: recon only
+    assert parts[-1]["logits"] > 0 and parts[-1]["feature_maps"] > 0
+    _check_outputs(out, metrics, 1)
+
+
+def test_data_free_teacher_and_bf16(base_model, tmp_path):
+    out, metrics = _fit(base_model, tmp_path, [
+        {"type": "reconstruct", "steps": 10, "optim": {"name": "adam", "lr": 3e-3}},
+        {"type": "distill", "steps": 6, "reconstruction_weight": 0.0, "kd_weight": 1.0,
+         "inputs": "noise", "autocast": "bf16", "kd_loss": "temp_stable_kl",
+         "teacher": {"arch": "cifar_resnet8", "kwargs": {"width": 4},
+                     "checkpoint": str(base_model)},
+         "optim": {"name": "adam", "lr": 1e-3}}])
+    assert len(_losses(out, "distill")) == 3
+    _check_outputs(out, metrics, 2)
+
+
+def test_cuda_graphs_fall_back_on_cpu(base_model, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, metrics = _fit(base_model, tmp_path, [
+            {"type": "reconstruct", "steps": 4, "cuda_graphs": True}])
+    assert any("cuda_graphs needs a CUDA device" in str(w.message) for w in caught)
+    assert metrics["stages"][0]["steps"] == 4
+
+
+def _params(out):
+    return FastPredictor.load(out / "predictor.pt").state_dict()
+
+
+RESUME_STAGES = [
+    {"type": "reconstruct", "steps": 10, "weights_batch_size": 64,
+     "optim": {"name": "ranger", "lr": 5e-3}},
+    {"type": "distill", "steps": 8, "reconstruction_weight": 1.0, "kd_weight": 0.1,
+     "fmd_weight": 0.01, "loss_warmup_steps": 2, "weights_batch_size": 64,
+     "optim": {"name": "ranger", "lr": 5e-3, "warmup_steps": 2}},
+]
+
+
+@pytest.mark.parametrize("stop_at", [(0, 5), (1, 3), (1, 8)])
+def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
+    full = tmp_path / "full"
+    FitRun(_cfg(base_model, RESUME_STAGES), full, echo=_quiet).run()
+
+    def interrupt(stage, step):
+        if (stage, step) == stop_at:
+            raise KeyboardInterrupt
+    part = tmp_path / "part"
+    with pytest.raises(StageInterrupted, match="continue with --resume"):
+        FitRun(_cfg(base_model, RESUME_STAGES), part, on_step=interrupt, echo=_quiet).run()
+    ckpt = load_checkpoint(part / "checkpoint.pt")
+    assert (ckpt["stage_index"], ckpt["step"]) == stop_at
+    with pytest.raises(FileExistsError, match="--resume"):
+        FitRun(_cfg(base_model, RESUME_STAGES), part, echo=_quiet)
+    with pytest.raises(Exception, match="differs from the checkpoint's in seed"):
+        FitRun(_cfg(base_model, RESUME_STAGES, seed=1), part, resume=True, echo=_quiet)
+    metrics = FitRun(_cfg(base_model, RESUME_STAGES), part, resume=True, echo=_quiet).run()
+    a, b = _params(full), _params(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics["final_accuracy"] == json.loads((full / "metrics.json").read_text())["final_accuracy"]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
+    out = tmp_path / "nan"
+    stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]
+    cfg = _cfg(base_model, stages, logging={**BASE["logging"], "checkpoint_every": 4})
+    run = None
+
+    def poison(stage, step):
+        if step == 6:
+            with torch.no_grad():
+                run.predictor.final_linear_layer.bias.fill_(float("nan"))
+    run = FitRun(cfg, out, on_step=poison, echo=_quiet)
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*step 6\) is kept"):
+        run.run()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 4  # written at step 4; step 8 was not written
+    assert all(torch.isfinite(v).all() for v in ckpt["predictor"].values())
+
+
+def test_fit_errors(base_model, tmp_path):
+    from nern_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="no stages"):
+        FitRun(_cfg(base_model, []), tmp_path / "a")
+    cfg = _cfg(base_model, [{"type": "reconstruct", "steps": 1}])
+    cfg.model.checkpoint = None
+    with pytest.raises(ConfigError, match="model.checkpoint: fit needs the trained network"):
+        FitRun(cfg, tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        FitRun(_cfg(base_model, [{"type": "reconstruct", "steps": 1}]), tmp_path / "c", resume=True)
+    cfg = _cfg(base_model, [{"type": "distill", "steps": 1, "kd_weight": 1.0,
+                             "teacher": {"arch": "cifar_resnet8"}}])
+    with pytest.raises(ConfigError, match="teacher.checkpoint"):
+        FitRun(cfg, tmp_path / "d", echo=_quiet).run()
