@@ -334,7 +334,8 @@ class CudaDecoder {
     return info;
   }
 
-  // acts[i] = the input of MLP layer i (acts[0]: the ffn encoding, unused for basic); returns y.
+  // acts[i] = the input of MLP layer i (acts[0]: the ffn encoding, unused for basic); returns the
+  // last layer's output y (n, k²) in fp32, bias included.
   at::Tensor forward_tile(const at::Tensor& info, int64_t n, std::vector<at::Tensor>& acts, bool keep) {
     const auto opts = p_.weights[0].options().dtype(cdt_);
     const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
@@ -368,19 +369,17 @@ class CudaDecoder {
       h = next;
     }
     if (keep) acts[last_] = h;
-    return at::addmm(b_[last_], h, w_[last_].t()).contiguous();
+    // y in fp32 with the fp32 bias, as the reference's bf16 mode computes it (the bf16 GEMM result
+    // is rounded once, the bias is not); the max crop and its backward compare these values.
+    if (bf16_) return at::mm(h, w_[last_].t()).to(at::kFloat).add_(p_.biases[last_]).contiguous();
+    return at::addmm(p_.biases[last_], h, p_.weights[last_].t()).contiguous();
   }
 
   void launch_scatter(const at::Tensor& info, const at::Tensor& y, int64_t n, const at::Tensor& out) {
     const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
     const int k = static_cast<int>(p_.kernel_size);
-    if (bf16_) {
-      crop_scatter_kernel<__nv_bfloat16><<<blocks_for(n), kThreads, 0, stream_>>>(
-          ri, device_ptr<__nv_bfloat16>(y), n, k, p_.subset(), out.data_ptr<float>());
-    } else {
-      crop_scatter_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(
-          ri, device_ptr<float>(y), n, k, p_.subset(), out.data_ptr<float>());
-    }
+    crop_scatter_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(ri, y.data_ptr<float>(), n, k,
+                                                                       p_.subset(), out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
@@ -388,13 +387,9 @@ class CudaDecoder {
     at::Tensor gy = at::empty({n, p_.k2()}, p_.weights[0].options());
     const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
     const int k = static_cast<int>(p_.kernel_size);
-    if (bf16_) {
-      crop_backward_kernel<__nv_bfloat16><<<blocks_for(n), kThreads, 0, stream_>>>(
-          ri, device_ptr<__nv_bfloat16>(y), grad.data_ptr<float>(), n, k, gy.data_ptr<float>());
-    } else {
-      crop_backward_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(
-          ri, device_ptr<float>(y), grad.data_ptr<float>(), n, k, gy.data_ptr<float>());
-    }
+    crop_backward_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(ri, y.data_ptr<float>(),
+                                                                        grad.data_ptr<float>(), n, k,
+                                                                        gy.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return gy;
   }
