@@ -4,7 +4,8 @@
 provider up, runs one warm-up call, resets the kernel's high-water mark and runs one more call.
 It prints one JSON line: ``peak_extra_bytes`` = high-water mark − resident size before set-up, so
 the provider's persistent state (e.g. NeRN-style precomputed encodings) counts and the case's
-inputs (predictor, targets, network) do not.
+inputs (predictor, targets, network) do not. The runner starts it with a fixed glibc mmap
+threshold (``MALLOC_MMAP_THRESHOLD_``) so that freed blocks leave the resident size at once.
 """
 from __future__ import annotations
 

@@ -322,7 +322,10 @@ def probe_cpu_memory(case: Case, provider: str, precision: str) -> tuple[Optiona
     """Peak resident memory of one call, measured in a fresh subprocess (bench.memprobe)."""
     spec = {"case": case.describe(), "provider": provider, "precision": precision,
             "threads": torch.get_num_threads()}
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               # A fixed mmap threshold: every large block is mapped and unmapped on free, so the
+               # resident size follows live memory (glibc's adaptive threshold keeps freed blocks).
+               MALLOC_MMAP_THRESHOLD_="131072")
     try:
         done = subprocess.run([sys.executable, "-m", "bench.memprobe", json.dumps(spec)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=MEMPROBE_TIMEOUT_S)
