@@ -24,12 +24,18 @@ SANITIZE = "-fsanitize=address -fno-omit-frame-pointer -g"
 DESELECT = "not portable_passes and not torch_compile"
 
 
-def asan_runtime() -> str:
-    path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
+def gcc_library(name: str) -> str:
+    path = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True,
                           check=True).stdout.strip()
     if not os.path.isabs(path) or not os.path.exists(path):
-        raise SystemExit("asan_check: gcc has no libasan.so (install libasan / gcc's sanitizer runtime)")
+        raise SystemExit(f"asan_check: gcc has no {name} (install gcc's sanitizer runtime)")
     return os.path.realpath(path)
+
+
+def asan_preload() -> str:
+    """The ASan runtime first, then libstdc++ (python itself does not link it; without it ASan
+    cannot find the real __cxa_throw when an extension throws)."""
+    return f"{gcc_library('libasan.so')} {gcc_library('libstdc++.so')}"
 
 
 def main(argv: list[str]) -> int:
@@ -48,7 +54,7 @@ def main(argv: list[str]) -> int:
     shutil.copy(built[0], work / "pkg" / "nern_fast" / Path(built[0]).name)
     shutil.copytree(REPO / "tests", work / "pkg" / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", work / "pkg" / "pyproject.toml")
-    run_env = dict(os.environ, LD_PRELOAD=asan_runtime(), PYTHONPATH=str(work / "pkg"),
+    run_env = dict(os.environ, LD_PRELOAD=asan_preload(), PYTHONPATH=str(work / "pkg"),
                    ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1")
     where = subprocess.run([sys.executable, "-c", "import nern_fast._C as c; print(c.__file__)"],
                            cwd=work / "pkg", env=run_env, capture_output=True, text=True)
