@@ -282,3 +282,36 @@ def crop_gather(raw, valid, size, crop, K: tl.constexpr, BM: tl.constexpr, K2P: 
     mean = total / (win * win).to(total.dtype)
     out = tl.where(mode == 0, center, tl.where(mode == 1, mean, best))
     return tl.where(q_ok, out, 0.0)
+
+
+@triton.jit
+def write_kernels(y, tile, R, rows_ptr, koff_ptr, woff_ptr, meta_ptr, coord_ptr, num_layers,
+                  search_steps, out_ptr, raw, K: tl.constexpr, K2P: tl.constexpr,
+                  SUBSET: tl.constexpr, PERMUTED: tl.constexpr, CROP: tl.constexpr, F64: tl.constexpr,
+                  BM: tl.constexpr):
+    """Crop the k×k outputs ``y`` (BM × K2P) of one tile and write them where they belong.
+
+    Full decode: the s×s kernel of row i goes to weight_off[layer] + slot·s² of the flat buffer;
+    subset: to out[i, :k²] (s×s values first, zeros after). ``raw`` is a BM × K2P fp32 scratch
+    for the crop's gathers. The row data is recomputed here (cheap) rather than kept in registers
+    through the GEMM loops (it cost hundreds of bytes of spills per thread at 128-row tiles).
+    """
+    offs_m = tl.arange(0, BM)
+    q = tl.arange(0, K2P)
+    idx, row, valid = tile_rows(tile, R, rows_ptr, SUBSET, BM)
+    layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
+    slot, _, _, size, crop = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
+    if CROP:
+        tl.store(raw + offs_m[:, None] * K2P + q[None, :], y)
+        tl.debug_barrier()
+        y = crop_gather(raw, valid, size, crop, K, BM, K2P, F64)
+        s2 = (size * size)[:, None]
+    else:
+        s2 = K * K
+    keep = valid[:, None] & (q[None, :] < s2)
+    if SUBSET:
+        tl.store(out_ptr + idx[:, None] * (K * K) + q[None, :], tl.where(keep, y, 0.0),
+                 mask=valid[:, None] & (q[None, :] < K * K))
+    else:
+        start = tl.load(woff_ptr + layer, mask=valid, other=0) + slot * (size * size)
+        tl.store(out_ptr + start[:, None] + q[None, :], y, mask=keep)

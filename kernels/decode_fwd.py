@@ -3,8 +3,8 @@ layer, one small launch that builds the per-layer tables first)."""
 import triton
 import triton.language as tl
 
-from .common import (crop_gather, dense_out, dense_relu, encoding_chunk, kernel_coords, layer_of,
-                     mma, separable_relu, store_encoding, tf32_operand, tile_rows)
+from .common import (dense_out, dense_relu, encoding_chunk, kernel_coords, layer_of, mma,
+                     separable_relu, store_encoding, tf32_operand, tile_rows, write_kernels)
 
 
 @triton.jit
@@ -76,8 +76,6 @@ def decode_fwd_kernel(
     enc_s = scr_ptr + pid.to(tl.int64) * (BM * (enc_width + 2 * H_S))
     act0 = enc_s + BM * enc_width
     raw = scr32_ptr + pid.to(tl.int64) * (BM * K2P)
-    offs_m = tl.arange(0, BM)
-    q = tl.arange(0, K2P)
     num_tiles = tl.cdiv(R, BM)
     for tile in range(pid, num_tiles, nprog):
         idx, row, valid = tile_rows(tile, R, rows_ptr, SUBSET, BM)
@@ -104,21 +102,5 @@ def decode_fwd_kernel(
             tl.debug_barrier()
         last = act0 + (num_hidden % 2) * (BM * H_S)
         y = dense_out(last, H_S, wl_ptr, bl_ptr, K * K, PRECISION, INTERPRET, F64, BM, BK, K2P)
-        # Row data again (cheap) rather than kept in registers through the layers above.
-        idx, row, valid = tile_rows(tile, R, rows_ptr, SUBSET, BM)
-        layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
-        slot, _, _, size, crop = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
-        if CROP:
-            tl.store(raw + offs_m[:, None] * K2P + q[None, :], y)
-            tl.debug_barrier()
-            y = crop_gather(raw, valid, size, crop, K, BM, K2P, F64)
-            s2 = (size * size)[:, None]
-        else:
-            s2 = K * K
-        keep = valid[:, None] & (q[None, :] < s2)
-        if SUBSET:
-            tl.store(out_ptr + idx[:, None] * (K * K) + q[None, :], tl.where(keep, y, 0.0),
-                     mask=valid[:, None] & (q[None, :] < K * K))
-        else:
-            start = tl.load(woff_ptr + layer, mask=valid, other=0) + slot * (size * size)
-            tl.store(out_ptr + start[:, None] + q[None, :], y, mask=keep)
+        write_kernels(y, tile, R, rows_ptr, koff_ptr, woff_ptr, meta_ptr, coord_ptr, num_layers,
+                      search_steps, out_ptr, raw, K, K2P, SUBSET, PERMUTED, CROP, F64, BM)

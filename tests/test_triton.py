@@ -14,6 +14,8 @@ Tolerances:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from nern_fast.ops import DecodeRequest
 from nern_fast.reference import reference_decode
 
 tb = pytest.importorskip("nern_fast.ops.triton_backend", reason="triton is not installed")
+tt = pytest.importorskip("nern_fast.ops.triton_tuner", reason="triton is not installed")
 
 pytestmark = pytest.mark.triton
 
@@ -55,6 +58,22 @@ def first_layer(monkeypatch):
     return set_mode
 
 
+@pytest.fixture
+def chunked(monkeypatch):
+    """Force the chunked schedule with small chunks: several per call, the last one partial
+    (the mixed layout has 576 kernels: 3 chunks of 160 rows and one of 96)."""
+    def force(rows: int = 160):
+        monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", "chunked")
+        monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", str(rows))
+    return force
+
+
+@pytest.fixture(autouse=True)
+def _no_tuning_cache(monkeypatch, tmp_path):
+    """Tuning decisions of the tests go to a temporary file, never the user's cache."""
+    monkeypatch.setenv("NERN_FAST_TRITON_TUNE_CACHE", str(tmp_path / "tune.json"))
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
     scale = ref.abs().max().item()
@@ -80,11 +99,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_fp32_outputs_and_gradients_match_reference(case, device, first_layer):
-    _, k, hidden, num_blocks, levels, encoding, normalization, crop, permuted, mode = case
-    first_layer(mode)
+def _check_fp32_case(case, device):
+    _, k, hidden, num_blocks, levels, encoding, normalization, crop, permuted, _ = case
     layout = mixed_layout(k, normalization, crop, permuted)
     pred = random_predictor(layout, hidden=hidden, num_blocks=num_blocks, levels=levels,
                             encoding=encoding).to(device)
@@ -99,7 +115,34 @@ def test_fp32_outputs_and_gradients_match_reference(case, device, first_layer):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_subset_equals_full_and_its_gradients_match(device):
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fp32_outputs_and_gradients_match_reference(case, device, first_layer):
+    first_layer(case[-1])
+    _check_fp32_case(case, device)
+
+
+# The chunked schedule (large-H default) on the same layouts, forced, with small chunks.
+CHUNKED_CASES = [
+    ("k3-h24-separable", 3, 24, 4, 6, "basic", "local", "center", False, "separable"),
+    ("k3-h33-direct-average-permuted", 3, 33, 3, 6, "basic", "global", "average", True, "direct"),
+    ("k5-h24-nb4-ffn-max-permuted", 5, 24, 4, 4, "ffn", "global", "max", True, "auto"),
+    ("k1-h24-nb2-none", 1, 24, 2, 3, "basic", "none", "center", False, "separable"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CHUNKED_CASES, ids=[c[0] for c in CHUNKED_CASES])
+def test_chunked_schedule_matches_reference(case, device, first_layer, chunked):
+    first_layer(case[-1])
+    chunked()
+    _check_fp32_case(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+def test_subset_equals_full_and_its_gradients_match(schedule, device, chunked):
+    if schedule == "chunked":
+        chunked(64)  # 152 rows: chunks of 64, 64 and 24
     layout = mixed_layout(3, "local", "max", permuted=True)
     pred = random_predictor(layout, hidden=40, num_blocks=4, levels=6).to(device)
     g = torch.Generator().manual_seed(3)
@@ -116,8 +159,11 @@ def test_subset_equals_full_and_its_gradients_match(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_reduced_precision_no_worse_than_twice_eager(precision, device):
+def test_reduced_precision_no_worse_than_twice_eager(precision, schedule, device, chunked):
+    if schedule == "chunked":
+        chunked()
     layout = mixed_layout(3, "local", "average", permuted=True)
     pred = random_predictor(layout, hidden=40, num_blocks=4, levels=6).to(device)
     exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")
@@ -158,7 +204,73 @@ def test_backward_programs_respect_memory_budget(device, monkeypatch):
         assert rel_err(a, b) <= 1e-6
 
 
-def test_float64_gradcheck_under_interpreter():
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_gradients_are_repeatable_and_independent_of_chunking(device, chunked, monkeypatch):
+    """Deterministic by construction: bitwise repeatable; other chunk sizes and row segments (the
+    memory budget decides both) change only the summation order."""
+    layout = mixed_layout(3, "local", "center", permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    chunked(160)
+    _, first = decode_and_grads(pred, "triton")
+    _, again = decode_and_grads(pred, "triton")
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    monkeypatch.delenv("NERN_FAST_TRITON_CHUNK_ROWS")
+    monkeypatch.setenv("NERN_FAST_TRITON_BWD_MEMORY_MB", "1")  # budget-sized chunks, fewer segments
+    _, budgeted = decode_and_grads(pred, "triton")
+    for a, b in zip(first, budgeted):
+        assert rel_err(a, b) <= 1e-6
+
+
+def test_chunk_plans_follow_the_memory_budget():
+    from nern_fast.ops import triton_chunked as tc
+    shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
+                           kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
+                           precision="bf16", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
+    config = tb.LaunchConfig(128, 128, 32, 8, 3, 1, True, "chunked")
+    for budget_mb in (64, 1024):
+        plan = tc.backward_plan(shape, config, torch.device("cpu"), budget_mb << 20)
+        used = plan.rows * tc.backward_row_bytes(shape) + (plan.segments + 1) * shape.slot_size * 4
+        assert plan.rows % tc.chunk_quantum(config) == 0 and plan.segments >= 1
+        assert used <= budget_mb << 20, (budget_mb, plan)
+    assert tc.backward_plan(shape, config, torch.device("cpu"), 64 << 20).rows < plan.rows
+    forward_rows = tc._chunk_rows(shape, config, tc.forward_row_bytes(shape, config), 256 << 20)
+    assert forward_rows * tc.forward_row_bytes(shape, config) <= 256 << 20
+    assert forward_rows <= tc.MAX_CHUNK_ROWS
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reuse", ["per-call", "cross-call"])
+def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
+    """Packed parameters and first-layer tables are reused only while the parameters are unchanged
+    (across calls only when asked: writes through .data escape version counters)."""
+    monkeypatch.setenv("NERN_FAST_TRITON_PARAM_CACHE", "1" if reuse == "cross-call" else "0")
+    layout = mixed_layout(3)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    w, b = pred.weights(), pred.biases()
+
+    def check():
+        ours = ops.decode(w, b, layout, pred.encoding, backend="triton")
+        ref = ops.decode(w, b, layout, pred.encoding, backend="eager")
+        assert rel_err(ours, ref) <= FP32_TOL
+        return ours
+
+    with torch.no_grad():
+        first = check()
+        assert torch.equal(first, check())
+        w[1].mul_(1.5)  # in place: version counters move
+        b[0].add_(0.25)  # b1 is folded into the separable tables
+        check()
+        w = [t.clone() for t in w]  # new tensors
+        check()
+        w[0].data.mul_(2)  # .data bypasses version counters
+        if reuse == "cross-call":
+            tb.clear_parameter_cache()  # the documented way to make such a write visible
+        check()
+
+
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+def test_float64_gradcheck_under_interpreter(schedule):
     if not tb.INTERPRETED:
         pytest.skip("float64 runs only under the Triton interpreter (the GPU kernels are float32)")
     layout = WeightLayout.from_shapes([(2, 3, 3, 3), (3, 2, 1, 1)], kernel_size=3, crop="average")
@@ -171,7 +283,8 @@ def test_float64_gradcheck_under_interpreter():
         return tb.triton_decode(list(params[:n]), list(params[n:]), None, t.kernel_offsets, t.weight_offsets,
                                 t.meta, t.coord_rows, t.pos_layer, t.pos_filter, t.pos_channel, table,
                                 layout.kernel_size, layout.num_kernels, layout.num_weights,
-                                tb.crop_flags(layout), False, "fp32", "auto", False, 1 << 30)
+                                tb.crop_flags(layout), False, "fp32", "auto", schedule, False, 1 << 30,
+                                1 << 20)
 
     params = tuple(p.detach().requires_grad_() for p in pred.weights() + pred.biases())
     assert torch.autograd.gradcheck(decode, params, fast_mode=True)
@@ -193,34 +306,125 @@ def test_torch_compile_fullgraph(device):
 
 
 # ----------------------------------------------------------------------------- tuner
-def test_tuner_keeps_the_fastest_runnable_candidate_and_remembers_it(monkeypatch):
-    layout = mixed_layout(3)
-    shape = tb.DecodeShape(rows=layout.num_kernels, subset=False, hidden=24, num_hidden=1, enc_size=36,
-                           levels=6, kernel_size=3, ffn=False, permuted=False, crop=True, has_max=False,
-                           precision="fp32", f64=False, num_layers=4, num_filters=48, num_channels=48)
-    candidates = tb.candidate_configs("fwd", shape, "auto")
-    assert {c.separable for c in candidates} == {True, False}  # both first-layer forms are timed
-    ran, fastest = [], candidates[-1]
+
+
+def _shape(hidden: int = 24, **kw) -> "tb.DecodeShape":
+    base = dict(rows=576, subset=False, hidden=hidden, num_hidden=1, enc_size=36, levels=6, kernel_size=3,
+                ffn=False, permuted=False, crop=True, has_max=False, precision="fp32", f64=False,
+                num_layers=4, num_filters=48, num_channels=48)
+    base.update(kw)
+    return tb.DecodeShape(**base)
+
+
+class FakeTimer:
+    """Times configurations by a table instead of running kernels; records what was run."""
+
+    def __init__(self, times):
+        self.times, self.ran = times, []
+
+    def run(self, config):
+        self.ran.append(config)
+        if self.times(config) is None:
+            raise RuntimeError("out of resources")  # a candidate the device cannot run
+
+    def __call__(self, fn):
+        fn()
+        return self.times(self.ran[-1])
+
+
+def test_candidates_default_first_and_schedules_by_hidden_size():
+    small, large = _shape(24), _shape(600)
+    assert tb.candidate_configs("fwd", small)[0].schedule == "fused"
+    assert tb.candidate_configs("fwd", large)[0].schedule == "chunked"  # the untuned large-H default
+    assert {c.schedule for c in tb.candidate_configs("fwd", large, tuning=True)} == {"fused", "chunked"}
+    assert {c.schedule for c in tb.candidate_configs("fwd", small, tuning=True)} == {"fused"}
+    assert all(c.schedule == "fused" for c in tb.candidate_configs("bwd", large, schedule="fused"))
+    assert not tb.candidate_configs("fwd", small, first_layer="direct")[0].separable
+    assert not tb.candidate_configs("fwd", _shape(ffn=True))[0].separable  # ffn is never separable
+    with pytest.raises(ValueError, match="not separable"):
+        tb.candidate_configs("fwd", _shape(ffn=True), "separable")
+    with pytest.raises(ValueError, match="schedule"):
+        tb.candidate_configs("fwd", small, schedule="tiled")
+
+
+def test_tuner_times_tiles_then_the_direct_first_layer_skips_failures_and_remembers(monkeypatch):
+    monkeypatch.setattr(tt, "_TUNED", {})
+    shape = _shape(600)
+    candidates = tb.candidate_configs("fwd", shape, "auto", "auto", True)
+    assert len(candidates) >= 2 and all(c.separable for c in candidates)
+    failing, fastest = candidates[0], candidates[-1]
+    direct = dataclasses.replace(fastest, separable=False)
+    timer = FakeTimer(lambda c: None if c == failing else (0.5 if c == direct else
+                                                            (1.0 if c == fastest else 2.0)))
+    cpu = torch.device("cpu")
+    assert tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer) == direct
+    assert timer.ran == list(candidates) + [direct]  # tiles first, then the winner's direct form
+    assert tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer) == direct
+    assert len(timer.ran) == len(candidates) + 1  # remembered: nothing timed again
+    assert list(tb.tuned_configs().values()) == [direct]
+    assert tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=False) == candidates[0]
+    nothing_runs = FakeTimer(lambda c: None)
+    with pytest.raises(RuntimeError, match="no Triton launch configuration"):
+        tb.choose_config("bwd", shape, cpu, "direct", nothing_runs.run, tune=True, timer=nothing_runs)
+
+
+def test_tuning_decisions_are_kept_on_disk(monkeypatch, tmp_path):
+    path = tmp_path / "cache" / "tune.json"
+    monkeypatch.setenv("NERN_FAST_TRITON_TUNE_CACHE", str(path))
+    monkeypatch.setattr(tt, "_TUNED", {})
+    shape, cpu = _shape(600), torch.device("cpu")
+    candidates = tb.candidate_configs("fwd", shape, "auto", "chunked", True)
+    timer = FakeTimer(lambda c: 1.0 if c.separable else 3.0)
+    chosen = tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer, schedule="chunked")
+    assert chosen in candidates and path.exists()
+    monkeypatch.setattr(tt, "_TUNED", {})  # a new process: only the file remembers
+
+    def must_not_run(config):
+        raise AssertionError("re-tuned although the decision is on disk")
+
+    again = tb.choose_config("fwd", shape, cpu, "auto", must_not_run, tune=True, timer=timer, schedule="chunked")
+    assert again == chosen
+    # Another row bucket, another key: tuned and added to the same file.
+    other = dataclasses.replace(shape, rows=1 << 20)
+    tb.choose_config("fwd", other, cpu, "auto", timer.run, tune=True, timer=timer, schedule="chunked")
+    assert len(tt._read_disk(path)) == 2
+    # Changed kernels (another code hash) never reuse a decision; a corrupt file is ignored.
+    monkeypatch.setattr(tt, "_TUNED", {})
+    monkeypatch.setattr(tt, "code_hash", lambda: "other-code")
+    before = len(timer.ran)
+    tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer, schedule="chunked")
+    assert len(timer.ran) > before
+    path.write_text("{not json")
+    monkeypatch.setattr(tt, "_TUNED", {})
+    assert tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer,
+                            schedule="chunked") == chosen
+    # Disabled: nothing read or written.
+    path.unlink()
+    monkeypatch.setenv("NERN_FAST_TRITON_TUNE_CACHE", "0")
+    assert tt.cache_path() is None
+    monkeypatch.setattr(tt, "_TUNED", {})
+    tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer, schedule="chunked")
+    assert not path.exists()
+
+
+def test_a_configuration_that_does_not_compile_falls_back_to_the_next(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+    monkeypatch.setattr(tb, "_FALLBACK", {})
+    candidates = tb.candidate_configs("fwd", _shape(600), "auto", "auto", True)
+    ran = []
 
     def run(config):
         ran.append(config)
         if config == candidates[0]:
-            raise RuntimeError("out of resources")  # a candidate the device cannot run
+            raise OutOfResources(300000, 232448, "shared memory")
+        return "ok"
 
-    def timer(fn):
-        fn()
-        return 1.0 if ran[-1] == fastest else 2.0
-
-    monkeypatch.setattr(tb, "_TUNED", {})
-    cpu = torch.device("cpu")
-    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=True, timer=timer) == fastest
-    assert ran == candidates
-    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=True, timer=timer) == fastest
-    assert len(ran) == len(candidates)  # remembered: nothing timed again
-    assert list(tb.tuned_configs().values()) == [fastest]
-    assert tb.choose_config("fwd", shape, cpu, "auto", run, tune=False) == candidates[0]
-    with pytest.raises(ValueError, match="not separable"):
-        tb.candidate_configs("fwd", tb.DecodeShape(**{**shape.__dict__, "ffn": True}), "separable")
+    assert tb._run_with_fallback(candidates[0], candidates, run) == "ok"
+    assert ran == [candidates[0], candidates[1]]
+    assert tb._run_with_fallback(candidates[0], candidates, run) == "ok"  # remembered
+    assert ran[-1] == candidates[1] and len(ran) == 3
+    with pytest.raises(ValueError):  # anything else is a real error, not a fallback
+        tb._run_with_fallback(candidates[1], candidates, lambda c: (_ for _ in ()).throw(ValueError("bug")))
 
 
 @pytest.mark.gpu
@@ -228,9 +432,9 @@ def test_tuner_keeps_the_fastest_runnable_candidate_and_remembers_it(monkeypatch
 def test_tuner_on_gpu(monkeypatch, capfd):
     monkeypatch.setenv("NERN_FAST_TRITON_AUTOTUNE", "1")
     monkeypatch.setenv("NERN_FAST_TRITON_TUNE_LOG", "1")
-    monkeypatch.setattr(tb, "_TUNED", {})
+    monkeypatch.setattr(tt, "_TUNED", {})
     layout = mixed_layout(3, "local", "center", permuted=True)
-    pred = random_predictor(layout, hidden=48, num_blocks=4, levels=6).cuda()
+    pred = random_predictor(layout, hidden=288, num_blocks=4, levels=6).cuda()  # both schedules timed
     out, grads = decode_and_grads(pred, "triton")
     ref, ref_grads = decode_and_grads(pred, "eager")
     assert rel_err(out, ref) <= FP32_TOL
@@ -238,7 +442,8 @@ def test_tuner_on_gpu(monkeypatch, capfd):
         assert rel_err(g, r) <= FP32_TOL
     kinds = sorted(key[0] for key in tb.tuned_configs())
     assert kinds == ["bwd", "fwd"]
-    assert "[nern_fast.triton] fwd" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "[nern_fast.triton] fwd" in err and " chunked " in err and " fused " in err
 
 
 # ----------------------------------------------------------------------------- backend selection
@@ -285,7 +490,7 @@ def test_launch_inputs_are_checked(device):
     table = tb.encoding_table(pred.encoding, torch.device(device))
     args = [w, b, None, t.kernel_offsets, t.weight_offsets, t.meta, t.coord_rows, t.pos_layer,
             t.pos_filter, t.pos_channel, table, 3, layout.num_kernels, layout.num_weights, 0, False, "fp32",
-            "auto", False, 1 << 30]
+            "auto", "auto", False, 1 << 30, 1 << 28]
     bad = list(args)
     bad[5] = t.meta.long()
     with pytest.raises(ValueError, match="meta must be torch.int32"):
@@ -333,9 +538,13 @@ def test_fp32_mode_with_tf32x3_dots_keeps_fp32_tolerance(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
-def test_large_layouts_on_gpu(case):
+def test_large_layouts_on_gpu(case, schedule, monkeypatch):
     _, make_layout, hidden, precision = case
+    monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", schedule)
+    if schedule == "chunked":  # several chunks, the last one partial
+        monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "4096")
     layout = make_layout()
     pred = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40).cuda()
     ours, ours_grads = decode_and_grads(pred, "triton", precision=precision)

@@ -43,24 +43,33 @@ CALLS = [
 ]
 
 
-def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: int) -> dict:
+def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: int,
+             pointer_types: dict | None = None, ones: tuple = (), divisible: tuple = ()) -> dict:
+    """Compile for sm_90 and read the cubin's resource usage. ``pointer_types`` overrides the element
+    type of pointer arguments by name; integer arguments named in ``ones`` are specialised to 1 and
+    those in ``divisible`` marked as multiples of 16 — what triton does at a launch that passes such
+    values (a unit stride, padded sizes)."""
     import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, attrs = {}, {}
+    signature, attrs, constexprs = {}, {}, dict(constexprs)
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
+        elif p.name in ones:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = 1
         elif p.name.endswith("_ptr"):
-            kind = "bf16" if bf16 and p.name in BF16_POINTERS else POINTER_TYPES[p.name]
+            kind = (pointer_types or {}).get(p.name) or (
+                "bf16" if bf16 and p.name in BF16_POINTERS else POINTER_TYPES[p.name])
             signature[p.name] = "*" + kind
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "i32"
-            if p.name in MULTIPLES_OF_16:
+            if p.name in MULTIPLES_OF_16 or p.name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     constexprs = {k: v for k, v in constexprs.items() if k in kernel.arg_names}
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs),
@@ -73,14 +82,87 @@ def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: i
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
                                text=True, check=True).stdout
     fields = dict(item.split(":") for item in usage.split() if item.count(":") == 1 and item[0].isupper())
+    ptx = compiled.asm["ptx"]
     return {"registers": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("STACK", -1)),
-            "shared_bytes": int(compiled.metadata.shared)}
+            "shared_bytes": int(compiled.metadata.shared), "wgmma": "wgmma.mma_async" in ptx,
+            "async_copy": "cp.async" in ptx}
+
+
+def _shape(tb, hidden: int, precision: str, **kw):
+    base = dict(rows=1 << 20, subset=False, hidden=hidden, num_hidden=3, enc_size=240, levels=40,
+                kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False, precision=precision,
+                f64=False, num_layers=16, num_filters=4800, num_channels=4800)
+    base.update(kw)
+    return tb.DecodeShape(**base)
+
+
+def _chunked_report(tb) -> list[dict]:
+    """Every chunked kernel with every candidate configuration the tuner may pick (H = 1256; tf32, bf16;
+    fp32 and fp32x3 defaults): the GEMMs in each role they are launched in."""
+    from nern_fast.kernels import decode_chunked as kc
+    from nern_fast.ops import triton_chunked as tc
+    from nern_fast.ops.triton_inputs import PRECISION_CODES
+
+    rows = []
+    fp32 = {"a_ptr": "fp32", "w_ptr": "fp32", "b_ptr": "fp32", "h_ptr": "fp32", "y_ptr": "fp32"}
+    for precision in ("tf32", "bf16", "fp32", "fp32x3"):
+        act = "bf16" if precision == "bf16" else "fp32"
+        shape = _shape(tb, 1256, precision)
+        code = PRECISION_CODES[precision]
+        for kind in ("fwd", "bwd"):
+            for config in tb.candidate_configs(kind, shape, "auto", "chunked"):
+                tiles = dict(PRECISION=code, INTERPRET=False, F64=False, BM=config.bm, BN=config.bn,
+                             GROUP_M=8)
+                launch = (config.num_warps, config.num_stages)
+                # (role, pointer types, constexprs, unit-stride argument, multiples of 16): at H = 1256
+                # K, N_S and the strides are padded (H_S = 1264, E_S = 240, K2P = 16); K_W is padded in
+                # the forward but the true H (1256) or k² (9) in the backward; N_W = H forward.
+                fwd_div = ("M", "K", "K_W", "N_S", "stride_wn")
+                roles = [("hidden", {**fp32, "a_ptr": act, "w_ptr": act, "y_ptr": act},
+                          dict(EPILOGUE=0, ROUND_A=False, BK=config.bk), "stride_wk", fwd_div),
+                         ("first-direct", {**fp32, "a_ptr": act, "y_ptr": act},
+                          dict(EPILOGUE=0, ROUND_A=False, BK=config.bk), "stride_wk", fwd_div)]
+                if kind == "bwd":
+                    bwd_div = ("M", "K", "N_W", "N_S", "stride_wk")
+                    roles = [("input-grad", {**fp32, "a_ptr": act, "w_ptr": act, "h_ptr": act, "y_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=False, BK=config.bk), "stride_wn", bwd_div),
+                             ("last-input-grad", {**fp32, "h_ptr": act, "y_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=True, BK=16), "stride_wn", bwd_div)]
+                for role, types, extra, unit, div in roles:
+                    usage = _compile(kc.chunk_matmul_kernel, {**tiles, **extra}, False, *launch,
+                                     pointer_types=types, ones=(unit,), divisible=div)
+                    rows.append({"call": f"chunk-matmul-{role}-{precision}", "config": config.describe(),
+                                 **usage})
+                if kind == "bwd":
+                    bn, bk, br = tc.weight_grad_tiles(config)
+                    for role, d_type, x_type, n in (("hidden", act, act, bn), ("last", "fp32", act, 16)):
+                        usage = _compile(kc.chunk_weight_grad_kernel,
+                                         dict(ROUND_D=role == "last", PRECISION=code, INTERPRET=False,
+                                              F64=False, BN=n, BK=bk, BR=br), False, *launch,
+                                         pointer_types={"d_ptr": d_type, "x_ptr": x_type, "part_ptr": "fp32"},
+                                         divisible=("N_S", "K_X", "M", "seg_rows", "w_off", "b_off"))
+                        rows.append({"call": f"chunk-weight-grad-{role}-{precision}",
+                                     "config": f"BN={n} BK={bk} BR={br} warps={launch[0]} stages={launch[1]}",
+                                     **usage})
+    # The row kernels (4 warps, one configuration each), bf16 activations, every option on.
+    row = dict(K=5, K2P=32, SUBSET=True, PERMUTED=True, CROP=True, PRECISION=2, INTERPRET=False, F64=False,
+               BM=tc.row_tile())
+    bf16_x = {"x_ptr": "bf16", "raw_ptr": "fp32", "g_ptr": "fp32", "act_ptr": "bf16", "enc_out_ptr": "bf16"}
+    for name, kernel, extra in (("chunk-out", kc.chunk_out_kernel, dict(BK=64)),
+                                ("chunk-out-grad-max", kc.chunk_out_grad_kernel, dict(BK=64, HAS_MAX=True)),
+                                ("chunk-first-layer", kc.chunk_first_layer_kernel, dict(BS=64)),
+                                ("chunk-encoding-ffn", kc.chunk_encoding_kernel, dict(BK=32, FFN=True))):
+        usage = _compile(kernel, {**row, **extra}, False, 4, 2, pointer_types=bf16_x,
+                         divisible=("tile0", "R"))
+        rows.append({"call": name, "config": f"BM={tc.row_tile()} warps=4", **usage})
+    return rows
 
 
 def report() -> list[dict]:
     """Compile every call of CALLS with its default configuration; one dict per kernel."""
     from nern_fast.kernels import decode_bwd, decode_fwd
     from nern_fast.ops import triton_backend as tb
+    from nern_fast.ops import triton_fused as tb_fused
 
     rows = []
     for name, kind, hidden, precision, k, crop, has_max, permuted, subset, ffn in CALLS:
@@ -88,8 +170,8 @@ def report() -> list[dict]:
                                levels=40, kernel_size=k, ffn=ffn, permuted=permuted, crop=crop,
                                has_max=has_max, precision=precision, f64=False, num_layers=16,
                                num_filters=4800, num_channels=4800)
-        config = tb.candidate_configs(kind, shape)[0]
-        meta = tb._constexprs(shape, config)
+        config = tb.candidate_configs(kind, shape, "auto", "fused")[0]
+        meta = tb_fused.constexprs(shape, config)
         warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
         kernel = decode_fwd.decode_fwd_kernel if kind == "fwd" else decode_bwd.decode_bwd_kernel
         meta.update(HAS_MAX=has_max, ATOMIC=False)
@@ -100,7 +182,7 @@ def report() -> list[dict]:
                  **_compile(decode_fwd.first_layer_tables_kernel, table_meta, False, 4, 2)})
     rows.append({"call": "reduce_partials", "config": "",
                  **_compile(decode_bwd.reduce_partials_kernel, {"BLOCK": 1024}, False, 4, 2)})
-    return rows
+    return rows + _chunked_report(tb)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the CUDA tests run the kernels")
@@ -113,7 +195,12 @@ def test_kernels_compile_for_sm90_within_limits():
     for row in rows:
         assert row["shared_bytes"] <= SM90_MAX_SHARED, row
         limit = 64 if row["call"].startswith("fwd") else 512  # bytes per thread
+        if row["call"].startswith("chunk-matmul") or row["call"].startswith("chunk-weight-grad"):
+            limit = 0  # plain GEMM tiles: no spills at all
         assert 0 <= row["spill_bytes"] <= limit, row
+        if row["call"].startswith("chunk-matmul-hidden-") and not row["call"].endswith(("-fp32", "-fp32x3")):
+            # the large-H schedule's reason to exist: Hopper tensor-core GEMMs with staged operands
+            assert row["wgmma"] and row["async_copy"], row
 
 
 if __name__ == "__main__":
@@ -122,5 +209,6 @@ if __name__ == "__main__":
         print(json.dumps(result))
     else:
         for r in result:
+            flags = ("wgmma " if r["wgmma"] else "") + ("cp.async" if r["async_copy"] else "")
             print(f"{r['call']:<36} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
-                  f"shared {r['shared_bytes'] / 1024:6.1f} KiB  {r['config']}")
+                  f"shared {r['shared_bytes'] / 1024:6.1f} KiB  {flags:<15} {r['config']}")

@@ -1,0 +1,375 @@
+"""What the Triton launchers get: the call's shape, its checked tensors and the packed parameters.
+
+``make_launch_inputs`` checks devices, dtypes, shapes and contiguity once, before anything is
+launched. ``LaunchInputs.packed()`` pads and converts the MLP weights into the layout the kernels
+read (and holds the separable first-layer tables built from them). A forward hands its packed
+parameters to its own backward (autograd guarantees the saved parameters are unchanged in
+between). Reuse *across* calls is opt-in (``NERN_FAST_TRITON_PARAM_CACHE=1``): a set is reused
+while the parameters are the same tensor objects with the same storage and autograd version
+counter — which misses writes through ``.data`` (``torch.autograd.gradcheck`` and many optimizers
+write that way), hence not the default; after such a write call :func:`clear_parameter_cache`.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+from nern_fast.kernels import decode_fwd
+
+# Whether triton was imported in interpreter mode (decided by TRITON_INTERPRET at import time).
+INTERPRETED = isinstance(decode_fwd.decode_fwd_kernel, InterpretedFunction)
+
+MAX_HIDDEN = 2048
+MAX_KERNEL_SIZE = 8  # k² <= 64 output columns per row
+# Precision of the kernels' dots. "fp32x3" is the fp32 mode computed with three tf32 tensor-core
+# products per fp32 product (opt-in, see the backend's NERN_FAST_TRITON_FP32_DOT).
+PRECISION_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp32x3": 3}
+
+
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil division (triton.cdiv is a constexpr function: slow to call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def round16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+def env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    return value in ("1", "true", "yes", "on")
+
+
+# ----------------------------------------------------------------------------- call description
+@dataclass(frozen=True)
+class DecodeShape:
+    """Everything about a call that shapes the kernels (compile-time constants and sizes)."""
+
+    rows: int  # R: kernels decoded (full: all of them)
+    subset: bool
+    hidden: int  # H
+    num_hidden: int  # NH = num_blocks - 2
+    enc_size: int  # E = 6·levels
+    levels: int
+    kernel_size: int  # k
+    ffn: bool
+    permuted: bool
+    crop: bool  # some layer has s < k
+    has_max: bool  # some layer with s < k uses max pooling
+    precision: str
+    f64: bool
+    num_layers: int
+    num_filters: int  # Σ C_out (rows of the filter table)
+    num_channels: int  # Σ C_in
+
+    @property
+    def k2(self) -> int:
+        return self.kernel_size ** 2
+
+    @property
+    def k2_pad(self) -> int:
+        return max(16, next_power_of_2(self.k2))
+
+    @property
+    def precision_code(self) -> int:
+        return PRECISION_CODES[self.precision]
+
+    @property
+    def enc_stride(self) -> int:  # E_S: padded row length of W1 and of the encoding scratch
+        return round16(self.enc_size)
+
+    @property
+    def hidden_stride(self) -> int:  # H_S: padded row length of hidden/last weights and activations
+        return round16(self.hidden)
+
+    @property
+    def slot_size(self) -> int:
+        """Values of one weight-gradient partial (see :func:`slot_layout`)."""
+        return slot_layout(self.hidden, self.enc_size, self.num_hidden, self.k2)[-1]
+
+    @property
+    def table_rows(self) -> int:
+        return self.num_layers + self.num_filters + self.num_channels
+
+    @property
+    def search_steps(self) -> int:  # binary-search steps of layer_of: ceil(log2 L)
+        return (self.num_layers - 1).bit_length()
+
+    @property
+    def scratch_dtype(self) -> torch.dtype:
+        if self.f64:
+            return torch.float64
+        if self.precision == "bf16" and not INTERPRETED:
+            return torch.bfloat16  # activations are bf16 operands of the next layer anyway
+        return torch.float32
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        return torch.float64 if self.f64 else torch.float32
+
+
+def slot_layout(hidden: int, enc_size: int, num_hidden: int, k2: int) -> tuple[int, ...]:
+    """Offsets of W1, W_hidden, W_last, b1, b_hidden, b_last and the total in a gradient slot.
+
+    Rows are padded as the kernels read the weights: W1 (H, E_S), W_hidden (NH, H, H_S),
+    W_last (k², H_S), b1 (H_S), b_hidden (NH, H_S), b_last (K2P); every offset is a multiple of 16.
+    """
+    e_s, h_s = round16(enc_size), round16(hidden)
+    k2p = max(16, next_power_of_2(k2))
+    o_wh = hidden * e_s
+    o_wl = o_wh + num_hidden * hidden * h_s
+    o_b1 = o_wl + k2 * h_s
+    o_bh = o_b1 + h_s
+    o_bl = o_bh + num_hidden * h_s
+    return 0, o_wh, o_wl, o_b1, o_bh, o_bl, o_bl + k2p
+
+
+def unpack_gradients(flat: torch.Tensor, weights: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """A gradient slot -> per-parameter gradients shaped like the weights and biases."""
+    h, e = weights[0].shape
+    nh, k2 = len(weights) - 2, weights[-1].shape[0]
+    e_s, h_s = round16(e), round16(h)
+    o_w1, o_wh, o_wl, o_b1, o_bh, o_bl, _ = slot_layout(h, e, nh, k2)
+
+    def matrix(offset, rows, stride, cols):
+        m = flat[offset:offset + rows * stride].view(rows, stride)
+        return m if stride == cols else m[:, :cols].contiguous()
+
+    grads_w = ([matrix(o_w1, h, e_s, e)] + [matrix(o_wh + i * h * h_s, h, h_s, h) for i in range(nh)]
+               + [matrix(o_wl, k2, h_s, h)])
+    grads_b = ([flat[o_b1:o_b1 + h]] + [flat[o_bh + i * h_s:o_bh + i * h_s + h] for i in range(nh)]
+               + [flat[o_bl:o_bl + k2]])
+    return grads_w, grads_b
+
+
+# ----------------------------------------------------------------------------- parameter cache
+class _Fingerprint:
+    """Identity, storage and version counter of tensors: equal while none of them was replaced,
+    moved or modified in place (through autograd-visible operations)."""
+
+    __slots__ = ("refs", "state")
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self.refs = [weakref.ref(t) for t in tensors]
+        self.state = [(t.data_ptr(), t._version) for t in tensors]
+
+    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
+        if len(tensors) != len(self.refs):
+            return False
+        for ref, (ptr, version), t in zip(self.refs, self.state, tensors):
+            if ref() is not t or t.data_ptr() != ptr or t._version != version:
+                return False
+        return True
+
+
+def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
+    if not env_flag("NERN_FAST_TRITON_PARAM_CACHE", False) or torch.compiler.is_compiling():
+        return False
+    # Inference tensors have no version counter; tensors of a graph being traced are not real.
+    return not any(t.is_inference() for t in tensors)
+
+
+@dataclass
+class PackedParameters:
+    """Kernel-ready parameters and, once built, the separable first-layer tables of one layout."""
+
+    params: list
+    tables: Optional[tuple] = None  # (weak references to the layout tensors, tables)
+
+    def first_layer_tables(self, layout_tensors: Sequence[torch.Tensor],
+                           build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tables for these layout tensors (immutable: a layout's cached metadata), built once."""
+        if self.tables is not None and all(r() is t for r, t in zip(self.tables[0], layout_tensors)):
+            return self.tables[1]
+        tables = build()
+        self.tables = ([weakref.ref(t) for t in layout_tensors], tables)
+        return tables
+
+
+_PARAM_CACHE: "OrderedDict[tuple, tuple[_Fingerprint, PackedParameters]]" = OrderedDict()
+_PARAM_CACHE_SIZE = 2
+
+
+def clear_parameter_cache() -> None:
+    """Forget every packed parameter set (needed only after writes through ``.data``)."""
+    _PARAM_CACHE.clear()
+
+
+# ----------------------------------------------------------------------------- launch inputs
+@dataclass
+class LaunchInputs:
+    """Checked, launch-ready tensors of one call."""
+
+    shape: DecodeShape
+    weights: List[torch.Tensor]
+    biases: List[torch.Tensor]
+    rows: Optional[torch.Tensor]
+    kernel_offsets: torch.Tensor
+    weight_offsets: torch.Tensor
+    meta: torch.Tensor
+    coord_rows: Optional[torch.Tensor]
+    pos_layer: torch.Tensor
+    pos_filter: torch.Tensor
+    pos_channel: torch.Tensor
+    enc_table: torch.Tensor
+    num_weights: int
+    packed_params: Optional[PackedParameters] = None  # packed once per call (or handed over)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights[0].device
+
+    def prefix(self, rows: int) -> "LaunchInputs":
+        """The same call restricted to its first ``rows`` rows (what the tuner times on large calls:
+        a full decode of R' < N rows decodes flat kernels 0..R'-1); shares the packed parameters."""
+        if rows >= self.shape.rows:
+            return self
+        self.packed()
+        shape = DecodeShape(**{**self.shape.__dict__, "rows": rows})
+        sub = None if self.rows is None else self.rows[:rows]
+        return LaunchInputs(**{**self.__dict__, "shape": shape, "rows": sub})
+
+    def packed(self) -> PackedParameters:
+        """The packed parameters of this call: packed at the first use (or handed over by the
+        forward of this backward), or from the opt-in cross-call cache."""
+        if self.packed_params is None:
+            self.packed_params = self._cached_or_packed()
+        return self.packed_params
+
+    def _cached_or_packed(self) -> PackedParameters:
+        tensors = self.weights + self.biases
+        if not _cacheable(tensors):
+            return PackedParameters(self._pack())
+        key = (tuple(id(t) for t in tensors), self.shape.precision)
+        entry = _PARAM_CACHE.get(key)
+        if entry is not None and entry[0].matches(tensors):
+            _PARAM_CACHE.move_to_end(key)
+            return entry[1]
+        packed = PackedParameters(self._pack())
+        _PARAM_CACHE[key] = (_Fingerprint(tensors), packed)
+        while len(_PARAM_CACHE) > _PARAM_CACHE_SIZE:
+            _PARAM_CACHE.popitem(last=False)
+        return packed
+
+    def layout_tensors(self) -> list[torch.Tensor]:
+        """What the separable tables depend on besides W1 and b1."""
+        return [self.pos_layer, self.pos_filter, self.pos_channel, self.enc_table]
+
+    def _pack(self) -> list[torch.Tensor]:
+        """[W1 (H, E_S), b1, W_hidden (NH, H, H_S), b_hidden (NH, H), W_last (k², H_S), b_last].
+
+        Rows zero-padded to multiples of 16 values so that the kernels' loads vectorise (and, for
+        bf16, can be staged asynchronously); the hidden layers in one buffer (the kernels loop over
+        them); bf16 precision keeps bf16 copies of the hidden weights (half the memory traffic).
+        """
+        with torch.no_grad():  # cached copies: never part of an autograd graph
+            return self._pack_no_grad()
+
+    def _pack_no_grad(self) -> list[torch.Tensor]:
+        shape = self.shape
+        w1, wl = self.weights[0], self.weights[-1]
+        if shape.enc_stride != shape.enc_size:
+            w1 = torch.nn.functional.pad(w1, (0, shape.enc_stride - shape.enc_size))
+        if shape.hidden_stride != shape.hidden:
+            wl = torch.nn.functional.pad(wl, (0, shape.hidden_stride - shape.hidden))
+        if shape.num_hidden:
+            wh = torch.stack(self.weights[1:-1])
+            if shape.hidden_stride != shape.hidden:
+                wh = torch.nn.functional.pad(wh, (0, shape.hidden_stride - shape.hidden))
+            if shape.precision == "bf16" and not INTERPRETED and not shape.f64:
+                wh = wh.to(torch.bfloat16)
+            bh = torch.stack(self.biases[1:-1])
+        else:  # num_blocks == 2: never read, any valid pointer
+            wh, bh = w1, self.biases[0]
+        if shape.precision == "tf32" and not INTERPRETED:
+            w1, wh, wl = (_round_to_tf32(w) for w in (w1, wh, wl))
+        return [w1.contiguous(), self.biases[0], wh.contiguous(), bh, wl.contiguous(), self.biases[-1]]
+
+
+def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """A copy rounded to the nearest tf32 values (ties away from zero), as the kernels round their
+    own operands: the tensor cores then truncate nothing."""
+    return ((t.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+
+
+def make_launch_inputs(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                       rows: Optional[torch.Tensor], kernel_offsets: torch.Tensor,
+                       weight_offsets: torch.Tensor, meta: torch.Tensor, coord_rows: Optional[torch.Tensor],
+                       pos_layer: torch.Tensor, pos_filter: torch.Tensor, pos_channel: torch.Tensor,
+                       enc_table: torch.Tensor, kernel_size: int, num_kernels: int, num_weights: int,
+                       crop_flags: int, ffn: bool, precision: str) -> LaunchInputs:
+    """Check devices, dtypes, shapes and contiguity before anything is launched."""
+    weights, biases = list(weights), list(biases)
+    if len(weights) < 2 or len(weights) != len(biases):
+        raise ValueError(f"expected matching lists of >= 2 weights and biases, got {len(weights)} and "
+                         f"{len(biases)}")
+    if precision not in PRECISION_CODES:
+        raise ValueError(f"precision '{precision}' is not one of {tuple(PRECISION_CODES)}")
+    w0 = weights[0]
+    device, dtype = w0.device, w0.dtype
+    if device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError("the Triton kernels got CPU tensors but triton was not imported in interpreter "
+                           "mode; set TRITON_INTERPRET=1 before importing nern_fast, or use CUDA tensors")
+    if dtype is not torch.float32 and not (INTERPRETED and dtype is torch.float64):
+        raise ValueError(f"the Triton decoder needs float32 parameters, got {dtype}"
+                         + ("" if INTERPRETED else " (float64 only under the interpreter)"))
+    hidden = w0.shape[0]
+    levels = enc_table.shape[0] // 3 if ffn else enc_table.shape[0]
+    enc_size = 6 * levels
+    k2 = kernel_size * kernel_size
+    last = len(weights) - 1
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        shp = (hidden, enc_size) if i == 0 else ((k2, hidden) if i == last else (hidden, hidden))
+        if w.shape != shp or b.shape != shp[:1]:
+            raise ValueError(f"MLP layer {i}: expected weight {shp} and bias ({shp[0]},), got "
+                             f"{tuple(w.shape)} and {tuple(b.shape)}")
+        for t, what in ((w, "weight"), (b, "bias")):
+            if t.device != device or t.dtype is not dtype:
+                raise ValueError(f"MLP layer {i} {what} is {t.dtype} on {t.device}; layer 0 weight is "
+                                 f"{dtype} on {device}; use one dtype and device for all parameters")
+            if not t.is_contiguous():
+                raise ValueError(f"MLP layer {i} {what} is not contiguous (strides {t.stride()}); pass "
+                                 f"contiguous parameters (.contiguous())")
+    if not 1 <= hidden <= MAX_HIDDEN:
+        raise ValueError(f"hidden size {hidden} is outside 1..{MAX_HIDDEN} supported by the Triton decoder")
+    if not 1 <= kernel_size <= MAX_KERNEL_SIZE:
+        raise ValueError(f"kernel size {kernel_size} is outside 1..{MAX_KERNEL_SIZE} supported by the "
+                         f"Triton decoder")
+    layout_tensors = (("kernel_offsets", kernel_offsets, torch.int64),
+                      ("weight_offsets", weight_offsets, torch.int64), ("meta", meta, torch.int32),
+                      ("pos_layer", pos_layer, torch.float32), ("pos_filter", pos_filter, torch.float32),
+                      ("pos_channel", pos_channel, torch.float32), ("enc_table", enc_table, torch.float32),
+                      ("coord_rows", coord_rows, torch.int64), ("rows", rows, torch.int64))
+    for name, t, want in layout_tensors:
+        if t is None:
+            continue
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the parameters are on {device}; build the "
+                             f"layout tensors with layout.tensors(device)")
+        if t.dtype is not want:
+            raise ValueError(f"{name} must be {want}, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if rows is not None and rows.dim() != 1:
+        raise ValueError(f"rows must be 1-D flat kernel indices, got shape {tuple(rows.shape)}")
+    shape = DecodeShape(
+        rows=int(rows.shape[0]) if rows is not None else num_kernels, subset=rows is not None,
+        hidden=hidden, num_hidden=len(weights) - 2, enc_size=enc_size, levels=levels,
+        kernel_size=kernel_size, ffn=ffn, permuted=coord_rows is not None, crop=bool(crop_flags & 1),
+        has_max=bool(crop_flags & 2), precision=precision, f64=dtype is torch.float64,
+        num_layers=int(meta.shape[0]), num_filters=int(pos_filter.shape[0]),
+        num_channels=int(pos_channel.shape[0]))
+    return LaunchInputs(shape, weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows,
+                        pos_layer, pos_filter, pos_channel, enc_table, num_weights)
