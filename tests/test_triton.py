@@ -407,6 +407,31 @@ def test_tuning_decisions_are_kept_on_disk(monkeypatch, tmp_path):
     assert not path.exists()
 
 
+def test_tuning_runs_candidates_on_a_prefix_and_then_the_whole_call(monkeypatch):
+    """The CUDA tuning path, end to end on CPU: candidates timed on the first TUNE_ROWS rows (each
+    paying for its own first-layer tables), the winner run on every row."""
+    monkeypatch.setattr(tb, "tuning_enabled", lambda device: True)
+    monkeypatch.setattr(tb, "TUNE_ROWS", 100)
+    monkeypatch.setattr(tt, "_TUNED", {})
+    monkeypatch.setattr(tt, "_time_ms", lambda fn: (fn(), 1.0)[1])
+    runs, run_forward = [], tb._run_forward
+
+    def spy(inputs, config, out, budget):
+        runs.append((inputs.shape.rows, config.separable, inputs.packed().tables is None))
+        return run_forward(inputs, config, out, budget)
+
+    monkeypatch.setattr(tb, "_run_forward", spy)
+    layout = mixed_layout(3)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4)
+    with torch.no_grad():
+        out = ops.decode(pred.weights(), pred.biases(), layout, pred.encoding, backend="triton")
+        ref = ops.decode(pred.weights(), pred.biases(), layout, pred.encoding, backend="eager")
+    assert rel_err(out, ref) <= FP32_TOL
+    assert runs[:2] == [(100, True, True), (100, False, True)]  # separable, then its direct form
+    assert runs[-1][0] == layout.num_kernels and len(runs) == 3
+    assert [key[0] for key in tb.tuned_configs()] == ["fwd"]
+
+
 def test_a_configuration_that_does_not_compile_falls_back_to_the_next(monkeypatch):
     from triton.runtime.errors import OutOfResources
     monkeypatch.setattr(tb, "_FALLBACK", {})
@@ -557,3 +582,39 @@ def test_large_layouts_on_gpu(case, schedule, monkeypatch):
     exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")
     for x, e, r in [(ours, eager, exact)] + list(zip(ours_grads, eager_grads, exact_grads)):
         assert rel_err(x, r) <= max(2 * rel_err(e, r), FP32_TOL)
+
+
+BUG_FACTOR = 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+def test_every_tuner_candidate_is_correct_on_gpu(precision):
+    """The tuner may pick any candidate, not only the defaults the tests above run: each one (both
+    schedules, H = 1256) must decode and differentiate correctly. A wrong tile shows as errors of
+    order 1; the bound here (3× the eager decoder's own error) leaves room for the rounding of one
+    tile shape against another (the reduced-precision rule itself is tested above)."""
+    layout = WeightLayout.from_shapes([(64, 64, 3, 3), (128, 64, 3, 3)])
+    pred = random_predictor(layout, hidden=1256, num_blocks=5, levels=40).cuda()
+    exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")
+    pred = pred.float()
+    eager, eager_grads = decode_and_grads(pred, "eager", precision=precision)
+    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1)).to(eager)  # as decode_and_grads
+    weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
+    tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
+    inputs = tb.make_launch_inputs(weights, biases, None, *tensors, *static, precision)
+    chunked = list(tb.candidate_configs("fwd", inputs.shape, "auto", "chunked", True))
+    forward_configs = (list(tb.candidate_configs("fwd", inputs.shape, "auto", "fused", True)) + chunked
+                       + [dataclasses.replace(chunked[0], separable=False)])
+    for config in forward_configs:
+        out = torch.empty(layout.num_weights, device="cuda")
+        tb._run_forward(inputs, config, out, 64 << 20)  # 64 MB: several chunks
+        assert rel_err(out, exact) <= max(BUG_FACTOR * rel_err(eager, exact), FP32_TOL), config.describe()
+    backward_configs = (tb.candidate_configs("bwd", inputs.shape, "auto", "fused", True)
+                        + tb.candidate_configs("bwd", inputs.shape, "auto", "chunked", True))
+    for config in backward_configs:
+        flat = tb._run_backward(inputs, grad, config, False, 256 << 20)
+        grads_w, grads_b = tb.unpack_gradients(flat, weights)
+        for g, e, r in zip(grads_w + grads_b, eager_grads, exact_grads):
+            assert rel_err(g, r) <= max(BUG_FACTOR * rel_err(e, r), FP32_TOL), config.describe()

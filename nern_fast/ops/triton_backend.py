@@ -48,8 +48,8 @@ from ..layout import WeightLayout
 from . import triton_chunked, triton_fused
 from .dispatch import DecodeRequest, register_backend
 from .triton_inputs import (INTERPRETED, MAX_HIDDEN, MAX_KERNEL_SIZE, PRECISION_CODES, DecodeShape,
-                            LaunchInputs, PackedParameters, clear_parameter_cache, env_flag,
-                            make_launch_inputs, slot_layout, unpack_gradients)
+                            LaunchInputs, PackedParameters, clear_parameter_cache, cross_call_reuse,
+                            env_flag, make_launch_inputs, slot_layout, unpack_gradients)
 from .triton_tuner import (FIRST_LAYER_MODES, SCHEDULES, TUNE_ROWS, LaunchConfig, candidate_configs,
                            choose_config, tuned_configs, tuning_enabled)
 
@@ -122,8 +122,15 @@ def _choose(kind: str, inputs: LaunchInputs, first_layer: str, schedule: str,
     and run the whole call with it."""
     tune = tuning_enabled(inputs.device)
     sample = inputs.prefix(TUNE_ROWS) if tune else inputs
-    config = choose_config(kind, inputs.shape, inputs.device, first_layer, lambda c: run(sample, c),
-                           tune=tune, schedule=schedule)
+    rebuild_tables = not cross_call_reuse()
+
+    def timed(config: LaunchConfig):
+        if rebuild_tables:  # as every real call does: the separable form pays for its tables
+            sample.packed().tables = None
+        return run(sample, config)
+
+    config = choose_config(kind, inputs.shape, inputs.device, first_layer, timed, tune=tune,
+                           schedule=schedule)
     candidates = candidate_configs(kind, inputs.shape, first_layer, schedule, tune)
     return _run_with_fallback(config, candidates, lambda c: run(inputs, c))
 

@@ -174,8 +174,13 @@ class _Fingerprint:
         return True
 
 
+def cross_call_reuse() -> bool:
+    """Whether packed parameters may be reused across calls (NERN_FAST_TRITON_PARAM_CACHE=1)."""
+    return env_flag("NERN_FAST_TRITON_PARAM_CACHE", False)
+
+
 def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
-    if not env_flag("NERN_FAST_TRITON_PARAM_CACHE", False) or torch.compiler.is_compiling():
+    if not cross_call_reuse() or torch.compiler.is_compiling():
         return False
     # Inference tensors have no version counter; tensors of a graph being traced are not real.
     return not any(t.is_inference() for t in tensors)

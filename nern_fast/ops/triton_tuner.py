@@ -276,13 +276,14 @@ def _log(message: str) -> None:
 
 def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_layer: str,
                   run: Callable[[LaunchConfig], None], tune: Optional[bool] = None,
-                  timer: Callable[[Callable[[], None]], float] = _time_ms,
+                  timer: Optional[Callable[[Callable[[], None]], float]] = None,
                   schedule: str = "auto") -> LaunchConfig:
     """The fastest candidate for (kind, shape, device, settings): remembered in the process and on
     disk, timed only the first time. Without tuning the first candidate is taken.
     Candidates that fail to compile or launch (e.g. out of shared memory) are skipped."""
     if tune is None:
         tune = tuning_enabled(device)
+    timer = timer or _time_ms
     candidates = candidate_configs(kind, shape, first_layer, schedule, bool(tune))
     try_direct = tune and first_layer == "auto" and candidates[0].separable
     if not tune or (len(candidates) == 1 and not try_direct):
