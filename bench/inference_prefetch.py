@@ -1,0 +1,121 @@
+"""Latency and memory of an attached network's forward: materialized vs on_demand (prefetch off/on)
+vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements ``bench.inference_forward`` (which
+does not vary ``prefetch``). Appends one JSON line per measurement to ``--out`` and prints a table.
+
+    python -m bench.inference_prefetch [--device cuda] [--nets resnet20,resnet56] [--batches 1,256]
+
+Memory columns: ``resident_mb`` = allocated before the forward (model + predictor + stored weights),
+``forward_peak_mb`` = the peak of what the forward allocates on top (decoded layers, prefetches,
+activations). CUDA memory comes from the caching allocator; on CPU only the attachment's own
+``peak_held_bytes`` (decoded weights it references) is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from nern_fast import FastPredictor, ops
+from nern_fast.inference import attachment
+from nern_fast.models import cifar_resnet
+
+NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden size
+
+
+def variants(largest_layer_bytes: int):
+    return [("materialized", {}), ("on_demand", {"prefetch": False}), ("on_demand", {"prefetch": True}),
+            ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True})]
+
+
+def timed(fn, device: torch.device, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--nets", default="resnet20,resnet56")
+    parser.add_argument("--batches", default="1,256")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="bench/results/inference_prefetch.jsonl")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'net':<9} {'batch':>5} {'mode':<22} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "
+          f"{'forward_peak_mb':>15} {'held_peak_mb':>12} {'prefetched':>10}")
+    for net in args.nets.split(","):
+        depth, hidden = NETS[net]
+        torch.manual_seed(0)
+        model = cifar_resnet(depth).eval().to(device)
+        pred = FastPredictor.for_model(model, include="nern", hidden=hidden, precision=args.precision).to(device)
+        layer = pred.layout.layers[-1]
+        rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels, device=device)
+        request = ops.make_request(pred.weights(), pred.layout, pred.encoding, rows, args.precision)
+        backend = ops.select_backend(request, pred.backend).name
+        largest = max(l.num_weights for l in pred.layout.layers) * 4
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, 3, 32, 32, device=device)
+            materialized_ms = None
+            for mode, kw in variants(largest):
+                pred.attach(model, mode=mode, **kw)
+                state = attachment(model)
+
+                def forward():
+                    with torch.inference_mode():
+                        model(x)
+                timed(forward, device, 3)  # learns the conv order, fills caches, compiles kernels
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    torch.cuda.empty_cache()
+                    resident = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                state.reset_stats()
+                seconds = timed(forward, device, args.repeats)
+                peak = (torch.cuda.max_memory_allocated(device) - resident) if device.type == "cuda" else None
+                median_ms = statistics.median(seconds) * 1e3
+                if mode == "materialized":
+                    materialized_ms = median_ms
+                label = mode + ("" if "prefetch" not in kw else f" prefetch={'on' if kw['prefetch'] else 'off'}")
+                row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
+                       "torch": torch.__version__, "net": net, "hidden": hidden, "precision": args.precision,
+                       "backend": backend, "batch": batch, "mode": mode, **kw,
+                       "prefetch_active": state.prefetch, "median_ms": median_ms,
+                       "p20_ms": sorted(seconds)[len(seconds) // 5] * 1e3,
+                       "vs_materialized": median_ms / materialized_ms,
+                       "resident_mb": resident / 2**20 if device.type == "cuda" else None,
+                       "forward_peak_mb": peak / 2**20 if peak is not None else None,
+                       "held_peak_mb": state.stats["peak_held_bytes"] / 2**20,
+                       "largest_layer_mb": largest / 2**20, "predictor_mb": state.predictor_bytes / 2**20,
+                       "decodes": state.stats["decodes"], "prefetched": state.stats["prefetched"]}
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+                print(f"{net:<9} {batch:>5} {label:<22} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
+                      f"{fmt(row['resident_mb']):>11} {fmt(row['forward_peak_mb']):>15} "
+                      f"{row['held_peak_mb']:>12.3f} {state.stats['prefetched']:>10}")
+                pred.detach(model)
+        print(f"({net}: backend {backend}, largest layer {largest / 2**20:.3f} MB, predictor "
+              f"{sum(p.numel() for p in pred.parameters()) * 4 / 2**20:.3f} MB, device {name})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
