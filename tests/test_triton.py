@@ -222,6 +222,26 @@ def test_chunked_gradients_are_repeatable_and_independent_of_chunking(device, ch
         assert rel_err(a, b) <= 1e-6
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_tiles_wider_than_the_hidden_size(device):
+    """GPU-sized tiles (BM = 64 > H_S = 48, not a power of two) on a small H: every tile size the
+    launcher derives must stay a power of two and every mask right."""
+    layout = mixed_layout(3, "local", "max", permuted=True)
+    pred = random_predictor(layout, hidden=40, num_blocks=3, levels=4).to(device)
+    ref, ref_grads = decode_and_grads(pred, "eager")
+    weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
+    tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
+    inputs = tb.make_launch_inputs(weights, biases, None, *tensors, *static, "fp32")
+    config = tb.LaunchConfig(64, 64, 32, 4, 1, 1, True, "chunked")
+    out = torch.empty(layout.num_weights, device=device)
+    tb._run_forward(inputs, config, out, 1 << 16)  # 64 KiB: chunks of one quantum
+    assert rel_err(out, ref) <= FP32_TOL
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)  # as decode_and_grads
+    grads_w, grads_b = tb.unpack_gradients(tb._run_backward(inputs, grad, config, False, 1 << 20), weights)
+    for g, r in zip(grads_w + grads_b, ref_grads):
+        assert rel_err(g, r) <= FP32_TOL
+
+
 def test_chunk_plans_follow_the_memory_budget():
     from nern_fast.ops import triton_chunked as tc
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
@@ -591,8 +611,8 @@ BUG_FACTOR = 3
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 def test_every_tuner_candidate_is_correct_on_gpu(precision):
-    """The tuner may pick any candidate, not only the defaults the tests above run: each one (both
-    schedules, H = 1256) must decode and differentiate correctly. A wrong tile shows as errors of
+    """The tuner may pick any candidate, not only the defaults the tests above run: each other one
+    (both schedules, H = 1256) must decode and differentiate correctly. A wrong tile shows as errors of
     order 1; the bound here (3× the eager decoder's own error) leaves room for the rounding of one
     tile shape against another (the reduced-precision rule itself is tested above)."""
     layout = WeightLayout.from_shapes([(64, 64, 3, 3), (128, 64, 3, 3)])
@@ -604,15 +624,18 @@ def test_every_tuner_candidate_is_correct_on_gpu(precision):
     weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
     tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
     inputs = tb.make_launch_inputs(weights, biases, None, *tensors, *static, precision)
-    chunked = list(tb.candidate_configs("fwd", inputs.shape, "auto", "chunked", True))
-    forward_configs = (list(tb.candidate_configs("fwd", inputs.shape, "auto", "fused", True)) + chunked
-                       + [dataclasses.replace(chunked[0], separable=False)])
+    def others(kind, schedule):  # the defaults run in test_large_layouts_on_gpu
+        return list(tb.candidate_configs(kind, inputs.shape, "auto", schedule, True))[1:]
+
+    chunked_default = tb.candidate_configs("fwd", inputs.shape, "auto", "chunked", True)[0]
+    forward_configs = (others("fwd", "fused") + others("fwd", "chunked")
+                       + [dataclasses.replace(chunked_default, separable=False)])
     for config in forward_configs:
         out = torch.empty(layout.num_weights, device="cuda")
         tb._run_forward(inputs, config, out, 64 << 20)  # 64 MB: several chunks
         assert rel_err(out, exact) <= max(BUG_FACTOR * rel_err(eager, exact), FP32_TOL), config.describe()
-    backward_configs = (tb.candidate_configs("bwd", inputs.shape, "auto", "fused", True)
-                        + tb.candidate_configs("bwd", inputs.shape, "auto", "chunked", True))
+    backward_configs = others("bwd", "fused") + others("bwd", "chunked")
+    assert forward_configs and backward_configs
     for config in backward_configs:
         flat = tb._run_backward(inputs, grad, config, False, 256 << 20)
         grads_w, grads_b = tb.unpack_gradients(flat, weights)

@@ -165,7 +165,7 @@ class _Launcher:
                     round_d: bool = False) -> None:
         c, s = self.config, self.shape
         bn, bk, br = weight_grad_tiles(c)
-        bn = min(bn, n_s)
+        bn = min(bn, next_power_of_2(n_s))  # tl.arange needs powers of two (n_s: 16·j)
         grid = (cdiv(n_w, bn) * cdiv(k_x, bk), plan.segments)
         kc.chunk_weight_grad_kernel[grid](
             d, n_s, x, k_x, m, plan.segment_rows, n_w, partials, s.slot_size, w_off, b_off,
