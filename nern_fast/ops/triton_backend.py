@@ -77,13 +77,14 @@ def _compile_errors() -> tuple:
 
 
 _COMPILE_ERRORS = _compile_errors()
-_FALLBACK: dict[LaunchConfig, LaunchConfig] = {}  # a chosen config that failed to build -> what ran
+_FALLBACK: dict[tuple, LaunchConfig] = {}  # (call key, chosen config that failed to build) -> what ran
 
 
-def _run_with_fallback(chosen: LaunchConfig, candidates, run: Callable[[LaunchConfig], object]):
+def _run_with_fallback(chosen: LaunchConfig, candidates, run: Callable[[LaunchConfig], object],
+                       key: tuple = ()):
     """Run ``chosen``; if it does not compile on this device (an untuned default, a stale decision),
-    the next candidate that does, remembered for the process."""
-    config = _FALLBACK.get(chosen, chosen)
+    the next candidate that does, remembered for the process per call ``key``."""
+    config = _FALLBACK.get((key, chosen), chosen)
     try:
         return run(config)
     except _COMPILE_ERRORS:
@@ -96,7 +97,7 @@ def _run_with_fallback(chosen: LaunchConfig, candidates, run: Callable[[LaunchCo
             result = run(alt)
         except _COMPILE_ERRORS:
             continue
-        _FALLBACK[chosen] = alt
+        _FALLBACK[(key, chosen)] = alt
         return result
     raise RuntimeError(f"no Triton launch configuration of this decode compiles on this device "
                        f"({chosen.describe()} and {len(candidates) - 1} others failed); use another backend")
@@ -132,7 +133,7 @@ def _choose(kind: str, inputs: LaunchInputs, first_layer: str, schedule: str,
     config = choose_config(kind, inputs.shape, inputs.device, first_layer, timed, tune=tune,
                            schedule=schedule)
     candidates = candidate_configs(kind, inputs.shape, first_layer, schedule, tune)
-    return _run_with_fallback(config, candidates, lambda c: run(inputs, c))
+    return _run_with_fallback(config, candidates, lambda c: run(inputs, c), (kind, inputs.shape))
 
 
 def forward(inputs: LaunchInputs, first_layer: str = "auto", schedule: str = "auto",
