@@ -395,14 +395,16 @@ def test_tuning_decisions_are_kept_on_disk(monkeypatch, tmp_path):
     shape, cpu = _shape(600), torch.device("cpu")
     candidates = tb.candidate_configs("fwd", shape, "auto", "chunked", True)
     timer = FakeTimer(lambda c: 1.0 if c.separable else 3.0)
-    chosen = tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer, schedule="chunked")
+    chosen = tb.choose_config("fwd", shape, cpu, "auto", timer.run, tune=True, timer=timer,
+                              schedule="chunked")
     assert chosen in candidates and path.exists()
     monkeypatch.setattr(tt, "_TUNED", {})  # a new process: only the file remembers
 
     def must_not_run(config):
         raise AssertionError("re-tuned although the decision is on disk")
 
-    again = tb.choose_config("fwd", shape, cpu, "auto", must_not_run, tune=True, timer=timer, schedule="chunked")
+    again = tb.choose_config("fwd", shape, cpu, "auto", must_not_run, tune=True, timer=timer,
+                             schedule="chunked")
     assert again == chosen
     # Another row bucket, another key: tuned and added to the same file.
     other = dataclasses.replace(shape, rows=1 << 20)
@@ -620,7 +622,8 @@ def test_every_tuner_candidate_is_correct_on_gpu(precision):
     exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")
     pred = pred.float()
     eager, eager_grads = decode_and_grads(pred, "eager", precision=precision)
-    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1)).to(eager)  # as decode_and_grads
+    # the G of decode_and_grads
+    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1)).to(eager)
     weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
     tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
     inputs = tb.make_launch_inputs(weights, biases, None, *tensors, *static, precision)

@@ -47,7 +47,7 @@ import triton  # a missing triton makes register() fail with ModuleNotFoundError
 from ..layout import WeightLayout
 from . import triton_chunked, triton_fused
 from .dispatch import DecodeRequest, register_backend
-from .triton_inputs import (INTERPRETED, MAX_HIDDEN, MAX_KERNEL_SIZE, PRECISION_CODES, DecodeShape,
+from .triton_inputs import (INTERPRETED, MAX_HIDDEN, MAX_KERNEL_SIZE, DecodeShape,
                             LaunchInputs, PackedParameters, clear_parameter_cache, cross_call_reuse,
                             env_flag, make_launch_inputs, slot_layout, unpack_gradients)
 from .triton_tuner import (FIRST_LAYER_MODES, SCHEDULES, TUNE_ROWS, LaunchConfig, candidate_configs,

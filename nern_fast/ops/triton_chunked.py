@@ -250,7 +250,8 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
         for j in range(nh):
             i = nh - 1 - j
             cur, nxt = dz[j % 2], dz[(j + 1) % 2]
-            launch.weight_grad(cur, h_s, acts[i], h_s, m, h, plan, partials, o_wh + i * h * h_s, o_bh + i * h_s)
+            launch.weight_grad(cur, h_s, acts[i], h_s, m, h, plan, partials, o_wh + i * h * h_s,
+                               o_bh + i * h_s)
             launch.matmul(cur, m, h_s, wh[i], h_s, 1, h, h_s, nxt, h_s, h=acts[i])
         # ---- first layer: W1 against the encodings
         launch.weight_grad(dz[nh % 2], h_s, enc, e_s, m, h, plan, partials, 0, o_b1)
