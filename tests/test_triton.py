@@ -1,8 +1,10 @@
-"""The fused Triton decoder against the eager reference.
+"""The Triton decoder (fused and chunked schedules) against the eager reference.
 
 On a machine without a GPU these run on CPU under the Triton interpreter (conftest sets
 TRITON_INTERPRET=1 before triton is imported); with a GPU they run on CUDA, plus larger layouts and
-a torch.compile test. Shapes are tiny on CPU: the interpreter executes every tile in numpy.
+a torch.compile test. Shapes are tiny on CPU: the interpreter executes every tile in numpy. The
+chunked schedule (the large-H default) is forced with small chunks, so several chunks per call and
+a partial last one are exercised on tiny layouts.
 
 Tolerances:
 * fp32: outputs and every parameter gradient within 1e-5 of the reference, relative to the largest
