@@ -1,10 +1,14 @@
-// CUDA decode: cuBLAS GEMMs through ATen (tensor cores for tf32/bf16) on large row tiles, and
-// small kernels of our own for what cuBLAS cannot fuse: coordinates, the encoding and first layer,
-// crop + scatter into the output, the crop's backward and the first layer's gradient scatter.
-// See csrc/README.md for why this split. Every kernel bounds-checks its indices; rows whose flat
-// kernel index is out of range are skipped (the Python side asserts on them asynchronously).
+// CUDA decode: cuBLAS GEMMs through ATen (tensor cores for tf32/bf16) on large row tiles, and a few
+// kernels of our own for what cuBLAS cannot fuse: the first layer's tables, the separable first
+// layer (or the encoding), bias + ReLU in bf16 mode, crop + bias + scatter into the output, the
+// crop's backward. See csrc/README.md for the design and its measurements.
+//
+// Launches per row tile, forward: fp32/tf32 `num_blocks + 1` (first layer, one GEMM with the bias
+// and ReLU in cuBLASLt's epilogue per hidden layer, the last GEMM, crop/scatter); bf16
+// `2·num_blocks - 1` (each hidden GEMM is followed by one bias/ReLU/round pass, which keeps the
+// reference's fp32 bias: see bias_relu_bf16_kernel). Per call: one table kernel (+ one weight
+// conversion in bf16). Every kernel decodes its rows' coordinates itself and bounds-checks them.
 #include "decode.h"
-#include "decode_tables.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
@@ -12,37 +16,53 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 namespace nern_fast {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxK2 = 49;  // kernel_size <= 7, checked at the boundary
+constexpr int kMaxK2 = 49;            // kernel_size <= 7, checked at the boundary
+constexpr int kTableRows = 16;        // rows of a table per block (register accumulators)
+constexpr int kTableThreads = 128;    // hidden units per table block
+constexpr float kPi = 3.14159265358979323846f;  // torch multiplies by float(math.pi)
+// cuBLASLt's fused bias epilogue is used by ATen below 65535·32 rows: stay under it.
+constexpr int64_t kMaxTileRows = 2000000;
+constexpr int64_t kMinTileRows = 1024;
+constexpr int64_t kDefaultWorkspace = int64_t(1) << 30;  // activations of one tile: 1 GiB
+constexpr int kMaxGridX = 1 << 20;
 
-struct RowInfo {
-  int64_t out;      // first output element of this row
-  int32_t filter;   // global filter index
-  int32_t channel;  // global channel index
-  int32_t layer;
-  int32_t size;
-  int32_t crop;
-  int32_t valid;    // 0: the row's kernel index (or its coordinate) is out of range
-};
-
-inline int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
-
-__device__ inline float to_float(float v) { return v; }
-__device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// ---- small device helpers --------------------------------------------------------------------------
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T>
-__device__ inline T from_float(float v);
+__device__ __forceinline__ T from_float(float v);
 template <>
-__device__ inline float from_float<float>(float v) { return v; }
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
-__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);  // round to nearest even, as torch's .to(torch.bfloat16)
+}
+__device__ __forceinline__ float relu(float v) { return v > 0.f ? v : 0.f; }
+
+// Four consecutive values (16-byte aligned for float, 8-byte for bf16: callers check H % 4 == 0).
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+  *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float a, float b, float c, float d) {
+  __nv_bfloat162 lo = __floats2bfloat162_rn(a, b), hi = __floats2bfloat162_rn(c, d);
+  uint2 packed;
+  packed.x = *reinterpret_cast<uint32_t*>(&lo);
+  packed.y = *reinterpret_cast<uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(p) = packed;
+}
 
 template <typename T>
 T* device_ptr(const at::Tensor& t);
@@ -53,83 +73,197 @@ __nv_bfloat16* device_ptr<__nv_bfloat16>(const at::Tensor& t) {
   return reinterpret_cast<__nv_bfloat16*>(t.data_ptr<at::BFloat16>());
 }
 
-// ---- coordinates -----------------------------------------------------------------------------------
-__global__ void row_info_kernel(const int32_t* __restrict__ meta, int num_layers, int64_t num_kernels,
-                                const int64_t* __restrict__ rows, const int64_t* __restrict__ coord_rows,
-                                int64_t begin, int64_t n, int64_t k2, RowInfo* __restrict__ info) {
-  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
-  RowInfo r;
-  r.out = rows ? (begin + i) * k2 : 0;
-  r.filter = r.channel = r.layer = r.size = r.crop = 0;
-  r.valid = 0;
-  const int64_t slot = rows ? rows[begin + i] : begin + i;
-  if (slot >= 0 && slot < num_kernels) {
-    int lo = 0, hi = num_layers - 1;  // last layer whose first kernel is <= slot
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (meta[mid * kMetaColumns + kKernelOffset] <= slot) lo = mid;
-      else hi = mid - 1;
-    }
-    const int32_t* m = meta + lo * kMetaColumns;
-    const int64_t q = slot - m[kKernelOffset];
-    const int64_t kernels = int64_t(m[kCOut]) * m[kCIn];
-    const int64_t coord = coord_rows ? coord_rows[slot] : q;
-    if (q >= 0 && q < kernels && coord >= 0 && coord < kernels) {
-      r.filter = static_cast<int32_t>(m[kFilterOffset] + coord / m[kCIn]);
-      r.channel = static_cast<int32_t>(m[kChannelOffset] + coord % m[kCIn]);
-      r.layer = lo;
-      r.size = m[kSize];
-      r.crop = m[kCrop];
-      if (!rows) r.out = m[kWeightOffset] + q * m[kSize] * m[kSize];
-      r.valid = 1;
-    }
-  }
-  info[i] = r;
+inline int grid_for(int64_t work, int per_block) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + per_block - 1) / per_block, kMaxGridX)));
 }
 
-// ---- first layer ------------------------------------------------------------------------------------
-// basic: z1 = filter_table[f] + channel_table[c] (layer term and bias folded in), h1 = relu(z1)
+// ---- coordinates ------------------------------------------------------------------------------------
+// Maps the rows of a tile (flat kernel indices, or positions in a subset) to their kernels.
+struct RowSource {
+  const int32_t* meta;        // (L, 8) on the device
+  const int64_t* rows;        // subset indices or nullptr (full decode)
+  const int64_t* coord_rows;  // permutation or nullptr
+  int64_t num_kernels;
+  int64_t begin;              // first work row of the tile
+  int num_layers;
+  int k2;
+};
+
+struct RowCoord {
+  int64_t out;  // first output element of the row; -1: nothing to write (slot out of range)
+  int32_t filter, channel, layer, size, crop;
+  bool valid;   // the kernel and its (permuted) coordinate lie inside their layer
+};
+
+__device__ __forceinline__ int last_layer_at_or_below(const int32_t* meta, int num_layers, int column,
+                                                      int64_t value) {
+  int lo = 0, hi = num_layers - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (__ldg(meta + mid * kMetaColumns + column) <= value) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+__device__ RowCoord decode_row(const RowSource& s, int64_t i) {
+  RowCoord r;
+  r.filter = r.channel = r.layer = r.size = r.crop = 0;
+  r.valid = false;
+  const int64_t work = s.begin + i;
+  r.out = s.rows ? work * s.k2 : -1;
+  const int64_t slot = s.rows ? s.rows[work] : work;
+  if (slot < 0 || slot >= s.num_kernels) return r;
+  const int l = last_layer_at_or_below(s.meta, s.num_layers, kKernelOffset, slot);
+  const int32_t* m = s.meta + l * kMetaColumns;
+  const int64_t q = slot - m[kKernelOffset];
+  const int64_t c_in = m[kCIn];
+  const int64_t kernels = int64_t(m[kCOut]) * c_in;
+  if (q < 0 || q >= kernels) return r;
+  r.layer = l;
+  r.size = m[kSize];
+  r.crop = m[kCrop];
+  if (!s.rows) r.out = m[kWeightOffset] + q * m[kSize] * m[kSize];
+  const int64_t coord = s.coord_rows ? s.coord_rows[slot] : q;
+  if (coord < 0 || coord >= kernels) return r;
+  r.filter = static_cast<int32_t>(m[kFilterOffset] + coord / c_in);
+  r.channel = static_cast<int32_t>(m[kChannelOffset] + coord % c_in);
+  r.valid = true;
+  return r;
+}
+
+// ---- first-layer tables (basic encoding, NERN_SPEC §4) ------------------------------------------------
+// filter_table[f] = W1[:, 0:4L]·[e_l(layer of f), e_f(f)] + b1, channel_table[c] = W1[:, 4L:6L]·e_c(c),
+// fp32 accumulation, encodings computed as the reference does: x = (p·freq)·π, sin and cos.
+__global__ void tables_kernel(const int32_t* __restrict__ meta, int num_layers,
+                              const float* __restrict__ pos_layer, const float* __restrict__ pos_filter,
+                              const float* __restrict__ pos_channel, const float* __restrict__ freqs,
+                              int levels, const float* __restrict__ w0, const float* __restrict__ b0,
+                              int64_t hidden, int64_t num_filters, int64_t num_channels,
+                              int64_t filter_blocks, float* __restrict__ filter_table,
+                              float* __restrict__ channel_table) {
+  extern __shared__ float enc[];  // kTableRows × width
+  const bool filters = blockIdx.x < filter_blocks;
+  const int64_t row0 = int64_t(filters ? blockIdx.x : blockIdx.x - filter_blocks) * kTableRows;
+  const int64_t rows = filters ? num_filters : num_channels;
+  const int width = (filters ? 4 : 2) * levels;
+  const int pairs = width / 2;
+  for (int t = threadIdx.x; t < kTableRows * pairs; t += blockDim.x) {
+    const int r = t / pairs, q = t % pairs, block = q / levels, level = q % levels;
+    const int64_t row = row0 + r;
+    float p = 0.f;
+    if (row < rows) {
+      if (!filters) p = pos_channel[row];
+      else if (block == 1) p = pos_filter[row];
+      else p = pos_layer[last_layer_at_or_below(meta, num_layers, kFilterOffset, row)];
+    }
+    const float x = (p * freqs[level]) * kPi;
+    enc[r * width + 2 * q] = sinf(x);
+    enc[r * width + 2 * q + 1] = cosf(x);
+  }
+  __syncthreads();
+  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= hidden) return;
+  float acc[kTableRows];
+#pragma unroll
+  for (int r = 0; r < kTableRows; ++r) acc[r] = 0.f;
+  const float* w = w0 + j * 6 * levels + (filters ? 0 : 4 * levels);
+  for (int m = 0; m < width; ++m) {
+    const float wm = __ldg(w + m);
+#pragma unroll
+    for (int r = 0; r < kTableRows; ++r) acc[r] = fmaf(wm, enc[r * width + m], acc[r]);
+  }
+  const float bias = filters ? b0[j] : 0.f;
+  float* out = filters ? filter_table : channel_table;
+#pragma unroll
+  for (int r = 0; r < kTableRows; ++r)
+    if (row0 + r < rows) out[(row0 + r) * hidden + j] = acc[r] + bias;
+}
+
+// ---- first layer and encodings (one warp per row) --------------------------------------------------
+// basic: h1 = relu(filter_table[f] + channel_table[c]) (layer term and bias are in the filter table)
 template <typename out_t>
-__global__ void first_layer_kernel(const RowInfo* __restrict__ info, const float* __restrict__ filter_table,
+__global__ void first_layer_kernel(RowSource src, const float* __restrict__ filter_table,
                                    const float* __restrict__ channel_table, int64_t n, int64_t hidden,
                                    out_t* __restrict__ out) {
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= n * hidden) return;
-  const int64_t r = idx / hidden, j = idx % hidden;
-  const RowInfo ri = info[r];
-  float v = 0.f;
-  if (ri.valid) {
-    v = filter_table[int64_t(ri.filter) * hidden + j] + channel_table[int64_t(ri.channel) * hidden + j];
-    v = v > 0.f ? v : 0.f;
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const bool vec = (hidden & 3) == 0;
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < n; r += warps) {
+    const RowCoord c = decode_row(src, r);
+    out_t* o = out + r * hidden;
+    if (!c.valid) {
+      for (int64_t j = lane; j < hidden; j += 32) o[j] = from_float<out_t>(0.f);
+      continue;
+    }
+    const float* a = filter_table + int64_t(c.filter) * hidden;
+    const float* b = channel_table + int64_t(c.channel) * hidden;
+    if (vec) {
+      for (int64_t j = 4 * lane; j < hidden; j += 128) {
+        const float4 x = *reinterpret_cast<const float4*>(a + j);
+        const float4 y = *reinterpret_cast<const float4*>(b + j);
+        store4(o + j, relu(x.x + y.x), relu(x.y + y.y), relu(x.z + y.z), relu(x.w + y.w));
+      }
+    } else {
+      for (int64_t j = lane; j < hidden; j += 32) o[j] = from_float<out_t>(relu(a[j] + b[j]));
+    }
   }
-  out[idx] = from_float<out_t>(v);
 }
 
-// ffn: x = (2π·p) @ Bᵀ, e[2m] = sin(x_m), e[2m+1] = cos(x_m)
+// The encoding of every row of the tile (n, 6·levels), laid out as nern_fast.encoding does.
+// basic: x = (p_i·freq)·π per index; ffn: x = (2π·p) @ Bᵀ. Rows without a valid coordinate get zeros.
 template <typename out_t>
-__global__ void encode_ffn_kernel(const RowInfo* __restrict__ info, const float* __restrict__ pos_layer,
-                                  const float* __restrict__ pos_filter, const float* __restrict__ pos_channel,
-                                  const float* __restrict__ B, int64_t n, int64_t features,
-                                  out_t* __restrict__ out) {
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= n * features) return;
-  const int64_t r = idx / features, m = idx % features;
-  const RowInfo ri = info[r];
-  float s = 0.f, c = 1.f;
-  if (ri.valid) {
-    const float pi = 3.14159265358979323846f;  // (p * 2) * π in fp32, as the reference computes it
-    const float q0 = pos_layer[ri.layer] * 2.f * pi;
-    const float q1 = pos_filter[ri.filter] * 2.f * pi;
-    const float q2 = pos_channel[ri.channel] * 2.f * pi;
-    const float x = q0 * B[m * 3] + q1 * B[m * 3 + 1] + q2 * B[m * 3 + 2];
-    sincosf(x, &s, &c);
+__global__ void encode_kernel(RowSource src, int encoding, const float* __restrict__ pos_layer,
+                              const float* __restrict__ pos_filter, const float* __restrict__ pos_channel,
+                              const float* __restrict__ table, int levels, int64_t n,
+                              out_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  const int pairs = 3 * levels, width = 6 * levels;
+  for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < n; r += warps) {
+    const RowCoord c = decode_row(src, r);
+    out_t* o = out + r * width;
+    if (!c.valid) {
+      for (int q = lane; q < width; q += 32) o[q] = from_float<out_t>(0.f);
+      continue;
+    }
+    const float p[3] = {pos_layer[c.layer], pos_filter[c.filter], pos_channel[c.channel]};
+    for (int q = lane; q < pairs; q += 32) {
+      float x;
+      if (encoding == kBasic) {
+        x = (p[q / levels] * table[q % levels]) * kPi;
+      } else {  // (p * 2) * π in fp32, then the 3-term product with B
+        const float* b = table + q * 3;
+        x = (p[0] * 2.f) * kPi * b[0] + (p[1] * 2.f) * kPi * b[1] + (p[2] * 2.f) * kPi * b[2];
+      }
+      o[2 * q] = from_float<out_t>(sinf(x));
+      o[2 * q + 1] = from_float<out_t>(cosf(x));
+    }
   }
-  out[r * 2 * features + 2 * m] = from_float<out_t>(s);
-  out[r * 2 * features + 2 * m + 1] = from_float<out_t>(c);
 }
 
-// ---- crop (NERN_SPEC §2, torch's avg_pool2d / max_pool2d semantics) -------------------------------------
+// bf16 mode, after a bf16 GEMM: x = bf16(relu(float(x) + bias)) in place, the fp32 bias added to the
+// bf16-rounded product exactly as nern_fast.reference.linear does. (cuBLASLt's fused epilogue would
+// add a bf16-rounded bias: a rounding error repeated on every row, which doubled the decode error.)
+__global__ void bias_relu_bf16_kernel(__nv_bfloat16* __restrict__ x, const float* __restrict__ bias,
+                                      int64_t n, int64_t cols) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if ((cols & 1) == 0) {
+    __nv_bfloat162* x2 = reinterpret_cast<__nv_bfloat162*>(x);
+    const int64_t half_cols = cols / 2;
+    for (int64_t i = first; i < n * half_cols; i += stride) {
+      const int64_t j = 2 * (i % half_cols);
+      const float2 v = __bfloat1622float2(x2[i]);
+      x2[i] = __floats2bfloat162_rn(relu(v.x + bias[j]), relu(v.y + bias[j + 1]));
+    }
+  } else {
+    for (int64_t i = first; i < n * cols; i += stride)
+      x[i] = __float2bfloat16_rn(relu(__bfloat162float(x[i]) + bias[i % cols]));
+  }
+}
+
+// ---- crop (NERN_SPEC §2, torch's avg_pool2d / max_pool2d semantics) ---------------------------------
 __device__ inline int argmax_window(const float* y, int k, int a, int b, int w) {
   float best = -INFINITY;
   int arg = a * k + b;
@@ -144,129 +278,182 @@ __device__ inline int argmax_window(const float* y, int k, int a, int b, int w) 
   return arg;
 }
 
+// The last layer's output y (raw product) + its fp32 bias, cropped and written to the output.
 template <typename in_t>
-__global__ void crop_scatter_kernel(const RowInfo* __restrict__ info, const in_t* __restrict__ y, int64_t n,
-                                    int k, bool subset, float* __restrict__ out) {
-  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (r >= n) return;
-  const RowInfo ri = info[r];
+__global__ void crop_scatter_kernel(RowSource src, const in_t* __restrict__ y, const float* __restrict__ bias,
+                                    int64_t n, int k, bool subset, float* __restrict__ out) {
   const int k2 = k * k;
-  float* o = out + ri.out;
-  if (!ri.valid) {
-    if (subset)
-      for (int j = 0; j < k2; ++j) o[j] = 0.f;
-    return;
-  }
-  float v[kMaxK2];
-  for (int j = 0; j < k2; ++j) v[j] = to_float(y[r * k2 + j]);
-  const int s = ri.size;
-  if (s == k) {
-    for (int j = 0; j < k2; ++j) o[j] = v[j];
-  } else if (ri.crop == kCropCenter) {
-    const int lo = (k - s) / 2;
-    for (int a = 0; a < s; ++a)
-      for (int b = 0; b < s; ++b) o[a * s + b] = v[(lo + a) * k + lo + b];
-  } else {
-    const int w = k - s + 1;
-    for (int a = 0; a < s; ++a)
-      for (int b = 0; b < s; ++b) {
-        if (ri.crop == kCropAverage) {
-          float sum = 0.f;
-          for (int i = 0; i < w; ++i)
-            for (int j = 0; j < w; ++j) sum += v[(a + i) * k + b + j];
-          o[a * s + b] = sum / float(w * w);
-        } else {
-          o[a * s + b] = v[argmax_window(v, k, a, b, w)];
-        }
-      }
-  }
-  if (subset)
-    for (int j = s * s; j < k2; ++j) o[j] = 0.f;
-}
-
-// dL/dy (n, k²) from dL/d(output) through the crop
-template <typename in_t>
-__global__ void crop_backward_kernel(const RowInfo* __restrict__ info, const in_t* __restrict__ y,
-                                     const float* __restrict__ grad, int64_t n, int k,
-                                     float* __restrict__ gy) {
-  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (r >= n) return;
-  const RowInfo ri = info[r];
-  const int k2 = k * k;
-  float g[kMaxK2];
-  for (int j = 0; j < k2; ++j) g[j] = 0.f;
-  if (ri.valid) {
-    const float* go = grad + ri.out;
-    const int s = ri.size;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < n;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const RowCoord c = decode_row(src, r);
+    if (c.out < 0) continue;
+    float* o = out + c.out;
+    const int written = subset ? k2 : c.size * c.size;
+    if (!c.valid) {
+      for (int j = 0; j < written; ++j) o[j] = 0.f;
+      continue;
+    }
+    float v[kMaxK2];
+    for (int j = 0; j < k2; ++j) v[j] = to_float(y[r * k2 + j]) + bias[j];
+    const int s = c.size;
     if (s == k) {
-      for (int j = 0; j < k2; ++j) g[j] = go[j];
-    } else if (ri.crop == kCropCenter) {
+      for (int j = 0; j < k2; ++j) o[j] = v[j];
+    } else if (c.crop == kCropCenter) {
       const int lo = (k - s) / 2;
       for (int a = 0; a < s; ++a)
-        for (int b = 0; b < s; ++b) g[(lo + a) * k + lo + b] = go[a * s + b];
+        for (int b = 0; b < s; ++b) o[a * s + b] = v[(lo + a) * k + lo + b];
     } else {
       const int w = k - s + 1;
-      float v[kMaxK2];
-      for (int j = 0; j < k2; ++j) v[j] = to_float(y[r * k2 + j]);
       for (int a = 0; a < s; ++a)
         for (int b = 0; b < s; ++b) {
-          if (ri.crop == kCropAverage) {
-            const float delta = go[a * s + b] / float(w * w);
+          if (c.crop == kCropAverage) {
+            float sum = 0.f;
             for (int i = 0; i < w; ++i)
-              for (int j = 0; j < w; ++j) g[(a + i) * k + b + j] += delta;
+              for (int j = 0; j < w; ++j) sum += v[(a + i) * k + b + j];
+            o[a * s + b] = sum / float(w * w);
           } else {
-            g[argmax_window(v, k, a, b, w)] += go[a * s + b];
+            o[a * s + b] = v[argmax_window(v, k, a, b, w)];
           }
         }
     }
+    for (int j = s * s; j < written; ++j) o[j] = 0.f;
   }
-  for (int j = 0; j < k2; ++j) gy[r * k2 + j] = g[j];
 }
 
-// Per-filter and per-channel sums of dL/dz1 (basic encoding), for the gradient of W1.
+// dL/dy (n, k²) in fp32 from dL/d(output) through the crop (y + bias needed by the max crop)
 template <typename in_t>
-__global__ void first_layer_grad_kernel(const RowInfo* __restrict__ info, const in_t* __restrict__ g1,
-                                        int64_t n, int64_t hidden, float* __restrict__ g_filter,
-                                        float* __restrict__ g_channel) {
-  const int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (idx >= n * hidden) return;
-  const int64_t r = idx / hidden, j = idx % hidden;
-  const RowInfo ri = info[r];
-  if (!ri.valid) return;
-  const float v = to_float(g1[idx]);
-  atomicAdd(g_filter + int64_t(ri.filter) * hidden + j, v);
-  atomicAdd(g_channel + int64_t(ri.channel) * hidden + j, v);
+__global__ void crop_backward_kernel(RowSource src, const in_t* __restrict__ y, const float* __restrict__ bias,
+                                     const float* __restrict__ grad, int64_t n, int k,
+                                     float* __restrict__ gy) {
+  const int k2 = k * k;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < n;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const RowCoord c = decode_row(src, r);
+    float g[kMaxK2];
+    for (int j = 0; j < k2; ++j) g[j] = 0.f;
+    if (c.valid) {
+      const float* go = grad + c.out;
+      const int s = c.size;
+      if (s == k) {
+        for (int j = 0; j < k2; ++j) g[j] = go[j];
+      } else if (c.crop == kCropCenter) {
+        const int lo = (k - s) / 2;
+        for (int a = 0; a < s; ++a)
+          for (int b = 0; b < s; ++b) g[(lo + a) * k + lo + b] = go[a * s + b];
+      } else {
+        const int w = k - s + 1;
+        float v[kMaxK2];
+        for (int j = 0; j < k2; ++j) v[j] = to_float(y[r * k2 + j]) + bias[j];
+        for (int a = 0; a < s; ++a)
+          for (int b = 0; b < s; ++b) {
+            if (c.crop == kCropAverage) {
+              const float delta = go[a * s + b] / float(w * w);
+              for (int i = 0; i < w; ++i)
+                for (int j = 0; j < w; ++j) g[(a + i) * k + b + j] += delta;
+            } else {
+              g[argmax_window(v, k, a, b, w)] += go[a * s + b];
+            }
+          }
+      }
+    }
+    for (int j = 0; j < k2; ++j) gy[r * k2 + j] = g[j];
+  }
 }
 
-// ---- host side -----------------------------------------------------------------------------------------
-template <typename T>
-void launch_first_layer(const at::Tensor& info, const at::Tensor& tf, const at::Tensor& tc, int64_t n,
-                        int64_t hidden, const at::Tensor& out, cudaStream_t stream) {
-  first_layer_kernel<T><<<blocks_for(n * hidden), kThreads, 0, stream>>>(
-      reinterpret_cast<const RowInfo*>(info.data_ptr()), tf.data_ptr<float>(), tc.data_ptr<float>(), n,
-      hidden, device_ptr<T>(out));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+// ---- fp32 -> bf16 copies of several tensors in one launch ------------------------------------------
+constexpr int kMaxConvert = 16;
+struct ConvertList {
+  const float* src[kMaxConvert];
+  __nv_bfloat16* dst[kMaxConvert];
+  int64_t numel[kMaxConvert];
+};
+
+__global__ void convert_bf16_kernel(ConvertList list) {
+  const int t = blockIdx.y;
+  const int64_t n = list.numel[t];
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    list.dst[t][i] = __float2bfloat16_rn(list.src[t][i]);
+}
+
+// ---- host side -------------------------------------------------------------------------------------
+#define NERN_FAST_LAUNCH(kernel, grid, block, smem, stream, ...)                     \
+  do {                                                                             \
+    TORCH_CHECK((grid).x >= 1 && (grid).y >= 1, "nern_fast: internal error: empty grid"); \
+    kernel<<<grid, block, smem, stream>>>(__VA_ARGS__);                           \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                \
+  } while (0)
+
+// The layout table on the device, cached by content (one small copy per layout and device, not per
+// call: a copy from pageable memory synchronises the stream). Never freed: tensors must not outlive
+// the CUDA context in static destructors.
+at::Tensor device_meta(const DecodeProblem& p, const at::Device& device) {
+  struct Entry {
+    int device;
+    std::vector<int32_t> meta;
+    at::Tensor on_device;
+  };
+  static std::mutex* mutex = new std::mutex();
+  static std::vector<Entry>* cache = new std::vector<Entry>();
+  const int32_t* m = p.meta.data_ptr<int32_t>();
+  std::vector<int32_t> key(m, m + p.meta.numel());
+  std::lock_guard<std::mutex> lock(*mutex);
+  for (const Entry& e : *cache)
+    if (e.device == device.index() && e.meta == key) return e.on_device;
+  if (cache->size() >= 32) cache->erase(cache->begin());
+  cache->push_back({device.index(), key, p.meta.to(device)});
+  return cache->back().on_device;
+}
+
+// Rows per tile from a memory budget for the tile's buffers: NERN_FAST_CUDA_WORKSPACE_MB, else 1 GiB,
+// but at most half of the device's free memory for large problems (never fewer than 1024 rows).
+int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
+  int64_t budget = kDefaultWorkspace;
+  bool explicit_budget = false;
+  if (const char* env = std::getenv("NERN_FAST_CUDA_WORKSPACE_MB")) {
+    const long mb = std::strtol(env, nullptr, 10);
+    if (mb >= 1 && mb <= (1L << 22)) {
+      budget = int64_t(mb) << 20;
+      explicit_budget = true;
+    }
+  }
+  if (!explicit_budget && total_rows * bytes_per_row > (int64_t(256) << 20)) {
+    size_t free_bytes = 0, total_bytes = 0;
+    if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
+      budget = std::min<int64_t>(budget, std::max<int64_t>(int64_t(256) << 20, int64_t(free_bytes / 2)));
+    } else {
+      (void)cudaGetLastError();  // the query failing only means "no better estimate"
+    }
+  }
+  const int64_t rows = std::clamp<int64_t>(budget / std::max<int64_t>(1, bytes_per_row), kMinTileRows,
+                                           kMaxTileRows);
+  return std::max<int64_t>(1, std::min(rows, total_rows));
 }
 
 class CudaDecoder {
  public:
-  explicit CudaDecoder(const DecodeProblem& p)
+  CudaDecoder(const DecodeProblem& p, bool backward)
       : p_(p),
         bf16_(p.precision == Precision::kBf16),
         cdt_(bf16_ ? at::kBFloat16 : at::kFloat),
+        cbytes_(bf16_ ? 2 : 4),
         last_(p.num_blocks - 1),
-        stream_(c10::cuda::getCurrentCUDAStream()) {
-    meta_ = p.meta.to(p.weights[0].device());
-    for (int64_t i = 0; i < p.num_blocks; ++i) {
-      w_.push_back(p.weights[i].to(cdt_).contiguous());
-      b_.push_back(p.biases[i].to(cdt_).contiguous());
-    }
-    if (p.encoding == kBasic) {
-      tables_ = build_tables(p, [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); });
-    }
-    // Rows per tile: the activations kept for backward stay within ~256 MiB.
-    const int64_t per_row = p.hidden * std::max<int64_t>(1, last_) * (bf16_ ? 2 : 4);
-    tile_ = std::max<int64_t>(1024, (int64_t(256) << 20) / per_row);
+        device_(p.weights[0].device()),
+        stream_(c10::cuda::getCurrentCUDAStream(p.weights[0].device().index())) {
+    const int64_t H = p.hidden, enc = 6 * p.levels, k2 = p.k2();
+    const bool keep_enc = backward || p.encoding == kFfn;
+    const int64_t per_row = backward ? (last_ + 2) * H * cbytes_ + enc * cbytes_ + k2 * (cbytes_ + 4 + 2)
+                                     : 2 * H * cbytes_ + (keep_enc ? enc * cbytes_ : 0) + k2 * cbytes_;
+    tile_ = tile_rows(p.num_rows(), per_row);
+    if (p.num_rows() == 0) return;
+    meta_ = device_meta(p, device_);
+    prepare_weights();
+    if (p.encoding == kBasic) build_tables();
+    // Tile buffers, allocated once per call; tiles use views of their first n rows.
+    const auto opts = p.weights[0].options().dtype(cdt_);
+    const int64_t act_buffers = backward ? last_ : std::min<int64_t>(2, last_);
+    for (int64_t i = 0; i < act_buffers; ++i) act_.push_back(at::empty({tile_, H}, opts));
+    if (keep_enc) enc_ = at::empty({tile_, enc}, opts);
+    y_ = at::empty({tile_, k2}, opts);
   }
 
   at::Tensor forward() {
@@ -274,124 +461,200 @@ class CudaDecoder {
     const int64_t rows = p_.num_rows();
     for (int64_t begin = 0; begin < rows; begin += tile_) {
       const int64_t n = std::min(tile_, rows - begin);
-      at::Tensor info = row_info(begin, n);
-      std::vector<at::Tensor> acts;
-      at::Tensor y = forward_tile(info, n, acts, /*keep=*/false);
-      launch_scatter(info, y, n, out);
+      const RowSource src = source(begin);
+      forward_tile(src, n, /*keep=*/false);
+      launch_scatter(src, n, out);
     }
     return out;
   }
 
   std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward(const at::Tensor& grad) {
-    const auto f32 = p_.weights[0].options();
     std::vector<at::Tensor> gw, gb;
     for (int64_t i = 0; i < p_.num_blocks; ++i) {
       gw.push_back(at::zeros_like(p_.weights[i]));
       gb.push_back(at::zeros_like(p_.biases[i]));
     }
-    at::Tensor g_filter, g_channel;
-    if (p_.encoding == kBasic) {
-      g_filter = at::zeros({p_.num_filters, p_.hidden}, f32);
-      g_channel = at::zeros({p_.num_channels, p_.hidden}, f32);
-    }
     const int64_t rows = p_.num_rows();
+    if (rows == 0) return {gw, gb};
+    const auto f32 = p_.weights[0].options();
+    const auto copts = f32.dtype(cdt_);
+    at::Tensor gy32_buf = at::empty({tile_, p_.k2()}, f32);
+    at::Tensor gy_buf = bf16_ ? at::empty({tile_, p_.k2()}, copts) : gy32_buf;
+    at::Tensor gm_buf = at::empty({tile_, p_.hidden}, copts);
+    at::Tensor gt_buf = at::empty({tile_, p_.hidden}, copts);
     for (int64_t begin = 0; begin < rows; begin += tile_) {
       const int64_t n = std::min(tile_, rows - begin);
-      at::Tensor info = row_info(begin, n);
-      std::vector<at::Tensor> acts;  // [0] = encoding (ffn) or unused; [1..] hidden activations
-      at::Tensor y = forward_tile(info, n, acts, /*keep=*/true);
-      at::Tensor g = crop_backward(info, y, grad, n).to(cdt_);
+      const RowSource src = source(begin);
+      forward_tile(src, n, /*keep=*/true);
+      at::Tensor gy32 = gy32_buf.narrow(0, 0, n);
+      launch_crop_backward(src, n, grad, gy32);
+      gb[last_].add_(gy32.sum(0));
+      at::Tensor g = gy_buf.narrow(0, 0, n);
+      if (bf16_) g.copy_(gy32);
+      at::Tensor gm = gm_buf.narrow(0, 0, n), gt = gt_buf.narrow(0, 0, n);
       for (int64_t i = last_; i >= 1; --i) {
-        const at::Tensor& a = acts[i];  // input of layer i
-        gb[i].add_(g.sum({0}, false, at::kFloat));
+        const at::Tensor a = rows_of(act_[i - 1], n);  // input of layer i (output of layer i-1)
+        if (i < last_) gb[i].add_(g.sum(0, false, at::kFloat));
         add_weight_grad(gw[i], g, a);
-        g = at::threshold_backward(at::mm(g, w_[i]), a, 0);
+        at::mm_out(gm, g, wc_[i]);
+        at::threshold_backward_out(gt, gm, a, 0);
+        g = gt;
       }
-      if (p_.encoding == kBasic) {
-        launch_first_layer_grad(info, g, n, g_filter, g_channel);
-      } else {
-        gb[0].add_(g.sum({0}, false, at::kFloat));
-        add_weight_grad(gw[0], g, acts[0]);
-      }
-    }
-    if (p_.encoding == kBasic) {
-      first_layer_grads(p_, tables_, g_filter, g_channel,
-                        [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); }, gw[0], gb[0]);
+      // g = dL/dz1; W1's gradient is one GEMM with the tile's encodings (kept for ffn)
+      at::Tensor e = rows_of(enc_, n);
+      if (p_.encoding == kBasic) launch_encode(src, n, e);
+      gb[0].add_(g.sum(0, false, at::kFloat));
+      add_weight_grad(gw[0], g, e);
     }
     return {gw, gb};
   }
 
  private:
-  at::Tensor row_info(int64_t begin, int64_t n) {
-    at::Tensor info = at::empty({n * int64_t(sizeof(RowInfo))},
-                                p_.weights[0].options().dtype(at::kByte));
-    row_info_kernel<<<blocks_for(n), kThreads, 0, stream_>>>(
-        meta_.data_ptr<int32_t>(), static_cast<int>(p_.num_layers), p_.num_kernels,
-        p_.subset() ? p_.rows.data_ptr<int64_t>() : nullptr,
-        p_.coord_rows.defined() ? p_.coord_rows.data_ptr<int64_t>() : nullptr, begin, n, p_.k2(),
-        reinterpret_cast<RowInfo*>(info.data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return info;
+  static at::Tensor rows_of(const at::Tensor& t, int64_t n) { return t.narrow(0, 0, n); }
+
+  RowSource source(int64_t begin) const {
+    RowSource s;
+    s.meta = meta_.data_ptr<int32_t>();
+    s.rows = p_.subset() ? p_.rows.data_ptr<int64_t>() : nullptr;
+    s.coord_rows = p_.coord_rows.defined() ? p_.coord_rows.data_ptr<int64_t>() : nullptr;
+    s.num_kernels = p_.num_kernels;
+    s.begin = begin;
+    s.num_layers = static_cast<int>(p_.num_layers);
+    s.k2 = static_cast<int>(p_.k2());
+    return s;
   }
 
-  // acts[i] = the input of MLP layer i (acts[0]: the ffn encoding, unused for basic); returns the
-  // last layer's output y (n, k²) in fp32, bias included.
-  at::Tensor forward_tile(const at::Tensor& info, int64_t n, std::vector<at::Tensor>& acts, bool keep) {
-    const auto opts = p_.weights[0].options().dtype(cdt_);
-    const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
-    at::Tensor h = at::empty({n, p_.hidden}, opts);
-    acts.assign(p_.num_blocks, at::Tensor());
-    if (p_.encoding == kBasic) {
-      if (bf16_) launch_first_layer<__nv_bfloat16>(info, tables_.filter, tables_.channel, n, p_.hidden, h, stream_);
-      else launch_first_layer<float>(info, tables_.filter, tables_.channel, n, p_.hidden, h, stream_);
-    } else {
-      const int64_t features = 3 * p_.levels;
-      at::Tensor e = at::empty({n, 2 * features}, opts);
-      const float* B = p_.encoding_table.data_ptr<float>();
-      if (bf16_) {
-        encode_ffn_kernel<__nv_bfloat16><<<blocks_for(n * features), kThreads, 0, stream_>>>(
-            ri, p_.pos_layer.data_ptr<float>(), p_.pos_filter.data_ptr<float>(),
-            p_.pos_channel.data_ptr<float>(), B, n, features, device_ptr<__nv_bfloat16>(e));
-      } else {
-        encode_ffn_kernel<float><<<blocks_for(n * features), kThreads, 0, stream_>>>(
-            ri, p_.pos_layer.data_ptr<float>(), p_.pos_filter.data_ptr<float>(),
-            p_.pos_channel.data_ptr<float>(), B, n, features, device_ptr<float>(e));
+  // wc_[i]: layer i's weight in the compute dtype (bf16 copies made in one launch).
+  void prepare_weights() {
+    wc_.assign(p_.weights.begin(), p_.weights.end());
+    if (!bf16_) return;
+    std::vector<int64_t> which;  // the basic encoding's first layer never meets a GEMM
+    for (int64_t i = (p_.encoding == kBasic ? 1 : 0); i < p_.num_blocks; ++i) which.push_back(i);
+    int64_t total = 0;
+    for (int64_t i : which) total += p_.weights[i].numel();
+    at::Tensor flat = at::empty({total}, p_.weights[0].options().dtype(at::kBFloat16));
+    int64_t offset = 0;
+    for (size_t start = 0; start < which.size(); start += kMaxConvert) {
+      ConvertList list{};
+      int count = 0;
+      int64_t largest = 1;
+      for (size_t t = start; t < std::min(which.size(), start + kMaxConvert); ++t, ++count) {
+        const at::Tensor& w = p_.weights[which[t]];
+        at::Tensor dst = flat.narrow(0, offset, w.numel()).view(w.sizes());
+        offset += w.numel();
+        wc_[which[t]] = dst;
+        list.src[count] = w.data_ptr<float>();
+        list.dst[count] = device_ptr<__nv_bfloat16>(dst);
+        list.numel[count] = w.numel();
+        largest = std::max(largest, w.numel());
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::addmm_out(h, b_[0], e, w_[0].t());
-      h.relu_();
-      if (keep) acts[0] = e;
+      const dim3 grid(grid_for(largest, kThreads), count);
+      NERN_FAST_LAUNCH(convert_bf16_kernel, grid, dim3(kThreads), 0, stream_, list);
+    }
+  }
+
+  void build_tables() {
+    const auto f32 = p_.weights[0].options();
+    filter_table_ = at::empty({p_.num_filters, p_.hidden}, f32);
+    channel_table_ = at::empty({p_.num_channels, p_.hidden}, f32);
+    const int64_t filter_blocks = (p_.num_filters + kTableRows - 1) / kTableRows;
+    const int64_t channel_blocks = (p_.num_channels + kTableRows - 1) / kTableRows;
+    const int64_t hidden_blocks = (p_.hidden + kTableThreads - 1) / kTableThreads;
+    TORCH_CHECK(filter_blocks + channel_blocks < (int64_t(1) << 31) && hidden_blocks < 65536,
+                "nern_fast: the layout or hidden size is too large for the CUDA table kernel");
+    const dim3 grid(static_cast<unsigned>(filter_blocks + channel_blocks), static_cast<unsigned>(hidden_blocks));
+    const size_t smem = size_t(kTableRows) * 4 * p_.levels * sizeof(float);  // <= 16 KiB (levels <= 64)
+    NERN_FAST_LAUNCH(tables_kernel, grid, dim3(kTableThreads), smem, stream_, meta_.data_ptr<int32_t>(),
+                     static_cast<int>(p_.num_layers), p_.pos_layer.data_ptr<float>(),
+                     p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(),
+                     p_.encoding_table.data_ptr<float>(), static_cast<int>(p_.levels),
+                     p_.weights[0].data_ptr<float>(), p_.biases[0].data_ptr<float>(), p_.hidden,
+                     p_.num_filters, p_.num_channels, filter_blocks, filter_table_.data_ptr<float>(),
+                     channel_table_.data_ptr<float>());
+  }
+
+  // out (n, out_features) = relu(x @ W_iᵀ + b_i)
+  void linear_relu(int64_t i, const at::Tensor& x, at::Tensor& out) {
+    if (!bf16_) {  // bias and ReLU in cuBLASLt's epilogue (fp32 result: the same as adding after)
+      at::_addmm_activation_out(out, p_.biases[i], x, wc_[i].t(), 1, 1, /*use_gelu=*/false);
+      return;
+    }
+    at::mm_out(out, x, wc_[i].t());
+    const int64_t n = out.size(0), cols = out.size(1);
+    NERN_FAST_LAUNCH(bias_relu_bf16_kernel, dim3(grid_for(n * cols, kThreads * 4)), dim3(kThreads), 0,
+                     stream_, device_ptr<__nv_bfloat16>(out), p_.biases[i].data_ptr<float>(), n, cols);
+  }
+
+  // Fills y_ (raw last-layer product, no bias) and, with keep, every hidden activation (act_[i] =
+  // output of layer i) and the ffn encoding; without keep two activation buffers alternate.
+  void forward_tile(const RowSource& src, int64_t n, bool keep) {
+    auto act = [&](int64_t i) { return rows_of(act_[keep ? i : i % 2], n); };
+    at::Tensor h = act(0);
+    if (p_.encoding == kBasic) {
+      const dim3 grid(grid_for(n, kThreads / 32));
+      if (bf16_) {
+        NERN_FAST_LAUNCH(first_layer_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
+                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, p_.hidden,
+                         device_ptr<__nv_bfloat16>(h));
+      } else {
+        NERN_FAST_LAUNCH(first_layer_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
+                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, p_.hidden,
+                         device_ptr<float>(h));
+      }
+    } else {
+      at::Tensor e = rows_of(enc_, n);
+      launch_encode(src, n, e);
+      linear_relu(0, e, h);
     }
     for (int64_t i = 1; i < last_; ++i) {
-      if (keep) acts[i] = h;
-      at::Tensor next = at::addmm(b_[i], h, w_[i].t());
-      next.relu_();
+      at::Tensor next = act(i);
+      linear_relu(i, h, next);
       h = next;
     }
-    if (keep) acts[last_] = h;
-    // y in fp32 with the fp32 bias, as the reference's bf16 mode computes it (the bf16 GEMM result
-    // is rounded once, the bias is not); the max crop and its backward compare these values.
-    if (bf16_) return at::mm(h, w_[last_].t()).to(at::kFloat).add_(p_.biases[last_]).contiguous();
-    return at::addmm(p_.biases[last_], h, p_.weights[last_].t()).contiguous();
+    at::Tensor y = rows_of(y_, n);
+    at::mm_out(y, h, wc_[last_].t());
   }
 
-  void launch_scatter(const at::Tensor& info, const at::Tensor& y, int64_t n, const at::Tensor& out) {
-    const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
-    const int k = static_cast<int>(p_.kernel_size);
-    crop_scatter_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(ri, y.data_ptr<float>(), n, k,
-                                                                       p_.subset(), out.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  void launch_encode(const RowSource& src, int64_t n, const at::Tensor& e) {
+    const dim3 grid(grid_for(n, kThreads / 32));
+    const float* table = p_.encoding_table.data_ptr<float>();
+    if (bf16_) {
+      NERN_FAST_LAUNCH(encode_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
+                       static_cast<int>(p_.encoding), p_.pos_layer.data_ptr<float>(),
+                       p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(), table,
+                       static_cast<int>(p_.levels), n, device_ptr<__nv_bfloat16>(e));
+    } else {
+      NERN_FAST_LAUNCH(encode_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
+                       static_cast<int>(p_.encoding), p_.pos_layer.data_ptr<float>(),
+                       p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(), table,
+                       static_cast<int>(p_.levels), n, device_ptr<float>(e));
+    }
   }
 
-  at::Tensor crop_backward(const at::Tensor& info, const at::Tensor& y, const at::Tensor& grad, int64_t n) {
-    at::Tensor gy = at::empty({n, p_.k2()}, p_.weights[0].options());
-    const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
+  void launch_scatter(const RowSource& src, int64_t n, const at::Tensor& out) {
+    const dim3 grid(grid_for(n, kThreads));
     const int k = static_cast<int>(p_.kernel_size);
-    crop_backward_kernel<float><<<blocks_for(n), kThreads, 0, stream_>>>(ri, y.data_ptr<float>(),
-                                                                        grad.data_ptr<float>(), n, k,
-                                                                        gy.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return gy;
+    const float* bias = p_.biases[last_].data_ptr<float>();
+    if (bf16_) {
+      NERN_FAST_LAUNCH(crop_scatter_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
+                       device_ptr<__nv_bfloat16>(y_), bias, n, k, p_.subset(), out.data_ptr<float>());
+    } else {
+      NERN_FAST_LAUNCH(crop_scatter_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
+                       device_ptr<float>(y_), bias, n, k, p_.subset(), out.data_ptr<float>());
+    }
+  }
+
+  void launch_crop_backward(const RowSource& src, int64_t n, const at::Tensor& grad, const at::Tensor& gy) {
+    const dim3 grid(grid_for(n, kThreads));
+    const int k = static_cast<int>(p_.kernel_size);
+    const float* bias = p_.biases[last_].data_ptr<float>();
+    if (bf16_) {
+      NERN_FAST_LAUNCH(crop_backward_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
+                       device_ptr<__nv_bfloat16>(y_), bias, grad.data_ptr<float>(), n, k, gy.data_ptr<float>());
+    } else {
+      NERN_FAST_LAUNCH(crop_backward_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
+                       device_ptr<float>(y_), bias, grad.data_ptr<float>(), n, k, gy.data_ptr<float>());
+    }
   }
 
   // acc (out, in) fp32 += g (n, out)ᵀ @ a (n, in), the product in the compute dtype
@@ -400,30 +663,19 @@ class CudaDecoder {
     else acc.addmm_(g.t(), a);
   }
 
-  void launch_first_layer_grad(const at::Tensor& info, const at::Tensor& g1, int64_t n,
-                               const at::Tensor& g_filter, const at::Tensor& g_channel) {
-    const RowInfo* ri = reinterpret_cast<const RowInfo*>(info.data_ptr());
-    at::Tensor g = g1.contiguous();
-    if (bf16_) {
-      first_layer_grad_kernel<__nv_bfloat16><<<blocks_for(n * p_.hidden), kThreads, 0, stream_>>>(
-          ri, device_ptr<__nv_bfloat16>(g), n, p_.hidden, g_filter.data_ptr<float>(),
-          g_channel.data_ptr<float>());
-    } else {
-      first_layer_grad_kernel<float><<<blocks_for(n * p_.hidden), kThreads, 0, stream_>>>(
-          ri, device_ptr<float>(g), n, p_.hidden, g_filter.data_ptr<float>(), g_channel.data_ptr<float>());
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
   const DecodeProblem& p_;
   const bool bf16_;
   const at::ScalarType cdt_;
+  const int64_t cbytes_;
   const int64_t last_;
+  const at::Device device_;
   cudaStream_t stream_;
   int64_t tile_ = 0;
   at::Tensor meta_;
-  std::vector<at::Tensor> w_, b_;
-  SeparableTables tables_;
+  std::vector<at::Tensor> wc_;
+  at::Tensor filter_table_, channel_table_;
+  std::vector<at::Tensor> act_;
+  at::Tensor enc_, y_;
 };
 
 DecodeProblem cuda_problem(at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
@@ -437,8 +689,9 @@ DecodeProblem cuda_problem(at::TensorList weights, at::TensorList biases, const 
                                  std::string(precision.data(), precision.size()));
   TORCH_CHECK(p.weights[0].is_cuda(), "nern_fast: internal error: CUDA kernel called with ",
               p.weights[0].device(), " tensors");
-  TORCH_CHECK(p.num_filters < (int64_t(1) << 31) && p.num_channels < (int64_t(1) << 31),
-              "nern_fast: too many filters/channels for the CUDA decoder");
+  TORCH_CHECK(p.num_filters < (int64_t(1) << 31) && p.num_channels < (int64_t(1) << 31) &&
+                  p.num_kernels < (int64_t(1) << 31),
+              "nern_fast: too many kernels/filters/channels for the CUDA decoder (limit 2^31)");
   return p;
 }
 
@@ -453,8 +706,8 @@ at::Tensor decode_forward_cuda(at::TensorList weights, at::TensorList biases, co
                                  precision);
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
   std::optional<at::NoTF32Guard> ieee;  // fp32 means IEEE fp32 whatever the global TF32 switch says
-  if (p.precision == Precision::kFp32) ieee.emplace();
-  return CudaDecoder(p).forward();
+  if (p.precision != Precision::kTf32) ieee.emplace();
+  return CudaDecoder(p, /*backward=*/false).forward();
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cuda(
@@ -469,8 +722,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cud
   check_grad_output(p, grad);
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
   std::optional<at::NoTF32Guard> ieee;
-  if (p.precision == Precision::kFp32) ieee.emplace();
-  return CudaDecoder(p).backward(grad);
+  if (p.precision != Precision::kTf32) ieee.emplace();
+  return CudaDecoder(p, /*backward=*/true).backward(grad);
 }
 
 }  // namespace

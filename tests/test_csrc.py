@@ -22,6 +22,11 @@ pytestmark = [pytest.mark.csrc,
               pytest.mark.skipif(not BUILD["built"], reason=f"extension not built: {BUILD.get('reason')}")]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 REPO = Path(__file__).resolve().parent.parent
+# Raw-op error cases and the CUDA tests run in child processes (see run_in_child): a crash or a
+# sticky CUDA error there fails one test here instead of ending the whole session.
+CHILD_ENV = "NERN_FAST_TEST_CHILD"
+IN_CHILD = os.environ.get(CHILD_ENV) == "1"
+child_only = pytest.mark.skipif(not IN_CHILD, reason="runs in a child process (test_*_in_child_process)")
 
 
 def params(pred):
@@ -229,50 +234,142 @@ def test_bf16_portable_passes_match_avx512(tmp_path):
 
 
 # -------------------------------------------------------------------------------- boundary checks
-def raw_args(pred, **override):
+def run_in_child(selection, timeout=600):
+    """Run this file's tests matching ``-k selection`` in a child pytest (with faulthandler): the
+    parent test fails with the child's output on any failure, crash or timeout."""
+    env = {**os.environ, CHILD_ENV: "1", "PYTHONFAULTHANDLER": "1"}
+    command = [sys.executable, "-X", "faulthandler", "-m", "pytest", "-q", "-p", "no:cacheprovider",
+               "-rfEs", str(Path(__file__).resolve()), "-k", selection]
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"child pytest ({selection}) timed out after {timeout}s:\n{(exc.stdout or '')[-6000:]}")
+    output = done.stdout + done.stderr
+    print(output[-6000:])
+    assert done.returncode == 0, (f"child pytest ({selection}) exited with {done.returncode} "
+                                  f"(negative: killed by that signal):\n{output[-8000:]}")
+    assert " passed" in output, f"child pytest ({selection}) ran no test:\n{output[-3000:]}"
+
+
+def test_raw_op_errors_in_child_process():
+    if IN_CHILD:
+        pytest.skip("already in the child")
+    run_in_child("raw_op_error")
+
+
+def raw_args(pred, device="cpu", **override):
     layout, enc = pred.layout, pred.encoding
-    t = layout.tensors("cpu")
-    args = dict(weights=[w.detach() for w in pred.weights()], biases=[b.detach() for b in pred.biases()],
-                meta=t.meta, pos_layer=t.pos_layer, pos_filter=t.pos_filter, pos_channel=t.pos_channel,
-                coord_rows=t.coord_rows, rows=None, table=enc.frequencies(), encoding=0,
-                kernel_size=layout.kernel_size, num_kernels=layout.num_kernels,
-                num_weights=layout.num_weights, precision="fp32")
+    t = layout.tensors(device)
+    args = dict(weights=[w.detach().to(device) for w in pred.weights()],
+                biases=[b.detach().to(device) for b in pred.biases()],
+                meta=layout.tensors("cpu").meta, pos_layer=t.pos_layer, pos_filter=t.pos_filter,
+                pos_channel=t.pos_channel, coord_rows=t.coord_rows, rows=None,
+                table=enc.frequencies(torch.device(device)), encoding=0, kernel_size=layout.kernel_size,
+                num_kernels=layout.num_kernels, num_weights=layout.num_weights, precision="fp32")
     args.update(override)
     return list(args.values())
 
 
-@pytest.mark.parametrize("override,message", [
+BOUNDARY_CASES = [
     (dict(meta="float"), "meta must be a contiguous CPU int32"),
+    (dict(meta="on device"), "meta must be a contiguous CPU int32"),
+    (dict(meta="inconsistent"), "inconsistent offsets"),
     (dict(weights="bad shape"), "MLP layer 1: expected weight"),
     (dict(weights="noncontiguous"), "must be contiguous"),
     (dict(weights="float16"), "float32 or float64"),
+    (dict(weights="one"), "matching lists of >= 2"),
     (dict(precision="fp8"), "precision 'fp8'"),
+    (dict(encoding=7), "encoding id 7"),
     (dict(num_weights=5), "not a valid layout"),
     (dict(num_weights=4161), "describes"),
+    (dict(num_kernels=0), "not a valid layout"),
     (dict(rows=torch.tensor([0, 10_000])), "out of range"),
+    (dict(rows=torch.tensor([-1])), "out of range"),
     (dict(rows=torch.tensor([[0]])), "1-D int64"),
+    (dict(rows=torch.tensor([0], dtype=torch.int32)), "1-D int64"),
+    (dict(coord_rows=torch.zeros(3, dtype=torch.long)), "coord_rows must have shape"),
+    (dict(coord_rows="out of range"), "coord_rows out of range"),
     (dict(pos_filter=torch.zeros(3)), "pos_filter must have shape"),
+    (dict(pos_layer=torch.zeros(4, dtype=torch.float64)), "pos_layer must be Float"),
+    (dict(table=torch.zeros(0)), "levels must be in 1..64"),
+    (dict(table=torch.zeros(65)), "levels must be in 1..64"),
     (dict(kernel_size=9), "outside 1..7"),
-])
-def test_boundary_errors_are_clear(override, message):
+    (dict(kernel_size=0), "outside 1..7"),
+]
+
+
+def _override(pred, override, device):
+    """Materialise the symbolic overrides of BOUNDARY_CASES for ``pred`` on ``device``."""
+    w = [x.detach().to(device) for x in pred.weights()]
+    meta = pred.layout.tensors("cpu").meta
+    symbolic = {
+        ("meta", "float"): meta.float(),
+        ("meta", "on device"): meta.to(device) if device != "cpu" else meta.t(),
+        ("meta", "inconsistent"): meta.clone().index_fill_(1, torch.tensor([0]), 1),
+        ("weights", "bad shape"): [w[0], w[1][:, :5].contiguous(), w[2]],
+        ("weights", "noncontiguous"): [w[0], w[1].t(), w[2]],
+        ("weights", "float16"): [x.half() for x in w],
+        ("weights", "one"): w[:1],
+        ("coord_rows", "out of range"): torch.full((pred.layout.num_kernels,), 10**6, dtype=torch.long),
+    }
+    out = {}
+    for key, value in override.items():
+        value = symbolic.get((key, value), value) if isinstance(value, str) else value
+        if isinstance(value, torch.Tensor) and key != "meta":
+            value = value.to(device)
+        out[key] = value
+    if out.get("weights") is not None and len(out["weights"]) == 1:
+        out["biases"] = [pred.biases()[0].detach().to(device)]
+    return out
+
+
+@child_only
+@pytest.mark.parametrize("override,message", BOUNDARY_CASES)
+def test_raw_op_error_cpu(override, message):
     pred = random_predictor(mixed_layout(), hidden=16, num_blocks=3, levels=4)
-    w = [x.detach() for x in pred.weights()]
-    if override.get("meta") == "float":
-        override["meta"] = pred.layout.tensors("cpu").meta.float()
-    if override.get("weights") == "bad shape":
-        override["weights"] = [w[0], w[1][:, :5].contiguous(), w[2]]
-    elif override.get("weights") == "noncontiguous":
-        override["weights"] = [w[0], w[1].t(), w[2]]
-    elif override.get("weights") == "float16":
-        override["weights"] = [x.half() for x in w]
+    if override.get("meta") == "on device":  # on CPU: a transposed (non-contiguous) table instead
+        message = "meta must be a contiguous CPU int32"
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.nern_fast_C.decode_forward(*raw_args(pred, **override))
+        torch.ops.nern_fast_C.decode_forward(*raw_args(pred, **_override(pred, override, "cpu")))
 
 
-def test_backward_rejects_wrong_gradient_shape():
+@child_only
+def test_raw_op_error_backward_gradient_shape():
     pred = random_predictor(mixed_layout(), hidden=16, num_blocks=3, levels=4)
     with pytest.raises(RuntimeError, match="output gradient must have shape"):
         torch.ops.nern_fast_C.decode_backward(torch.zeros(3), *raw_args(pred))
+    with pytest.raises(RuntimeError, match="output gradient must be a"):
+        torch.ops.nern_fast_C.decode_backward(torch.zeros(4160, dtype=torch.float64), *raw_args(pred))
+
+
+@child_only
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("override,message", BOUNDARY_CASES + [
+    (dict(pos_channel="cpu"), "pos_channel is on cpu"),
+    (dict(weights="double"), "CUDA decoder takes float32"),
+])
+def test_raw_op_error_cuda(override, message):
+    if not BUILD["with_cuda"]:
+        pytest.skip("the extension has no CUDA ops")
+    pred = random_predictor(mixed_layout(), hidden=16, num_blocks=3, levels=4)
+    if override.get("pos_channel") == "cpu":
+        override = dict(pos_channel=pred.layout.tensors("cpu").pos_channel)
+        args = raw_args(pred, "cuda", **override)
+    elif override.get("weights") == "double":
+        args = raw_args(pred, "cuda", weights=[x.detach().double().cuda() for x in pred.weights()],
+                        biases=[x.detach().double().cuda() for x in pred.biases()])
+    else:
+        if override.get("rows") is not None and message == "out of range":
+            pytest.skip("CUDA rows are range-checked inside the kernels (no host sync)")
+        if override.get("coord_rows") == "out of range":
+            pytest.skip("CUDA coordinates are range-checked inside the kernels (no host sync)")
+        if override.get("weights") == "float16":
+            message = "CUDA decoder takes float32"
+        args = raw_args(pred, "cuda", **_override(pred, override, "cuda"))
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.nern_fast_C.decode_forward(*args)
+    torch.cuda.synchronize()  # no kernel may have been launched with bad arguments
 
 
 def test_backend_reasons_and_selection(monkeypatch):
@@ -332,12 +429,35 @@ def test_traces_under_torch_compile():
 
 
 # ------------------------------------------------------------------------------------------ CUDA
+# All in one child process (test_cuda_in_child_process): a kernel fault there cannot poison the
+# CUDA context of the parent's later tests. Sizes are small: the whole set takes seconds on a GPU.
+def cuda_case(fn):
+    return child_only(needs_cuda(pytest.mark.gpu(fn)))
+
+
 @needs_cuda
 @pytest.mark.gpu
+def test_cuda_in_child_process():
+    if IN_CHILD:
+        pytest.skip("already in the child")
+    if not BUILD["with_cuda"]:
+        pytest.skip(f"the extension has no CUDA ops: {BUILD.get('cuda_note')}")
+    run_in_child("cuda_case")
+
+
+def tiled_layout():
+    """3,776 kernels (several 1,024-row tiles), odd channel counts, a permuted layer, crops."""
+    layout = WeightLayout([("a", (64, 32, 3, 3), "center"), ("b", (40, 23, 2, 2), "max"),
+                           ("c", (17, 48, 1, 1), "average")], kernel_size=3)
+    g = torch.Generator().manual_seed(4)
+    return layout.with_permutations([None, torch.randperm(40 * 23, generator=g), None])
+
+
+@cuda_case
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 @pytest.mark.parametrize("crop", ["center", "average", "max"])
 @pytest.mark.parametrize("permuted", [False, True])
-def test_cuda_matches_reference(encoding, crop, permuted):
+def test_cuda_case_matches_reference(encoding, crop, permuted):
     layout = mixed_layout(crop=crop, permuted=permuted)
     pred = random_predictor(layout, hidden=180, num_blocks=5, levels=40, encoding=encoding).cuda()
     out, grads = decode_and_grads(pred, "csrc")
@@ -349,36 +469,65 @@ def test_cuda_matches_reference(encoding, crop, permuted):
     assert_matches(out, ref, grads, ref_grads, rtol=2e-5, grad_rtol=1e-4)
 
 
-@needs_cuda
-@pytest.mark.gpu
+@cuda_case
 @pytest.mark.parametrize("kernel_size", [1, 5, 7])
-def test_cuda_kernel_sizes(kernel_size):
+def test_cuda_case_kernel_sizes(kernel_size):
     pred = random_predictor(odd_layout(kernel_size, "global"), hidden=24, num_blocks=3, levels=5).cuda()
     out, grads = decode_and_grads(pred, "csrc")
     ref, ref_grads = decode_and_grads(pred, "eager")
     assert_matches(out, ref, grads, ref_grads, rtol=2e-5, grad_rtol=1e-4)
 
 
-@needs_cuda
-@pytest.mark.gpu
+@cuda_case
+@pytest.mark.parametrize("hidden,num_blocks,levels", [(37, 4, 5), (64, 2, 64), (20, 3, 1)])
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+def test_cuda_case_tiles_and_odd_sizes(hidden, num_blocks, levels, encoding, monkeypatch):
+    """1 MiB of workspace: 1,024-row tiles cutting through layers; odd H takes the scalar paths."""
+    monkeypatch.setenv("NERN_FAST_CUDA_WORKSPACE_MB", "1")
+    layout = tiled_layout()
+    pred = random_predictor(layout, hidden=hidden, num_blocks=num_blocks, levels=levels,
+                            encoding=encoding).cuda()
+    out, grads = decode_and_grads(pred, "csrc")
+    ref, ref_grads = decode_and_grads(pred, "eager")
+    assert_matches(out, ref, grads, ref_grads, rtol=2e-5, grad_rtol=1e-4)
+    g = torch.Generator().manual_seed(6)
+    rows = torch.cat([torch.randint(0, layout.num_kernels, (2500,), generator=g),
+                      torch.tensor([0, 0, layout.num_kernels - 1])]).cuda()  # repeats accumulate
+    out, grads = decode_and_grads(pred, "csrc", rows)
+    ref, ref_grads = decode_and_grads(pred, "eager", rows)
+    assert_matches(out, ref, grads, ref_grads, rtol=2e-5, grad_rtol=1e-4)
+    w, b = params(pred)
+    empty = ops.decode(w, b, layout, pred.encoding, rows[:0], "fp32", "csrc")
+    assert empty.shape == (0, 9)
+    assert all(x is None or float(x.abs().max()) == 0
+               for x in torch.autograd.grad(empty.sum(), w + b, allow_unused=True))
+
+
+@cuda_case
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
-def test_cuda_reduced_precision_bounded(precision, encoding):
-    layout = mixed_layout(crop="average", permuted=True)
-    pred = random_predictor(layout, hidden=280, num_blocks=5, levels=40, encoding=encoding).cuda()
-    exact = random_predictor(layout, hidden=280, num_blocks=5, levels=40, encoding=encoding,
+@pytest.mark.parametrize("layout_name,hidden", [("mixed", 280), ("tiled", 37)])
+def test_cuda_case_reduced_precision_bounded(precision, encoding, layout_name, hidden, monkeypatch):
+    """Output and every gradient within 2x the eager decoder's error at the same precision (both
+    against float64)."""
+    monkeypatch.setenv("NERN_FAST_CUDA_WORKSPACE_MB", "1")
+    layout = mixed_layout(crop="average", permuted=True) if layout_name == "mixed" else tiled_layout()
+    pred = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40, encoding=encoding).cuda()
+    exact = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40, encoding=encoding,
                              dtype=torch.float64).cuda()
     exact.load_state_dict({k: v.double() for k, v in pred.state_dict().items()})
     ref, ref_grads = decode_and_grads(exact, "eager")
     ours, our_grads = decode_and_grads(pred, "csrc", precision=precision)
     eager, eager_grads = decode_and_grads(pred, "eager", precision=precision)
-    for a, e, r in zip([ours] + our_grads, [eager] + eager_grads, [ref] + ref_grads):
-        assert (a.double() - r).abs().max() <= 2 * (e.double() - r).abs().max() + 1e-6 * r.abs().max()
+    names = ["output"] + [f"gradient {i}" for i in range(len(ref_grads))]
+    for name, a, e, r in zip(names, [ours] + our_grads, [eager] + eager_grads, [ref] + ref_grads):
+        ours_err, eager_err = (a.double() - r).abs().max().item(), (e.double() - r).abs().max().item()
+        assert ours_err <= 2 * eager_err + 1e-6 * r.abs().max().item(), \
+            f"{precision} {name}: {ours_err:.3e} vs eager {eager_err:.3e}"
 
 
-@needs_cuda
-@pytest.mark.gpu
-def test_cuda_fp32_ignores_global_tf32_switch():
+@cuda_case
+def test_cuda_case_fp32_ignores_global_tf32_switch():
     pred = random_predictor(mixed_layout(), hidden=280, num_blocks=5, levels=40).cuda()
     ref, _ = decode_and_grads(pred, "eager")
     matmul = torch.backends.cuda.matmul  # the switch the reference uses, new API where there is one
@@ -393,9 +542,8 @@ def test_cuda_fp32_ignores_global_tf32_switch():
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
 
 
-@needs_cuda
-@pytest.mark.gpu
-def test_cuda_backend_available_and_large_layout():
+@cuda_case
+def test_cuda_case_backend_available_and_large_layout():
     from nern_fast.models.cifar_resnet import cifar_resnet
     layout = WeightLayout.from_model(cifar_resnet(20, 10), include="nern")
     pred = random_predictor(layout, hidden=180, num_blocks=5, levels=40).cuda()
@@ -404,3 +552,6 @@ def test_cuda_backend_available_and_large_layout():
     out, grads = decode_and_grads(pred, "csrc")
     ref, ref_grads = decode_and_grads(pred, "eager")
     assert_matches(out, ref, grads, ref_grads, rtol=2e-5, grad_rtol=2e-4)
+    # repeated calls reuse the cached device layout and give identical outputs
+    again, _ = decode_and_grads(pred, "csrc")
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
