@@ -1,13 +1,18 @@
 // CUDA decode: cuBLAS GEMMs through ATen (tensor cores for tf32/bf16) on large row tiles, and a few
 // kernels of our own for what cuBLAS cannot fuse: the first layer's tables, the separable first
-// layer (or the encoding), bias + ReLU in bf16 mode, crop + bias + scatter into the output, the
-// crop's backward. See csrc/README.md for the design and its measurements.
+// layer (or the encoding), crop + bias + scatter into the output, the crop's backward. See
+// csrc/README.md for the design and its measurements.
 //
-// Launches per row tile, forward: fp32/tf32 `num_blocks + 1` (first layer, one GEMM with the bias
-// and ReLU in cuBLASLt's epilogue per hidden layer, the last GEMM, crop/scatter); bf16
-// `2·num_blocks - 1` (each hidden GEMM is followed by one bias/ReLU/round pass, which keeps the
-// reference's fp32 bias: see bias_relu_bf16_kernel). Per call: one table kernel (+ one weight
-// conversion in bf16). Every kernel decodes its rows' coordinates itself and bounds-checks them.
+// Launches per row tile, forward: `num_blocks + 1` (first layer, one GEMM per hidden layer with bias
+// and ReLU in cuBLASLt's epilogue, the last GEMM, crop/scatter). Per call: one table kernel (+ one
+// weight-packing kernel in bf16). Every kernel decodes its rows' coordinates itself and
+// bounds-checks them.
+//
+// bf16 keeps the fp32 bias: the epilogue's bias would be rounded to bf16, an error repeated on every
+// row (it doubled the decode error in the first GPU run). Instead every GEMM input carries two
+// constant-one columns and the packed bf16 weight two extra columns with the bias split into
+// hi = bf16(b) and lo = bf16(b - hi), so the fp32 accumulator receives b to ~2^-17 relative; the
+// epilogue adds a zero bias and applies the ReLU. Widths are padded to multiples of 8 (16-byte rows).
 #include "decode.h"
 
 #include <ATen/ATen.h>
@@ -181,17 +186,25 @@ __global__ void tables_kernel(const int32_t* __restrict__ meta, int num_layers,
 }
 
 // ---- first layer and encodings (one warp per row) --------------------------------------------------
+// Rows of width `width` stored with stride `ld`; when ld > width (bf16 GEMM inputs) columns width and
+// width + 1 hold the constant ones that carry the next layer's bias, the rest of the padding zeros.
+template <typename out_t>
+__device__ __forceinline__ void write_padding(out_t* row, int64_t width, int64_t ld, int lane) {
+  for (int64_t j = width + lane; j < ld; j += 32) row[j] = from_float<out_t>(j < width + 2 ? 1.f : 0.f);
+}
+
 // basic: h1 = relu(filter_table[f] + channel_table[c]) (layer term and bias are in the filter table)
 template <typename out_t>
 __global__ void first_layer_kernel(RowSource src, const float* __restrict__ filter_table,
                                    const float* __restrict__ channel_table, int64_t n, int64_t hidden,
-                                   out_t* __restrict__ out) {
+                                   int64_t ld, out_t* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
-  const bool vec = (hidden & 3) == 0;
+  const bool vec = (hidden & 3) == 0 && (ld & 3) == 0;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < n; r += warps) {
     const RowCoord c = decode_row(src, r);
-    out_t* o = out + r * hidden;
+    out_t* o = out + r * ld;
+    write_padding(o, hidden, ld, lane);
     if (!c.valid) {
       for (int64_t j = lane; j < hidden; j += 32) o[j] = from_float<out_t>(0.f);
       continue;
@@ -215,14 +228,15 @@ __global__ void first_layer_kernel(RowSource src, const float* __restrict__ filt
 template <typename out_t>
 __global__ void encode_kernel(RowSource src, int encoding, const float* __restrict__ pos_layer,
                               const float* __restrict__ pos_filter, const float* __restrict__ pos_channel,
-                              const float* __restrict__ table, int levels, int64_t n,
+                              const float* __restrict__ table, int levels, int64_t n, int64_t ld,
                               out_t* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   const int pairs = 3 * levels, width = 6 * levels;
   for (int64_t r = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; r < n; r += warps) {
     const RowCoord c = decode_row(src, r);
-    out_t* o = out + r * width;
+    out_t* o = out + r * ld;
+    write_padding(o, width, ld, lane);
     if (!c.valid) {
       for (int q = lane; q < width; q += 32) o[q] = from_float<out_t>(0.f);
       continue;
@@ -239,27 +253,6 @@ __global__ void encode_kernel(RowSource src, int encoding, const float* __restri
       o[2 * q] = from_float<out_t>(sinf(x));
       o[2 * q + 1] = from_float<out_t>(cosf(x));
     }
-  }
-}
-
-// bf16 mode, after a bf16 GEMM: x = bf16(relu(float(x) + bias)) in place, the fp32 bias added to the
-// bf16-rounded product exactly as nern_fast.reference.linear does. (cuBLASLt's fused epilogue would
-// add a bf16-rounded bias: a rounding error repeated on every row, which doubled the decode error.)
-__global__ void bias_relu_bf16_kernel(__nv_bfloat16* __restrict__ x, const float* __restrict__ bias,
-                                      int64_t n, int64_t cols) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if ((cols & 1) == 0) {
-    __nv_bfloat162* x2 = reinterpret_cast<__nv_bfloat162*>(x);
-    const int64_t half_cols = cols / 2;
-    for (int64_t i = first; i < n * half_cols; i += stride) {
-      const int64_t j = 2 * (i % half_cols);
-      const float2 v = __bfloat1622float2(x2[i]);
-      x2[i] = __floats2bfloat162_rn(relu(v.x + bias[j]), relu(v.y + bias[j + 1]));
-    }
-  } else {
-    for (int64_t i = first; i < n * cols; i += stride)
-      x[i] = __float2bfloat16_rn(relu(__bfloat162float(x[i]) + bias[i % cols]));
   }
 }
 
@@ -360,19 +353,38 @@ __global__ void crop_backward_kernel(RowSource src, const in_t* __restrict__ y, 
   }
 }
 
-// ---- fp32 -> bf16 copies of several tensors in one launch ------------------------------------------
-constexpr int kMaxConvert = 16;
-struct ConvertList {
-  const float* src[kMaxConvert];
-  __nv_bfloat16* dst[kMaxConvert];
-  int64_t numel[kMaxConvert];
+// ---- bf16 weights packed with their bias (see the top of this file), several layers per launch ---------
+constexpr int kMaxPack = 16;
+struct PackJob {
+  const float* weight;   // (rows, cols) fp32
+  const float* bias;     // (rows,) fp32, or nullptr: no bias columns (the last layer)
+  __nv_bfloat16* out;    // (rows_out, cols_pad) bf16
+  int64_t rows, cols, rows_out, cols_pad;
+};
+struct PackList {
+  PackJob job[kMaxPack];
 };
 
-__global__ void convert_bf16_kernel(ConvertList list) {
-  const int t = blockIdx.y;
-  const int64_t n = list.numel[t];
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    list.dst[t][i] = __float2bfloat16_rn(list.src[t][i]);
+// out[r, c] = W[r, c]; out[r, cols] = hi(b[r]); out[r, cols + 1] = lo(b[r]); the rows past `rows`
+// copy the input's one-columns (out[rows + t, cols + t] = 1, t < 2) so the next input has them too.
+__global__ void pack_bf16_kernel(PackList list) {
+  const PackJob job = list.job[blockIdx.y];
+  const int64_t total = job.rows_out * job.cols_pad;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / job.cols_pad, c = i % job.cols_pad;
+    float v = 0.f;
+    if (r < job.rows) {
+      if (c < job.cols) {
+        v = job.weight[r * job.cols + c];
+      } else if (job.bias && c < job.cols + 2) {
+        const float hi = __bfloat162float(__float2bfloat16_rn(job.bias[r]));
+        v = c == job.cols ? hi : job.bias[r] - hi;
+      }
+    } else if (r - job.rows < 2 && c == job.cols + (r - job.rows)) {
+      v = 1.f;
+    }
+    job.out[i] = __float2bfloat16_rn(v);
+  }
 }
 
 // ---- host side -------------------------------------------------------------------------------------
@@ -429,6 +441,8 @@ int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
   return std::max<int64_t>(1, std::min(rows, total_rows));
 }
 
+inline int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
+
 class CudaDecoder {
  public:
   CudaDecoder(const DecodeProblem& p, bool backward)
@@ -437,12 +451,18 @@ class CudaDecoder {
         cdt_(bf16_ ? at::kBFloat16 : at::kFloat),
         cbytes_(bf16_ ? 2 : 4),
         last_(p.num_blocks - 1),
+        hidden_(p.hidden),
+        enc_width_(6 * p.levels),
+        // bf16 GEMM inputs carry two one-columns and are padded to 16-byte rows
+        act_ld_(bf16_ ? round_up8(p.hidden + 2) : p.hidden),
+        enc_ld_(bf16_ && p.encoding == kFfn ? round_up8(6 * p.levels + 2) : 6 * p.levels),
         device_(p.weights[0].device()),
         stream_(c10::cuda::getCurrentCUDAStream(p.weights[0].device().index())) {
-    const int64_t H = p.hidden, enc = 6 * p.levels, k2 = p.k2();
+    const int64_t k2 = p.k2();
     const bool keep_enc = backward || p.encoding == kFfn;
-    const int64_t per_row = backward ? (last_ + 2) * H * cbytes_ + enc * cbytes_ + k2 * (cbytes_ + 4 + 2)
-                                     : 2 * H * cbytes_ + (keep_enc ? enc * cbytes_ : 0) + k2 * cbytes_;
+    const int64_t per_row =
+        backward ? last_ * act_ld_ * cbytes_ + 2 * hidden_ * cbytes_ + enc_ld_ * cbytes_ + k2 * (cbytes_ + 4 + 2)
+                 : 2 * act_ld_ * cbytes_ + (keep_enc ? enc_ld_ * cbytes_ : 0) + k2 * cbytes_;
     tile_ = tile_rows(p.num_rows(), per_row);
     if (p.num_rows() == 0) return;
     meta_ = device_meta(p, device_);
@@ -451,8 +471,8 @@ class CudaDecoder {
     // Tile buffers, allocated once per call; tiles use views of their first n rows.
     const auto opts = p.weights[0].options().dtype(cdt_);
     const int64_t act_buffers = backward ? last_ : std::min<int64_t>(2, last_);
-    for (int64_t i = 0; i < act_buffers; ++i) act_.push_back(at::empty({tile_, H}, opts));
-    if (keep_enc) enc_ = at::empty({tile_, enc}, opts);
+    for (int64_t i = 0; i < act_buffers; ++i) act_.push_back(at::empty({tile_, act_ld_}, opts));
+    if (keep_enc) enc_ = at::empty({tile_, enc_ld_}, opts);
     y_ = at::empty({tile_, k2}, opts);
   }
 
@@ -480,31 +500,31 @@ class CudaDecoder {
     const auto copts = f32.dtype(cdt_);
     at::Tensor gy32_buf = at::empty({tile_, p_.k2()}, f32);
     at::Tensor gy_buf = bf16_ ? at::empty({tile_, p_.k2()}, copts) : gy32_buf;
-    at::Tensor gm_buf = at::empty({tile_, p_.hidden}, copts);
-    at::Tensor gt_buf = at::empty({tile_, p_.hidden}, copts);
+    at::Tensor gm_buf = at::empty({tile_, hidden_}, copts);
+    at::Tensor gt_buf = at::empty({tile_, hidden_}, copts);
     for (int64_t begin = 0; begin < rows; begin += tile_) {
       const int64_t n = std::min(tile_, rows - begin);
       const RowSource src = source(begin);
       forward_tile(src, n, /*keep=*/true);
-      at::Tensor gy32 = gy32_buf.narrow(0, 0, n);
+      at::Tensor gy32 = rows_of(gy32_buf, n);
       launch_crop_backward(src, n, grad, gy32);
       gb[last_].add_(gy32.sum(0));
-      at::Tensor g = gy_buf.narrow(0, 0, n);
+      at::Tensor g = rows_of(gy_buf, n);
       if (bf16_) g.copy_(gy32);
-      at::Tensor gm = gm_buf.narrow(0, 0, n), gt = gt_buf.narrow(0, 0, n);
+      at::Tensor gm = rows_of(gm_buf, n), gt = rows_of(gt_buf, n);
       for (int64_t i = last_; i >= 1; --i) {
-        const at::Tensor a = rows_of(act_[i - 1], n);  // input of layer i (output of layer i-1)
+        // input of layer i (output of layer i-1), without the bf16 padding columns
+        const at::Tensor a = rows_of(act_[i - 1], n).narrow(1, 0, hidden_);
         if (i < last_) gb[i].add_(g.sum(0, false, at::kFloat));
         add_weight_grad(gw[i], g, a);
-        at::mm_out(gm, g, wc_[i]);
+        at::mm_out(gm, g, weight_view(i));
         at::threshold_backward_out(gt, gm, a, 0);
         g = gt;
       }
       // g = dL/dz1; W1's gradient is one GEMM with the tile's encodings (kept for ffn)
-      at::Tensor e = rows_of(enc_, n);
-      if (p_.encoding == kBasic) launch_encode(src, n, e);
+      if (p_.encoding == kBasic) launch_encode(src, n, rows_of(enc_, n));
       gb[0].add_(g.sum(0, false, at::kFloat));
-      add_weight_grad(gw[0], g, e);
+      add_weight_grad(gw[0], g, rows_of(enc_, n).narrow(1, 0, enc_width_));
     }
     return {gw, gb};
   }
@@ -524,42 +544,63 @@ class CudaDecoder {
     return s;
   }
 
-  // wc_[i]: layer i's weight in the compute dtype (bf16 copies made in one launch).
+  // wc_[i]: layer i's GEMM operand. fp32/tf32: the weight itself. bf16: the packed weight
+  // (out_pad, in_pad) with the bias columns and the one-rows (see the top of this file).
   void prepare_weights() {
     wc_.assign(p_.weights.begin(), p_.weights.end());
     if (!bf16_) return;
-    std::vector<int64_t> which;  // the basic encoding's first layer never meets a GEMM
-    for (int64_t i = (p_.encoding == kBasic ? 1 : 0); i < p_.num_blocks; ++i) which.push_back(i);
+    zero_bias_ = at::zeros({act_ld_}, p_.weights[0].options().dtype(at::kBFloat16));
+    std::vector<PackJob> jobs;
+    std::vector<int64_t> layer_of_job;
     int64_t total = 0;
-    for (int64_t i : which) total += p_.weights[i].numel();
+    for (int64_t i = (p_.encoding == kBasic ? 1 : 0); i < p_.num_blocks; ++i) {  // basic W1: no GEMM
+      const at::Tensor& w = p_.weights[i];
+      PackJob job{};
+      job.weight = w.data_ptr<float>();
+      job.bias = i < last_ ? p_.biases[i].data_ptr<float>() : nullptr;  // last bias: fp32, in scatter
+      job.rows = w.size(0);
+      job.cols = w.size(1);
+      job.rows_out = i < last_ ? act_ld_ : w.size(0);
+      job.cols_pad = i == 0 ? enc_ld_ : act_ld_;
+      total += job.rows_out * job.cols_pad;
+      jobs.push_back(job);
+      layer_of_job.push_back(i);
+    }
     at::Tensor flat = at::empty({total}, p_.weights[0].options().dtype(at::kBFloat16));
     int64_t offset = 0;
-    for (size_t start = 0; start < which.size(); start += kMaxConvert) {
-      ConvertList list{};
+    for (size_t t = 0; t < jobs.size(); ++t) {
+      at::Tensor packed = flat.narrow(0, offset, jobs[t].rows_out * jobs[t].cols_pad)
+                              .view({jobs[t].rows_out, jobs[t].cols_pad});
+      offset += packed.numel();
+      jobs[t].out = device_ptr<__nv_bfloat16>(packed);
+      wc_[layer_of_job[t]] = packed;
+    }
+    for (size_t start = 0; start < jobs.size(); start += kMaxPack) {
+      PackList list{};
       int count = 0;
       int64_t largest = 1;
-      for (size_t t = start; t < std::min(which.size(), start + kMaxConvert); ++t, ++count) {
-        const at::Tensor& w = p_.weights[which[t]];
-        at::Tensor dst = flat.narrow(0, offset, w.numel()).view(w.sizes());
-        offset += w.numel();
-        wc_[which[t]] = dst;
-        list.src[count] = w.data_ptr<float>();
-        list.dst[count] = device_ptr<__nv_bfloat16>(dst);
-        list.numel[count] = w.numel();
-        largest = std::max(largest, w.numel());
+      for (size_t t = start; t < std::min(jobs.size(), start + kMaxPack); ++t, ++count) {
+        list.job[count] = jobs[t];
+        largest = std::max(largest, jobs[t].rows_out * jobs[t].cols_pad);
       }
       const dim3 grid(grid_for(largest, kThreads), count);
-      NERN_FAST_LAUNCH(convert_bf16_kernel, grid, dim3(kThreads), 0, stream_, list);
+      NERN_FAST_LAUNCH(pack_bf16_kernel, grid, dim3(kThreads), 0, stream_, list);
     }
+  }
+
+  // Layer i's weight (out, in) as the backward's GEMMs use it: a view into the packed bf16 copy.
+  at::Tensor weight_view(int64_t i) const {
+    const at::Tensor& w = p_.weights[i];
+    return wc_[i].narrow(0, 0, w.size(0)).narrow(1, 0, w.size(1));
   }
 
   void build_tables() {
     const auto f32 = p_.weights[0].options();
-    filter_table_ = at::empty({p_.num_filters, p_.hidden}, f32);
-    channel_table_ = at::empty({p_.num_channels, p_.hidden}, f32);
+    filter_table_ = at::empty({p_.num_filters, hidden_}, f32);
+    channel_table_ = at::empty({p_.num_channels, hidden_}, f32);
     const int64_t filter_blocks = (p_.num_filters + kTableRows - 1) / kTableRows;
     const int64_t channel_blocks = (p_.num_channels + kTableRows - 1) / kTableRows;
-    const int64_t hidden_blocks = (p_.hidden + kTableThreads - 1) / kTableThreads;
+    const int64_t hidden_blocks = (hidden_ + kTableThreads - 1) / kTableThreads;
     TORCH_CHECK(filter_blocks + channel_blocks < (int64_t(1) << 31) && hidden_blocks < 65536,
                 "nern_fast: the layout or hidden size is too large for the CUDA table kernel");
     const dim3 grid(static_cast<unsigned>(filter_blocks + channel_blocks), static_cast<unsigned>(hidden_blocks));
@@ -568,21 +609,17 @@ class CudaDecoder {
                      static_cast<int>(p_.num_layers), p_.pos_layer.data_ptr<float>(),
                      p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(),
                      p_.encoding_table.data_ptr<float>(), static_cast<int>(p_.levels),
-                     p_.weights[0].data_ptr<float>(), p_.biases[0].data_ptr<float>(), p_.hidden,
+                     p_.weights[0].data_ptr<float>(), p_.biases[0].data_ptr<float>(), hidden_,
                      p_.num_filters, p_.num_channels, filter_blocks, filter_table_.data_ptr<float>(),
                      channel_table_.data_ptr<float>());
   }
 
-  // out (n, out_features) = relu(x @ W_iᵀ + b_i)
+  // out (n, act_ld) = relu(x @ W_iᵀ + b_i), bias and ReLU in cuBLASLt's epilogue. fp32/tf32: the
+  // fp32 result is the same as adding after. bf16: the bias comes through the packed weight, the
+  // epilogue's bias is zero.
   void linear_relu(int64_t i, const at::Tensor& x, at::Tensor& out) {
-    if (!bf16_) {  // bias and ReLU in cuBLASLt's epilogue (fp32 result: the same as adding after)
-      at::_addmm_activation_out(out, p_.biases[i], x, wc_[i].t(), 1, 1, /*use_gelu=*/false);
-      return;
-    }
-    at::mm_out(out, x, wc_[i].t());
-    const int64_t n = out.size(0), cols = out.size(1);
-    NERN_FAST_LAUNCH(bias_relu_bf16_kernel, dim3(grid_for(n * cols, kThreads * 4)), dim3(kThreads), 0,
-                     stream_, device_ptr<__nv_bfloat16>(out), p_.biases[i].data_ptr<float>(), n, cols);
+    const at::Tensor& bias = bf16_ ? zero_bias_ : p_.biases[i];
+    at::_addmm_activation_out(out, bias, x, wc_[i].t(), 1, 1, /*use_gelu=*/false);
   }
 
   // Fills y_ (raw last-layer product, no bias) and, with keep, every hidden activation (act_[i] =
@@ -594,15 +631,15 @@ class CudaDecoder {
       const dim3 grid(grid_for(n, kThreads / 32));
       if (bf16_) {
         NERN_FAST_LAUNCH(first_layer_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
-                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, p_.hidden,
-                         device_ptr<__nv_bfloat16>(h));
+                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, hidden_,
+                         act_ld_, device_ptr<__nv_bfloat16>(h));
       } else {
         NERN_FAST_LAUNCH(first_layer_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
-                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, p_.hidden,
-                         device_ptr<float>(h));
+                         filter_table_.data_ptr<float>(), channel_table_.data_ptr<float>(), n, hidden_,
+                         act_ld_, device_ptr<float>(h));
       }
     } else {
-      at::Tensor e = rows_of(enc_, n);
+      const at::Tensor e = rows_of(enc_, n);
       launch_encode(src, n, e);
       linear_relu(0, e, h);
     }
@@ -615,19 +652,21 @@ class CudaDecoder {
     at::mm_out(y, h, wc_[last_].t());
   }
 
+  // encodings of the tile's rows into e (n, enc_ld_ columns of storage)
   void launch_encode(const RowSource& src, int64_t n, const at::Tensor& e) {
     const dim3 grid(grid_for(n, kThreads / 32));
     const float* table = p_.encoding_table.data_ptr<float>();
+    const int64_t ld = e.stride(0);
     if (bf16_) {
       NERN_FAST_LAUNCH(encode_kernel<__nv_bfloat16>, grid, dim3(kThreads), 0, stream_, src,
                        static_cast<int>(p_.encoding), p_.pos_layer.data_ptr<float>(),
                        p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(), table,
-                       static_cast<int>(p_.levels), n, device_ptr<__nv_bfloat16>(e));
+                       static_cast<int>(p_.levels), n, ld, device_ptr<__nv_bfloat16>(e));
     } else {
       NERN_FAST_LAUNCH(encode_kernel<float>, grid, dim3(kThreads), 0, stream_, src,
                        static_cast<int>(p_.encoding), p_.pos_layer.data_ptr<float>(),
                        p_.pos_filter.data_ptr<float>(), p_.pos_channel.data_ptr<float>(), table,
-                       static_cast<int>(p_.levels), n, device_ptr<float>(e));
+                       static_cast<int>(p_.levels), n, ld, device_ptr<float>(e));
     }
   }
 
@@ -668,11 +707,14 @@ class CudaDecoder {
   const at::ScalarType cdt_;
   const int64_t cbytes_;
   const int64_t last_;
+  const int64_t hidden_, enc_width_;
+  const int64_t act_ld_, enc_ld_;  // row strides of the activation and encoding buffers
   const at::Device device_;
   cudaStream_t stream_;
   int64_t tile_ = 0;
   at::Tensor meta_;
   std::vector<at::Tensor> wc_;
+  at::Tensor zero_bias_;
   at::Tensor filter_table_, channel_table_;
   std::vector<at::Tensor> act_;
   at::Tensor enc_, y_;
