@@ -1,4 +1,5 @@
-// The separable first layer of the basic encoding (NERN_SPEC §4), shared by CPU and CUDA:
+// The separable first layer of the basic encoding (NERN_SPEC §4) for the CPU decoder (CUDA builds
+// the same tables with its own kernel, decode_cuda.cu):
 // W1·e(l,f,c) + b1 = [W1_l·e_l(l) + W1_f·e_f(f) + b1] + W1_c·e_c(c): a per-filter table (the layer
 // term and the bias folded in) plus a per-channel table, computed once per call.
 #pragma once

@@ -194,6 +194,15 @@ def bf16_errors(pred, backend, rows=None):
     return errors, scales
 
 
+def test_cpu_bf16_in_child_process():
+    """bf16 GEMMs on CPU go to oneDNN (AMX kernels on recent Intel CPUs): run in a child so that a
+    fault there is reported as this test's failure, not as a crash of a later test."""
+    if IN_CHILD:
+        pytest.skip("already in the child")
+    run_in_child("bf16_error_bounded_by_eager")
+
+
+@child_only
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 @pytest.mark.parametrize("subset", [False, True])
 def test_bf16_error_bounded_by_eager_bf16(encoding, subset):
