@@ -49,7 +49,7 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 2  # DataLoader workers (torchvision data sets)
-    augment: bool = True  # random crop + flip on cifar / imagenet training batches
+    augment: bool = True  # training batches: digits ±1-pixel shifts; cifar / imagenet crop + flip
     split_seed: int = 0  # digits: the fixed train/test split
     test_fraction: float = 0.2  # digits
     noise: Literal["uniform", "gaussian"] = "uniform"  # data-free inputs (stage inputs: noise)
@@ -159,6 +159,10 @@ class TrainBaseConfig:
     # gains -smoothness · Σ cos(adjacent kernels) over channels and filters (NeRN trained its
     # networks with 1e-4); smooth weights are what a predictor can represent compactly.
     smoothness: float = 0.0
+    # A difference prior on the same convs: + smoothness_l2 · Σ ‖k − k_next‖² over kernels adjacent
+    # in the channel and in the filter direction (mean over pairs × number of layers). It makes
+    # neighbouring kernels close in value, not only in direction.
+    smoothness_l2: float = 0.0
 
 
 @dataclass
@@ -394,6 +398,7 @@ def validate(cfg: Config) -> Config:
     _positive(cfg.train_base.epochs, "train_base.epochs")
     _check_optim(cfg.train_base.optim, "train_base.optim")
     _positive(cfg.train_base.smoothness, "train_base.smoothness", allow_zero=True)
+    _positive(cfg.train_base.smoothness_l2, "train_base.smoothness_l2", allow_zero=True)
     if not 0 <= cfg.train_base.label_smoothing < 1:
         raise ConfigError(f"train_base.label_smoothing: must be in [0, 1), got "
                           f"{cfg.train_base.label_smoothing}")

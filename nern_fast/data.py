@@ -3,7 +3,7 @@
 * ``digits`` (the embedded default): scikit-learn's 8×8 handwritten digits (1,797 images, 10
   classes, shipped inside scikit-learn, no download), split train/test once with a fixed seed,
   optionally resized, standardised with the training set's mean and std, kept in memory on the
-  training device.
+  training device; ``augment`` translates training images by up to 1 pixel (per 8 pixels).
 * ``cifar10`` / ``cifar100``: torchvision from ``data.root`` (downloaded there when the machine
   can; otherwise a clear error naming the folder), NeRN's normalisation and augmentation.
 * ``imagenet``: ``root/train`` and ``root/val`` ImageFolders, the usual crops.
@@ -49,12 +49,14 @@ class TaskData:
     _train: object = None  # tensors (x, y) or a torch Dataset
     _test: object = None
     _in_memory: bool = True
+    augment_shift: int = 0  # in-memory data: random translation by up to this many pixels
 
     def train_stream(self, batch_size: int, device, seed: int = 0, num_workers: int = 0,
-                     drop_last: bool = True) -> "BatchStream":
+                     drop_last: bool = True, augment: bool = False) -> "BatchStream":
         if self._in_memory:
             x, y = self._train
-            return TensorStream(x, y, batch_size, device, seed, drop_last)
+            return TensorStream(x, y, batch_size, device, seed, drop_last,
+                                shift=self.augment_shift if augment else 0)
         return LoaderStream(self._train, batch_size, device, seed, num_workers, drop_last)
 
     def noise_stream(self, batch_size: int, device, seed: int = 0, kind: str = "uniform") -> "NoiseStream":
@@ -105,12 +107,27 @@ def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate every image of a batch by up to ``shift`` pixels (edges replicated), on the device."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    dy = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device=x.device)
+    dx = torch.randint(0, 2 * shift + 1, (b,), generator=generator, device=x.device)
+    rows = torch.arange(h, device=x.device)[None] + dy[:, None]
+    cols = torch.arange(w, device=x.device)[None] + dx[:, None]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 class TensorStream(BatchStream):
-    """Batches of in-memory tensors kept on the device (no workers, no copies per step)."""
+    """Batches of in-memory tensors kept on the device (no workers, no copies per step), with an
+    optional random translation (``shift`` pixels) drawn on the device."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, device, seed: int = 0,
-                 drop_last: bool = True):
+                 drop_last: bool = True, shift: int = 0):
         device = torch.device(device)
+        self.shift = shift
+        self.generator = torch.Generator(device=device).manual_seed(seed + 1)
         self.x = x.to(device)
         self.y = y.to(device)
         self.n = x.shape[0]
@@ -133,13 +150,18 @@ class TensorStream(BatchStream):
         start = self.position * self.batch_size
         index = self._order[start:start + self.batch_size]
         self.position += 1
-        return self.x[index], self.y[index]
+        x = self.x[index]
+        if self.shift:
+            x = random_shift(x, self.shift, self.generator)
+        return x, self.y[index]
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
         self._order = None
 
 
@@ -264,7 +286,8 @@ def load_digits(image_size: Optional[int] = None, split_seed: int = 0,
     x = (x - mean) / std
     return TaskData("digits", 10, (1, size, size), len(train), len(test), (mean,), (std,),
                     (x[train].contiguous(), y[train].contiguous()),
-                    (x[test].contiguous(), y[test].contiguous()), True)
+                    (x[test].contiguous(), y[test].contiguous()), True,
+                    augment_shift=max(1, size // 8))
 
 
 def _torchvision():

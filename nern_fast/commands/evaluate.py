@@ -83,11 +83,7 @@ def evaluate(args) -> dict:
         try:
             reconstructed_accuracy = accuracy(model, test())
         finally:
-            pred.detach(model)
-            layout.model_weights(model)  # detach left the decoded weights in: restore the original
-            with torch.no_grad():
-                for w, o in zip(layout.model_weights(model), layout.split(original)):
-                    w.copy_(o)
+            pred.detach(model)  # leaves the decoded weights in the model (not used after this)
     else:
         reconstructed_accuracy = accuracy(model, test(), layout, decoded)
     per_layer = per_layer_rmse(decoded, original, layout)

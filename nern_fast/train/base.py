@@ -38,6 +38,21 @@ def cosine_smoothness(weights) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+def difference_smoothness(weights) -> torch.Tensor:
+    """Σ over layers of the mean squared difference of kernels adjacent in the channel and in the
+    filter direction."""
+    total = None
+    for w in weights:
+        k = w.reshape(w.shape[0], w.shape[1], -1)
+        term = k.new_zeros(())
+        if k.shape[1] > 1:
+            term = term + (k[:, 1:] - k[:, :-1]).square().sum(dim=2).mean()
+        if k.shape[0] > 1:
+            term = term + (k[1:] - k[:-1]).square().sum(dim=2).mean()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
 def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train_base.epochs``; returns a summary."""
     out = Path(out_dir)
@@ -49,7 +64,8 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
     torch.manual_seed(cfg.seed)
     model = setup.make_network(cfg.model, task).to(device)
     tb = cfg.train_base
-    stream = task.train_stream(cfg.data.batch_size, device, cfg.seed, cfg.data.num_workers)
+    stream = task.train_stream(cfg.data.batch_size, device, cfg.seed, cfg.data.num_workers,
+                               augment=cfg.data.augment)
     total = max(1, math.ceil(tb.epochs * stream.steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, tb.optim)
@@ -57,7 +73,7 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
     test = lambda: task.test_batches(cfg.data.eval_batch_size, device, cfg.data.num_workers,
                                      cfg.data.max_eval_batches)
     smooth_weights = []
-    if tb.smoothness > 0:  # the layers the predictor will represent
+    if tb.smoothness > 0 or tb.smoothness_l2 > 0:  # the layers the predictor will represent
         unpermuted = dataclasses.replace(cfg.predictor, permutation="none")
         smooth_weights = setup.make_layout(model, unpermuted, None).model_weights(model)
     started = time.perf_counter()
@@ -71,8 +87,10 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
         with autocast_context(device, tb.autocast):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=tb.label_smoothing)
-        if smooth_weights:
+        if tb.smoothness > 0:
             loss = loss - tb.smoothness * cosine_smoothness(smooth_weights)
+        if tb.smoothness_l2 > 0:
+            loss = loss + tb.smoothness_l2 * difference_smoothness(smooth_weights)
         loss.backward()
         if tb.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, tb.optim.grad_clip)

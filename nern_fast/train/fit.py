@@ -220,7 +220,7 @@ class FitRun:
                                                 cfg.seed + 17 * index, cfg.data.noise)
             else:
                 stream = self.task.train_stream(cfg.data.batch_size, self.device, cfg.seed,
-                                                cfg.data.num_workers)
+                                                cfg.data.num_workers, augment=cfg.data.augment)
         total = stage.steps or max(1, math.ceil(stage.epochs * stream.steps_per_epoch))
         scheduler = build_scheduler(optimizer, stage.optim, total)
         needs_rows = stage.type == "reconstruct" or stage.gradients == "sampled"

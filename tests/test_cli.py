@@ -1,0 +1,119 @@
+"""The nern-fast command: train-base, fit (and --resume), eval, demo --quick, error exits."""
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from nern_fast.cli import build_parser, main
+
+TINY = {
+    "recipe": "tiny", "device": "cpu", "threads": 1,
+    "model": {"arch": "cifar_resnet8", "kwargs": {"width": 4}},
+    "data": {"dataset": "digits", "batch_size": 64},
+    "train_base": {"epochs": 1},
+    "predictor": {"hidden": 12, "levels": 4, "num_blocks": 3},
+    "stages": [
+        {"type": "reconstruct", "steps": 6, "weights_batch_size": 64},
+        {"type": "distill", "steps": 4, "reconstruction_weight": 0.0, "kd_weight": 1.0,
+         "weights_batch_size": 64},
+    ],
+    "logging": {"log_every": 2, "checkpoint_every": 3, "progress": False},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    assert main(["train-base", "--config", str(config), "--out", str(root / "base")]) == 0
+    assert (root / "base" / "model.pt").exists()
+    return root, config
+
+
+def test_subcommands_are_registered():
+    text = build_parser().format_help()
+    for name in ("demo", "train-base", "fit", "eval", "info"):
+        assert name in text
+
+
+def test_fit_eval_and_resume(trained, capsys):
+    root, config = trained
+    ckpt = f"model.checkpoint={root / 'base' / 'model.pt'}"
+    out = root / "fit"
+    assert main(["fit", "--config", str(config), "--set", ckpt, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| original |" in printed and "reconstruct" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["stages"]) == 2
+    # a second fit into the same folder needs --resume or --overwrite
+    assert main(["fit", "--config", str(config), "--set", ckpt, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resuming a finished run re-writes the outputs and changes nothing
+    assert main(["fit", "--config", str(config), "--set", ckpt, "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["final_accuracy"] == metrics["final_accuracy"]
+
+    report = root / "eval.json"
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(report),
+                 "--per-layer"]) == 0
+    printed = capsys.readouterr().out
+    assert "reconstructed" in printed and "compression ratio" in printed and "layer1.0.conv1" in printed
+    r = json.loads(report.read_text())
+    assert r["reconstructed_accuracy"] == pytest.approx(metrics["final_accuracy"])
+    assert r["original_accuracy"] == pytest.approx(metrics["original_accuracy"])
+    assert r["compression_ratio"] == pytest.approx(metrics["compression_ratio"])
+    assert len(r["per_layer_rmse"]) == metrics["layers"]
+    assert r["stored_parameters"] == r["model_parameters"] - r["represented_parameters"] + r["predictor_parameters"]
+
+
+def test_eval_on_demand(trained, capsys):
+    root, config = trained
+    ckpt = f"model.checkpoint={root / 'base' / 'model.pt'}"
+    out = root / "fit_od"
+    assert main(["fit", "--config", str(config), "--set", ckpt, "--set", "stages.1.steps=2",
+                 "--out", str(out)]) == 0
+    from nern_fast.predictor import FastPredictor
+    if not hasattr(FastPredictor, "attach"):
+        pytest.skip("nern_fast.inference is not part of this build")
+    plain, on_demand = root / "a.json", root / "b.json"
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(plain)]) == 0
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(on_demand),
+                 "--on-demand"]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(on_demand.read_text())
+    assert b["mode"] == "on_demand"
+    assert b["reconstructed_accuracy"] == pytest.approx(a["reconstructed_accuracy"], abs=0.5)
+    assert b["original_accuracy"] == a["original_accuracy"]
+
+
+def test_error_exits(trained, tmp_path, capsys):
+    root, config = trained
+    assert main(["fit", "--config", str(config), "--set", "stages.0.sampler=weighted",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "stages.0.sampler" in err and "'random_weighted_batch'" in err
+    assert main(["fit", "--config", str(config), "--out", str(tmp_path / "y")]) == 2
+    assert "model.checkpoint" in capsys.readouterr().err
+    assert main(["train-base", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--predictor", str(tmp_path / "none.pt")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["fit", "--config", str(config), "--set", "model.checkpoint=/no/such.pt",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "/no/such.pt" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path):
+    # A real process, as `make demo` runs it (python -m nern_fast).
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "nern_fast", "demo", "--quick", "--out", str(out),
+                           "--set", "logging.progress=false", "--set", "device=cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| original |" in proc.stdout and "[demo]" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [s["name"] for s in metrics["stages"]] == ["reconstruct", "distill", "progressive1",
+                                                      "progressive2"]
+    assert (out / "base" / "model.pt").exists() and (out / "report.md").exists()
