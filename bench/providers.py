@@ -2,7 +2,7 @@
 
 * ``nern_eager``: NeRN's own eager decode (bench.nern_style), fp32 whatever the case asks — the
   baseline every speed-up is measured against;
-* ``eager``: ``reference_decode`` in one chain per layer at the case's precision (best eager);
+* ``eager``: ``reference_decode`` (one chain over all kernels) at the case's precision (best eager);
 * ``compile``: ``torch.compile`` of that same function;
 * one provider per backend of the dispatcher other than eager (``triton``, ``csrc``, and any
   backend registered later), called through ``ops.decode(..., backend=name)``. Whether it can

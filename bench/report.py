@@ -33,10 +33,12 @@ gradient into all predictor parameters (full gradient); **recon_step** decodes a
 decoded, gradients through the 4,096); **distill_step** adds the CNN forward/backward on a batch with
 a KL loss; **inference_forward** is one forward of the network built from the predictor;
 **permutations** computes a NeRN permutation of one 64×64 3×3 layer. Providers: `nern_eager` is
-NeRN's eager decoder (fp32, encodings precomputed, chunks of 4,096 in a Python loop), `eager` the
-reference decoder in one chain per layer, `compile` is `torch.compile` of it, `triton` / `csrc` the
-fused backends through the dispatcher. *vs NeRN* = NeRN-style median / this median, same case, same
-run. TFLOP/s counts the decode FLOPs of NERN_SPEC §10 (blank where the CNN dominates). Peak memory is
+NeRN's eager decoder (fp32, encodings precomputed, per layer chunks of 4,096 in a Python loop),
+`eager` the reference decoder `reference_decode` (one chain over all kernels, at the row's
+precision), `compile` is `torch.compile` of it, `triton` / `csrc` the fused backends through the
+dispatcher. *vs NeRN* = NeRN-style median / this median, same case, same
+run. TFLOP/s counts the decode FLOPs of NERN_SPEC §10 (recon_step: of the 4,096 kernels only; blank
+where the CNN's work is not counted). Peak memory is
 the extra memory one call needs above its inputs (CPU: resident size of a fresh process; GPU: peak
 allocated), including a provider's own state such as NeRN's precomputed encodings."""
 
@@ -83,8 +85,8 @@ def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     measured = [r for r in run if is_headline(r) and ok(r)]
     measured.sort(key=lambda r: (OPERATION_ORDER.index(r["operation"]) if r["operation"] in OPERATION_ORDER
-                                 else 99, r["layout"], r["variant"], as_float(r["batch"]) or 0,
-                                 r["precision"], r["provider"] != "nern_eager"))
+                                 else 99, as_float(r["kernels"]) or 0, r["variant"], as_float(r["batch"]) or 0,
+                                 r["precision"]))
     for r in measured:
         median, p20, p80 = as_float(r["median_s"]), as_float(r["p20_s"]), as_float(r["p80_s"])
         mem = as_float(r["peak_mem_mb"])
@@ -94,16 +96,19 @@ def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
             _fmt_time(median), f"{_fmt_time(p20)}–{_fmt_time(p80)}",
             _fmt(as_float(r["tflops"]), "{:.3g}"), _fmt(as_float(r["pct_peak"]), "{:.0f}%"),
             _fmt(mem, "{:,.0f} MB"), _fmt(as_float(r["speedup_vs_nern"]), "×{:.2f}")]) + " |")
-    missing = {}
+    missing: dict = {}  # (status, reason) -> (providers, cases)
     for r in run:
         if is_headline(r) and r["status"] != "ok":
-            missing.setdefault((r["provider"], r["status"], r["note"]), []).append(
-                f"{r['operation']} {r['layout']} {r['precision']}")
+            providers, cases = missing.setdefault((r["status"], r["note"]), ([], []))
+            case = f"{r['operation']} {r['layout']}"
+            for items, item in ((providers, f"`{r['provider']}`"), (cases, case)):
+                if item not in items:
+                    items.append(item)
     if missing:
         lines += ["", "Not measured in this run:"]
-        for (provider, status, note), cases in missing.items():
-            where = ", ".join(cases[:3]) + (f" and {len(cases) - 3} more" if len(cases) > 3 else "")
-            lines.append(f"- `{provider}` {status} ({where}): {note}")
+        for (status, note), (providers, cases) in missing.items():
+            where = ", ".join(cases[:4]) + (f" and {len(cases) - 4} more" if len(cases) > 4 else "")
+            lines.append(f"- {', '.join(providers)} {status} ({where}): {note}")
     return "\n".join(lines)
 
 
