@@ -79,6 +79,7 @@ class Runner:
         self.log = log or Log(None)
         self.env = Environment.capture(device, plan.name, REPO)
         self.baselines: dict = {}
+        self.measured: set = set()
         self.cpu_flops = ASSUMED_CPU_FLOPS
         self.rows: list[dict] = []
         self._work_key = None
@@ -113,12 +114,19 @@ class Runner:
         providers.sort(key=lambda p: p.name != op.baseline)  # baseline first (stable sort)
         combos = [(provider, precision) for provider in providers
                   if entry.only is None or provider.name in entry.only
-                  for precision in ((provider.fixed_precision,) if provider.fixed_precision else entry.precisions)]
+                  for precision in ((provider.fixed_precision,) if provider.fixed_precision else entry.precisions)
+                  if self._measure_key(case, provider.name, precision) not in self.measured]
         if self.device.type == "cuda":
             for provider, precision in combos:
                 self.measure(op, case, work, provider, precision, entry)
         else:
             self.measure_interleaved(op, case, work, combos, entry)
+
+    @staticmethod
+    def _measure_key(case: Case, provider: str, precision: str) -> tuple:
+        """A case, provider and precision are measured once per run (plans may list a case again
+        with other precisions; the fp32-only baseline is not repeated)."""
+        return (case.operation, case.layout, case.hidden, case.batch, case.variant, provider, precision)
 
     def _workload(self, op, case: Case):
         key = op.workload_key(case)
@@ -283,6 +291,8 @@ class Runner:
 
     def _emit(self, row: dict, status: str, note: str = "") -> dict:
         row.update(status=status, note=note)
+        self.measured.add((row["operation"], row["layout"], row["hidden"], row["batch"], row["variant"],
+                           row["provider"], row["precision"]))
         key = (row["operation"], row["layout"], row["hidden"], row["batch"], row["variant"])
         op = operation(row["operation"])
         if status == "ok":

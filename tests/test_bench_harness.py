@@ -231,3 +231,19 @@ def test_interleaved_timer_alternates_and_survives_a_failure():
     assert isinstance(timings[1], RuntimeError)
     assert timings[0].repeats == timings[2].repeats == 3
     assert calls[:3] == ["a", "broken", "b"] and calls[3:] == ["a", "b"] * 3
+
+
+def test_a_case_listed_twice_is_measured_once_per_provider_and_precision(tmp_path):
+    from bench.plans import Entry, Plan
+
+    no_compile = (("compile", "not in this test"),)
+    plan = Plan("unit", [Entry("decode_forward", "tiny", 8, ("fp32",), leave_out=no_compile, memory=False),
+                         Entry("decode_forward", "tiny", 8, ("fp32", "bf16"), leave_out=no_compile,
+                               memory=False)],
+                harness.TimerSettings(warmup=0, min_repeats=1, max_repeats=1, min_seconds=0), checks=False)
+    rows = Runner(plan, torch.device("cpu"), tmp_path).run()
+    keys = [(r["provider"], r["precision"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    assert ("nern_eager", "fp32") in keys and ("eager", "bf16") in keys
+    bf16 = next(r for r in rows if r["provider"] == "eager" and r["precision"] == "bf16")
+    assert bf16["speedup_vs_nern"] is not None  # the baseline of the first listing still applies
