@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -25,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #include <optional>
@@ -443,6 +445,36 @@ int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
 
 inline int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
+// acc (fp32) += m1 @ m2 with bf16 operands and acc as cuBLAS's fp32 C (no bf16 rounding of the
+// per-tile product): aten::addmm.dtype_out, looked up at run time (torch >= 2.8). false: not
+// available here (or it refused these arguments once), the caller adds a bf16 product instead.
+bool addmm_bf16_into_fp32(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2) {
+  static std::atomic<bool> usable{true};
+  if (!usable.load(std::memory_order_relaxed)) return false;
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+  if (!op.has_value()) {
+    usable = false;
+    return false;
+  }
+  try {
+    torch::jit::Stack stack;
+    stack.reserve(7);
+    stack.emplace_back(acc);
+    stack.emplace_back(m1);
+    stack.emplace_back(m2);
+    stack.emplace_back(at::kFloat);
+    stack.emplace_back(at::Scalar(1));
+    stack.emplace_back(at::Scalar(1));
+    stack.emplace_back(acc);
+    op->callBoxed(&stack);
+    return true;
+  } catch (const c10::Error&) {
+    usable = false;
+    return false;
+  }
+}
+
 class CudaDecoder {
  public:
   CudaDecoder(const DecodeProblem& p, bool backward)
@@ -696,10 +728,10 @@ class CudaDecoder {
     }
   }
 
-  // acc (out, in) fp32 += g (n, out)ᵀ @ a (n, in), the product in the compute dtype
+  // acc (out, in) fp32 += g (n, out)ᵀ @ a (n, in); bf16: bf16 operands, fp32 accumulation
   void add_weight_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& a) {
-    if (bf16_) acc.add_(at::mm(g.t(), a));
-    else acc.addmm_(g.t(), a);
+    if (!bf16_) acc.addmm_(g.t(), a);
+    else if (!addmm_bf16_into_fp32(acc, g.t(), a)) acc.add_(at::mm(g.t(), a));
   }
 
   const DecodeProblem& p_;
