@@ -23,6 +23,8 @@ from .encoding import EncodingSpec
 from .layout import CROP_MODES, WeightLayout, crop_window
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+# torch >= 2.9 has the per-backend precision switch; older ones only the legacy allow_tf32 flag.
+_NEW_TF32_API = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 def check_precision(precision: str) -> str:
@@ -33,13 +35,17 @@ def check_precision(precision: str) -> str:
 
 @contextlib.contextmanager
 def matmul_precision(precision: str, device: torch.device):
-    """fp32 matmuls in IEEE fp32 (``fp32``/``bf16``) or TF32 (``tf32``) on CUDA; no-op elsewhere."""
-    if device.type != "cuda":
+    """fp32 matmuls in IEEE fp32 (``fp32``/``bf16``) or TF32 (``tf32``) on CUDA; no-op elsewhere.
+
+    Inside ``torch.compile`` global switches cannot be flipped per call: the graph uses the
+    process-wide setting (set ``torch.backends.cuda.matmul.fp32_precision`` yourself there).
+    """
+    if device.type != "cuda" or torch.compiler.is_compiling():
         yield
         return
     matmul = torch.backends.cuda.matmul
     wanted = "tf32" if precision == "tf32" else "ieee"
-    if hasattr(matmul, "fp32_precision"):
+    if _NEW_TF32_API:
         previous = matmul.fp32_precision
         matmul.fp32_precision = wanted
         try:
