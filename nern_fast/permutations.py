@@ -23,6 +23,7 @@ over those short lists and only falls back to a full row scan when the bound can
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from pathlib import Path
@@ -51,7 +52,19 @@ def _check_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
     if not weight.is_floating_point():
         raise ValueError(f"{what}: expected a floating point weight, got {weight.dtype}")
     # NeRN computes in the weights' numpy dtype (float32 for trained networks).
-    return weight.detach().to("cpu", torch.float32)
+    return weight.detach().to(torch.float32)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run torch's CPU ops on one thread. These are many small ops: extra threads add nothing,
+    and on a busy machine OpenMP's spinning makes them ten times slower or worse."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------------------ batched chains
@@ -115,22 +128,24 @@ class _CandidateLists:
         block = max(1, _BLOCK_ELEMENTS // max(n, 1))
         padded = groups * group
         index_rows, value_rows, bound_rows = [], [], []
-        buffer = torch.full((block, padded), -math.inf)
+        buffer = torch.full((block, padded), -math.inf, device=points.device)
+        arange = torch.arange(block, device=points.device)
         for start in range(0, n, block):
             stop = min(start + block, n)
             rows = stop - start
             sim = buffer[:rows]
             torch.mm(points[start:stop], points.T, out=sim[:, :n])
-            sim[torch.arange(rows), torch.arange(start, stop)] = -math.inf  # never yourself
+            sim[arange[:rows], arange[:rows] + start] = -math.inf  # never yourself
             grouped = sim.view(rows, groups, group)
             group_max = grouped.amax(dim=2)
             chosen = torch.topk(group_max, q, dim=1, sorted=False).indices
             outside = group_max.scatter_(1, chosen, -math.inf).amax(dim=1)  # unchosen groups
-            gathered = grouped[torch.arange(rows)[:, None], chosen].reshape(rows, q * group)
-            columns = (chosen[:, :, None] * group + torch.arange(group)).reshape(rows, q * group)
+            gathered = grouped[arange[:rows, None], chosen].reshape(rows, q * group)
+            columns = (chosen[:, :, None] * group + arange[None, None, :group]).reshape(rows, q * group)
             best = torch.topk(gathered, min(k + 1, q * group), dim=1)
             values, cols = best.values, torch.gather(columns, 1, best.indices)
-            next_value = values[:, k] if values.shape[1] > k else torch.full((rows,), -math.inf)
+            next_value = (values[:, k] if values.shape[1] > k
+                          else torch.full((rows,), -math.inf, device=values.device))
             values, cols = values[:, :k], cols[:, :k]
             # topk leaves equal values in any order: sort by index, then stably by value.
             by_index = torch.sort(cols, dim=1)
@@ -153,7 +168,7 @@ def _crossfilter_chain(vectors: torch.Tensor, candidates: int = _CANDIDATES,
     norms = torch.linalg.vector_norm(vectors, dim=1)
     zero = (norms == 0).tolist()
     points = vectors / torch.where(norms == 0, torch.ones_like(norms), norms)[:, None]
-    points_np = points.numpy()
+    points_np = points.cpu().numpy()
     zero_rows = [i for i in range(n) if zero[i]]  # ascending; NaN similarities in NeRN
     zero_pos = 0
     visited = bytearray(n)
@@ -200,22 +215,32 @@ def _crossfilter_chain(vectors: torch.Tensor, candidates: int = _CANDIDATES,
             ids = [r for r in range(n) if not visited[r]] + [current]
             ids.sort()
             position = {r: i for i, r in enumerate(ids)}
-            lists = _CandidateLists(points[ids], candidates, group)
+            lists = _CandidateLists(points[torch.tensor(ids, device=points.device)], candidates,
+                                    group)
             built_size = remaining
     return order
 
 
 def crossfilter(weight: torch.Tensor) -> torch.Tensor:
-    """NeRN crossfilter permutation of one conv weight: the chain of its kernel rows (f·C_in + c)."""
+    """NeRN crossfilter permutation of one conv weight: the chain of its kernel rows (f·C_in + c).
+
+    The candidate lists are computed where the weight lives (a GPU when it is on one); the chain
+    walk runs on the CPU."""
     w = _check_weight(weight, "crossfilter")
     vectors = w.reshape(w.shape[0] * w.shape[1], -1)
-    return torch.tensor(_crossfilter_chain(vectors), dtype=torch.long)
+    with _one_thread():
+        return torch.tensor(_crossfilter_chain(vectors), dtype=torch.long)
 
 
 def infilter(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NeRN infilter permutation of one conv weight: ``(filter_order (C_out,), channel_orders
     (C_out, C_in))`` — per filter the chain of its channels, then the chain of the filters."""
-    w = _check_weight(weight, "infilter")
+    w = _check_weight(weight, "infilter").cpu()
+    with _one_thread():
+        return _infilter(w)
+
+
+def _infilter(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c_out, c_in = w.shape[0], w.shape[1]
     kernels = w.reshape(c_out, c_in, -1)
     channel_orders = greedy_chains(_similarities(kernels))
