@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The prepared GPU check for a `device` session (H100/H200, torch 2.11 + triton 3.6, offline).
+# Installs the package offline (building nern_fast._C with its CUDA ops for sm_90), then runs, each
+# step with its own time limit so one hang cannot eat the session (about 8 minutes at most):
+#   csrc tests -> benchmark suite (the issue goals) -> inference tests -> Triton tests
+#   -> on-demand inference benchmark -> distillation-step profile
+# Under $OUT (default ./gpu_out): bench.csv and bench.log (the suite's rows and log), env.txt, and
+# logs.tgz holding every step's log and side outputs (the device tool brings back at most 8 files,
+# so the archive is refreshed after every step: a cut-off run still returns what it did).
+# Usage (repository root):  bash bench/gpu_check.sh [all|tests|bench]   (default all)
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+LOGS=$(mktemp -d)/logs   # outside $OUT: only the archive of it travels back
+mkdir -p "$LOGS"
+WHAT=${1:-all}
+export PYTHONUNBUFFERED=1
+export NERN_FAST_CUDA_ARCHS=${NERN_FAST_CUDA_ARCHS:-9.0}   # H100/H200 only: halves the nvcc time
+export MAX_JOBS=${MAX_JOBS:-16}
+PY=${PY:-python3}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+  echo "cpus: $(nproc)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $LOGS/NAME.log, report rc
+  local name=$1 limit=$2; shift 2
+  local start=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc=$rc in $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$LOGS/steps.txt"
+  tail -n 12 "$LOGS/$name.log"
+  tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs 2>/dev/null
+  return $rc
+}
+pytest_step() {  # pytest_step NAME SECONDS FILES...
+  local name=$1 limit=$2; shift 2
+  step "$name" "$limit" $PY -m pytest -q --no-header -p no:cacheprovider -rs --maxfail=20 "$@"
+}
+
+step install 150 $PY -m pip install -v --no-index --no-deps --no-build-isolation -e . || {
+  echo "install failed: see logs/install.log"; exit 1; }
+grep "nern_fast setup" "$LOGS/install.log" | tee -a "$OUT/env.txt"
+$PY -c "import nern_fast, nern_fast.ops as o, torch; \
+r=o.make_request([torch.zeros(8,240,device='cuda'),torch.zeros(9,8,device='cuda')], \
+nern_fast.WeightLayout.from_shapes([(4,4)]), nern_fast.EncodingSpec(), None, 'fp32'); \
+print('backends on cuda:', o.availability(r))" 2>&1 | tee -a "$OUT/env.txt"
+
+[ "$WHAT" != bench ] && pytest_step tests_csrc 60 tests/test_csrc.py
+if [ "$WHAT" != tests ]; then
+  step bench_run 250 $PY -m nern_fast bench --device cuda --budget 190 --out "$OUT"
+fi
+if [ "$WHAT" != bench ]; then
+  pytest_step tests_inference 30 tests/test_inference.py
+  # Default configs only: tuning is measured by the bench step, the tests check correctness.
+  step tests_triton 75 env NERN_FAST_TRITON_AUTOTUNE=0 $PY -m pytest -q --no-header -p no:cacheprovider \
+    -rs --maxfail=20 tests/test_triton.py -m gpu
+fi
+if [ "$WHAT" = all ]; then
+  step inference_prefetch 35 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
+    --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"
+  step profile 30 $PY bench/profile_distill_step.py --out "$LOGS/profile.json"
+fi
+tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs
+ls -la "$OUT"
