@@ -78,10 +78,37 @@ def kernel_positions(layout: WeightLayout, rows: torch.Tensor, dtype=torch.float
     return positions.to(dtype), layer
 
 
+class _CudaLinearAtPrecision(torch.autograd.Function):
+    """F.linear whose backward matmuls run at the same fp32/tf32 setting as its forward.
+
+    Autograd runs the backward after ``matmul_precision`` has exited, under whatever global TF32
+    switch is set; precision ``tf32`` means TF32 in both directions, ``fp32`` IEEE in both.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, precision):
+        ctx.save_for_backward(x, weight)
+        ctx.precision = precision
+        with matmul_precision(precision, x.device):
+            return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        with matmul_precision(ctx.precision, grad.device):
+            grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+            grad_w = grad.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, precision: str) -> torch.Tensor:
     """One linear layer at ``precision``; bf16 casts the operands and accumulates in fp32."""
     if precision == "bf16" and x.dtype == torch.float32:
         return torch.matmul(x.bfloat16(), weight.bfloat16().t()).to(x.dtype) + bias
+    if (x.device.type == "cuda" and x.dtype == torch.float32 and x.dim() == 2
+            and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+        return _CudaLinearAtPrecision.apply(x, weight, bias, precision)
     return F.linear(x, weight, bias)
 
 

@@ -171,3 +171,16 @@ def test_random_layouts_subset_and_rederivation(data):
     rows = torch.tensor(data.draw(st.lists(st.integers(0, layout.num_kernels - 1), min_size=1, max_size=10)))
     sub = reference_decode(pred.weights(), pred.biases(), layout, pred.encoding, rows)
     assert torch.allclose(sub, layout.kernel_rows(flat, rows), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_precision_linear_function_matches_f_linear(precision):
+    """The CUDA path of ``linear`` (backward at the forward's precision), checked on CPU where the
+    precision switch is a no-op: values and all three gradients equal plain F.linear."""
+    from nern_fast.reference import _CudaLinearAtPrecision
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: _CudaLinearAtPrecision.apply(*a, precision), (x, w, b))
+    out = _CudaLinearAtPrecision.apply(x, w, b, precision)
+    assert torch.allclose(out, torch.nn.functional.linear(x, w, b))
