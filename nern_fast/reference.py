@@ -168,15 +168,17 @@ def reference_decode(weights: Sequence[torch.Tensor], biases: Sequence[torch.Ten
 
     rows = rows.to(device=device, dtype=torch.long).reshape(-1)
     out = _decode_rows(weights, biases, layout, encoding, rows, precision, chunk_size)
+    combos = sorted({(l.size, l.crop) for l in layout.layers if l.size < k})
+    if not combos:
+        return out
+    # Which crop applies to a row is known only on the device; select with masks instead of
+    # gathering rows (no host synchronisation, so the subset decode can run inside CUDA graphs).
     t = layout.tensors(device)
     layer = t.layer_of(rows)
     size, crop = t.size[layer], t.crop[layer]
-    if bool((size == k).all()):
-        return out
-    result = torch.zeros_like(out)
-    for s in sorted(set(size.tolist())):
-        for mode_id in sorted(set(crop[size == s].tolist())):
-            mask = (size == s) & (crop == mode_id)
-            cropped = crop_kernels(out[mask].view(-1, k, k), s, CROP_MODES[mode_id])
-            result[mask] = F.pad(cropped.reshape(-1, s * s), (0, k * k - s * s))
+    result = out.masked_fill((size < k)[:, None], 0.0)
+    for s, mode in combos:
+        mask = ((size == s) & (crop == CROP_MODES.index(mode)))[:, None]
+        cropped = crop_kernels(out.view(-1, k, k), s, mode).reshape(-1, s * s)
+        result = torch.where(mask, F.pad(cropped, (0, k * k - s * s)), result)
     return result
