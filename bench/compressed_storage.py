@@ -15,6 +15,16 @@ digits test accuracy, and output agreement with the fp32-predictor model on test
 uniform-noise inputs (data-free). Results: one JSON file (``--out``).
 
     python -m bench.compressed_storage [--epochs 15] [--steps 1500] [--calibrate-epochs 10]
+
+With ``--run DIR`` it measures a real run of ``nern-fast fit`` instead (e.g. ``make demo``'s
+``runs/demo``): for each ``--stage NAME`` (the predictor file ``DIR/stages/*-NAME.pt``, or ``final``
+for ``DIR/predictor.pt``) the original network (``DIR/base/model.pt`` when the recorded checkpoint
+path does not exist from here) is saved as a compressed file per storage dtype, loaded back with
+``load_compressed`` (no model_fn: rebuilt from the file's model spec) and evaluated on the run's own
+test split with the recipes' data and evaluation code (``nern_fast.data``,
+``nern_fast.train.evaluation.accuracy``), in "parameters" mode and attached on demand::
+
+    python -m bench.compressed_storage --run runs/demo --stage distill --stage progressive2
 """
 from __future__ import annotations
 
@@ -123,16 +133,161 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).square().mean().sqrt())
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def stage_file(run_dir: Path, stage: str) -> Path:
+    """The predictor file of stage ``stage`` of a fit run (``final``: the run's predictor.pt)."""
+    if stage == "final":
+        path = run_dir / "predictor.pt"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no such file (is {run_dir} the output folder of nern-fast fit?)")
+        return path
+    matches = sorted((run_dir / "stages").glob(f"*-{stage}.pt"))
+    if len(matches) != 1:
+        known = sorted(p.stem.split("-", 1)[-1] for p in (run_dir / "stages").glob("*.pt"))
+        raise SystemExit(f"{run_dir}/stages has {len(matches)} files for stage '{stage}'; stages "
+                         f"there: {known or 'none'}")
+    return matches[0]
+
+
+def run_config(run_dir: Path, recorded: dict):
+    """The network and data config recorded in a predictor file, its checkpoint found in the run."""
+    from nern_fast.config import load_config
+    model_cfg = dict(recorded.get("model") or {})
+    checkpoint = model_cfg.get("checkpoint")
+    if not checkpoint or not Path(checkpoint).is_file():
+        model_cfg["checkpoint"] = str(run_dir / "base" / "model.pt")
+    return load_config(data={"model": model_cfg, "data": recorded.get("data") or {}})
+
+
+def measure_stage(run_dir: Path, stage: str, tmp: Path) -> dict:
+    """Every predictor storage dtype of one stage: file size, weight error and test accuracy."""
+    from nern_fast.io import safe_load
+    from nern_fast.predictor import FILE_FORMAT
+    from nern_fast.train import setup
+    from nern_fast.train.evaluation import accuracy
+    from nern_fast.train.fit import RUN_KEY
+
+    path = stage_file(run_dir, stage)
+    data = safe_load(path, FILE_FORMAT, map_location="cpu")
+    if not data.get(RUN_KEY):
+        raise SystemExit(f"{path} records no network and data (not written by nern-fast fit)")
+    cfg = run_config(run_dir, data[RUN_KEY])
+    device = torch.device("cpu")
+    task = setup.load_data(cfg)
+    model = setup.frozen(setup.make_network(cfg.model, task), device)
+    pred = FastPredictor.from_file_dict(data, model, str(path)).to(device).eval()
+    layout = pred.layout
+
+    def test():
+        return task.test_batches(cfg.data.eval_batch_size, device)
+
+    def logits(net):
+        with torch.no_grad():
+            return torch.cat([net(x) for x, _ in test()])
+
+    labels = torch.cat([y for _, y in test()])
+    original = layout.flatten(model).detach()
+    with torch.no_grad():
+        fp32_decode = pred.decode_flat().detach()
+    original_accuracy = accuracy(model, test())
+    plain_bytes = state_dict_bytes(model)
+    checkpoint_bytes = Path(cfg.model.checkpoint).stat().st_size
+    rows, reference_logits = [], None
+    for dtype in PREDICTOR_DTYPES:
+        file = save_compressed(model, pred, tmp / f"{stage}_{dtype}.nfz", predictor_dtype=dtype)
+        loaded_model, loaded_pred = load_compressed(file)  # rebuilt from the recorded model spec
+        decoded = layout.flatten(loaded_model).detach()
+        out = logits(loaded_model)
+        if dtype == "fp32":
+            reference_logits = out
+        on_demand_model, _ = load_compressed(file, mode="on_demand")
+        rows.append({
+            "predictor_dtype": dtype,
+            "file_bytes": file.stat().st_size,
+            "ratio_vs_plain_state_dict": file.stat().st_size / plain_bytes,
+            "test_accuracy": accuracy(loaded_model, test()),
+            "test_accuracy_on_demand": accuracy(on_demand_model, test()),
+            "accuracy_drop_vs_fp32_predictor": None,  # filled below
+            "weight_rmse_vs_fp32_predictor": rmse(decoded, fp32_decode),
+            "weight_rmse_vs_original": rmse(decoded, original),
+            "predictor_parameter_rmse_vs_fp32": rmse(
+                torch.cat([p.detach().flatten() for p in loaded_pred.parameters()]),
+                torch.cat([p.detach().flatten() for p in pred.parameters()])),
+            "test_top1_agreement_vs_fp32_predictor": float(
+                (out.argmax(1) == reference_logits.argmax(1)).float().mean()),
+            "test_max_abs_logit_diff_vs_fp32_predictor": float((out - reference_logits).abs().max()),
+        })
+    for row in rows:
+        row["accuracy_drop_vs_fp32_predictor"] = rows[0]["test_accuracy"] - row["test_accuracy"]
+    return {
+        "stage": stage, "predictor_file": str(path), "model": cfg.model.arch,
+        "dataset": cfg.data.dataset, "test_images": int(labels.numel()),
+        "hidden": pred.hidden, "predictor_parameters": pred.num_parameters,
+        "represented_weights": pred.represented_parameters, "compression_ratio": pred.compression_ratio,
+        "recorded_stage_accuracy": (data[RUN_KEY].get("accuracy")),
+        "original_test_accuracy": original_accuracy,
+        "plain_state_dict_bytes": plain_bytes, "original_checkpoint_file_bytes": checkpoint_bytes,
+        "fp32_predictor_weight_rmse_vs_original": rmse(fp32_decode, original),
+        "rows": rows,
+    }
+
+
+def main_run(args) -> int:
+    started = time.time()
+    run_dir = Path(args.run)
+    stages = args.stage or ["final"]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = [measure_stage(run_dir, stage, Path(tmp)) for stage in stages]
+    result = {
+        "what": f"compressed model files of the predictor stages of the fit run {run_dir} "
+                f"(predictor storage fp32/fp16/bf16/int8), reloaded with load_compressed and "
+                f"evaluated on the run's test split",
+        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(time.time() - started, 1), "stages": results,
+    }
+    out = Path(args.out or "bench/results/compressed_storage_demo.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in results:
+        print(f"{r['stage']}: {r['model']} on {r['dataset']} ({r['test_images']} test images), CR "
+              f"{r['compression_ratio']:.4f}, original {r['original_test_accuracy']:.2f} %, plain "
+              f"state dict {r['plain_state_dict_bytes']:,} B")
+        for row in r["rows"]:
+            print(f"  {row['predictor_dtype']:<5} {row['file_bytes']:>9,} B ({row['ratio_vs_plain_state_dict']:.3f}x)"
+                  f"  acc {row['test_accuracy']:.2f} % (on demand {row['test_accuracy_on_demand']:.2f} %)"
+                  f"  drop {row['accuracy_drop_vs_fp32_predictor']:+.2f}"
+                  f"  weight RMSE vs fp32 {row['weight_rmse_vs_fp32_predictor']:.2e}"
+                  f"  top1 agreement {row['test_top1_agreement_vs_fp32_predictor']:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", help="output folder of a nern-fast fit run (measures its stages "
+                                      "instead of the stand-in)")
+    parser.add_argument("--stage", action="append", help="with --run: stage name (repeatable; "
+                                                         "default: final)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--kd-steps", type=int, default=0)
     parser.add_argument("--calibrate-epochs", type=int, default=10)
     parser.add_argument("--hidden", type=int, default=180)
     parser.add_argument("--noise-samples", type=int, default=512)
-    parser.add_argument("--out", default="bench/results/compressed_storage.json")
+    parser.add_argument("--out", help="JSON results (default: bench/results/compressed_storage.json, "
+                                      "with --run compressed_storage_demo.json)")
     args = parser.parse_args()
+    if args.run:
+        return main_run(args)
+    args.out = args.out or "bench/results/compressed_storage.json"
 
     started = time.time()
     train, test = digits()
@@ -180,10 +335,7 @@ def main() -> int:
                 "noise_top1_agreement_vs_original": float(
                     (logits_noise.argmax(1) == base_noise.argmax(1)).float().mean()),
             })
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    commit = _commit()
     result = {
         "what": "ResNet-20 (1 input channel) trained on sklearn digits 8x8; predictor fitted by weight "
                 "reconstruction; unrepresented parameters calibrated on digits with the decoded block "
