@@ -16,23 +16,33 @@ The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
   decodes its weight (``pred.decode_layer(i)``) right before the conv runs; a forward hook drops it
   right after. Weight memory: the largest represented layer plus the predictor (plus, on CUDA with
   ``prefetch``, the next layer being decoded on a side stream: at most two layers).
-* ``"cached"``: as on_demand, but decoded layers stay in an LRU cache of at most ``cache_bytes``
-  bytes (``None``: no limit; a layer larger than the limit is decoded each time and never cached).
-  The cache fills during forwards (the first forward decodes every layer), not at attach.
+* ``"cached"``: as on_demand, but decoded layers are pinned up to ``cache_bytes`` bytes (``None``:
+  no limit): a layer decoded while it still fits in what is left of the budget stays decoded across
+  forwards, the others are decoded on demand every time. Nothing is ever evicted: the convs run in
+  the same order every forward, where an LRU cache smaller than the network would evict every
+  layer just before its next use and hit nothing. The cache fills during forwards (the first
+  forward decodes every layer, in call order, so the first layers that fit are pinned), not at
+  attach.
 * ``"materialized"``: every layer is decoded once, at attach time (the baseline).
 
-Every mode decodes a layer with the same call (``pred.decode_layer(i)`` under ``no_grad``, cast to
-the conv's original dtype), so the outputs of the three modes are identical for the same backend
-and precision.
+Every mode decodes a layer with the same call (what ``pred.decode_layer(i)`` does, under ``no_grad``,
+cast to the conv's original dtype), so the outputs of the three modes are identical for the same
+backend and precision. A :class:`LayerDecoder` makes that call straight to the backend: the row
+indices of every layer, the input checks and the backend choice are made once per device, dtype,
+precision and backend setting instead of at every conv (the per-layer host time is what on_demand
+costs over materialized).
 
 Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
 which the represented convs run (a conv called twice appears twice). In later forwards, as soon as
 conv i has been launched on the current stream, the next conv's weight is decoded on a side stream
 (which first waits for an event recorded just before conv i, so it overlaps conv i and what follows
 it); the next conv waits for the decode's event, and ``record_stream`` keeps the caching allocator
-from reusing the weight's memory while the current stream still reads it. A forward that takes
-another path than the recorded one decodes synchronously (and records the new order). Nothing
-prefetched outlives a forward of the root model.
+from reusing the weight's memory while the current stream still reads it. The two events are
+created once and re-recorded (at most one prefetch is in flight; a wait uses the event's latest
+record at the time it is enqueued). A forward that takes another path than the recorded one
+decodes synchronously (and records the new order). Nothing prefetched outlives a forward of the
+root model. Prefetch hides decode *GPU* time behind the convs; when the host is the bottleneck
+(small layers, batch 1), it cannot help.
 
 While attached:
 
@@ -65,6 +75,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import ops
+
 MODES = ("on_demand", "cached", "materialized")
 _ATTR = "_nern_fast_attachment"
 _local = threading.local()
@@ -90,12 +102,56 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class LayerDecoder:
+    """``pred.decode_layer(i)`` without the per-call work that cannot change between two convs.
+
+    ``pred.decode_layer`` builds the layer's row indices (an ``arange`` launch on the device), checks
+    the inputs (on CUDA, a device-side range assertion: several launches) and asks every backend
+    whether it takes the call. Here the rows of all layers are one ``arange`` per device (each
+    layer a view of it), and the checks and the backend choice run once per (device, dtype,
+    precision, backend setting); the decode itself is the same backend call with the same
+    arguments, so the values are identical to ``pred.decode_layer(i)``.
+    """
+
+    def __init__(self, pred):
+        self.pred = pred
+        self._key = None
+        self._rows: list[torch.Tensor] = []
+        self._backend = None
+
+    def _prepare(self, weights: list, biases: list) -> None:
+        pred, layout = self.pred, self.pred.layout
+        device = weights[0].device
+        rows = torch.arange(layout.num_kernels, device=device)
+        ops.check_decode_inputs(weights, biases, layout, pred.encoding, rows)
+        request = ops.make_request(weights, layout, pred.encoding, rows, pred.precision)
+        self._backend = ops.select_backend(request, pred.backend)
+        self._rows = [rows[l.kernel_offset:l.kernel_offset + l.num_kernels] for l in layout.layers]
+
+    def __call__(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s conv weight (C_out, C_in, s, s); call under ``no_grad``."""
+        pred = self.pred
+        weights, biases = pred.weights(), pred.biases()
+        w0 = weights[0]
+        key = (w0.device, w0.dtype, pred.precision, ops.requested_backend_name(pred.backend),
+               torch.is_grad_enabled())
+        if key != self._key:
+            self._key = None
+            self._prepare(weights, biases)
+            self._key = key
+        layer = pred.layout.layers[i]
+        out = self._backend.decode(weights, biases, pred.layout, pred.encoding, self._rows[i],
+                                   pred.precision)
+        s2 = layer.size * layer.size
+        return (out if s2 == out.shape[1] else out[:, :s2]).reshape(layer.shape)
+
+
 class Attachment:
     """The state of one attached model: hooks, stored/cached/prefetched weights and statistics.
 
     ``stats`` (a dict, reset with :meth:`reset_stats`): ``decodes`` (layer decodes run),
     ``cache_hits``, ``prefetched`` (decodes taken from a prefetch), ``prefetch_dropped`` (prefetches
-    never used), ``evictions``, ``held_bytes`` (decoded weight bytes alive now: stored, cached,
+    never used), ``held_bytes`` (decoded weight bytes alive now: stored, cached,
     in use or prefetched), ``peak_held_bytes`` and ``cached_bytes``.
     """
 
@@ -117,7 +173,9 @@ class Attachment:
         self.device = pred.layers[0].weight.device
         self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
-        self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the LRU cache
+        self._events = None  # (ready, done): created at the first prefetch, then re-recorded
+        self._decoder = LayerDecoder(pred)
+        self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the pinned ones
         self._store_bytes = 0
         self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
         self._pending = None  # (layer, call position, tensor, event): a prefetch not yet used
@@ -140,13 +198,13 @@ class Attachment:
 
     @property
     def cached_layers(self) -> list[int]:
-        """Layer indices held in the store, least recently used first."""
+        """Layer indices held in the store, in the order they were stored."""
         return list(self._store)
 
     def reset_stats(self) -> None:
         held = self._held_bytes()
         self.stats = {"decodes": 0, "cache_hits": 0, "prefetched": 0, "prefetch_dropped": 0,
-                      "evictions": 0, "held_bytes": held, "peak_held_bytes": held,
+                      "held_bytes": held, "peak_held_bytes": held,
                       "cached_bytes": self._store_bytes}
 
     # ------------------------------------------------------------------ install / remove
@@ -199,7 +257,7 @@ class Attachment:
     def _decode(self, i: int) -> torch.Tensor:
         # Ordinary tensors (not inference tensors), no autograd graph: usable in any later mode.
         with torch.inference_mode(False), torch.no_grad():
-            weight = self.pred.decode_layer(i)
+            weight = self._decoder(i)
             dtype = self._params[i][0]
             if weight.dtype != dtype:
                 weight = weight.to(dtype)
@@ -210,12 +268,8 @@ class Attachment:
     def _store_put(self, i: int, weight: torch.Tensor) -> None:
         size = _nbytes(weight)
         if self.mode == "cached" and self.cache_bytes is not None:
-            if size > self.cache_bytes:
-                return  # never fits: decode this layer on demand every time
-            while self._store_bytes + size > self.cache_bytes:
-                _, evicted = self._store.popitem(last=False)
-                self._store_bytes -= _nbytes(evicted)
-                self.stats["evictions"] += 1
+            if self._store_bytes + size > self.cache_bytes:
+                return  # pin what fits: this layer is decoded on demand every time
         self._store[i] = weight
         self._store_bytes += size
         self.stats["cached_bytes"] = self._store_bytes
@@ -230,7 +284,12 @@ class Attachment:
         self.stats["peak_held_bytes"] = max(self.stats.get("peak_held_bytes", 0), held)
 
     # ------------------------------------------------------------------ prefetch (CUDA)
-    def _plan_prefetch(self, i: int, position: int) -> None:
+    def _prefetch_events(self) -> tuple:
+        if self._events is None:
+            self._events = (torch.cuda.Event(), torch.cuda.Event())
+        return self._events
+
+    def _plan_prefetch(self, i: int, position: int, main) -> None:
         order = self._order
         if order is None or position + 1 >= len(order) or order[position] != i:
             return
@@ -238,20 +297,21 @@ class Attachment:
         if following in self._store:
             return
         # Everything the current stream enqueued before conv i (e.g. a predictor just moved there).
-        ready = torch.cuda.current_stream(self.device).record_event()
+        ready = self._prefetch_events()[0]
+        ready.record(main)
         self._planned = (following, position + 1, ready)
 
-    def _start_prefetch(self, layer: int, position: int, ready: torch.cuda.Event) -> None:
+    def _start_prefetch(self, layer: int, position: int, ready) -> None:
         self._drop_pending()
         side = self._side_stream
         side.wait_event(ready)
+        done = self._prefetch_events()[1]
         with torch.cuda.stream(side):
             weight = self._decode(layer)
-            event = torch.cuda.Event()
-            event.record(side)
-        self._pending = (layer, position, weight, event)
+            done.record(side)
+        self._pending = (layer, position, weight, done)
 
-    def _take_prefetched(self, layer: int, position: int) -> Optional[torch.Tensor]:
+    def _take_prefetched(self, layer: int, position: int, main) -> Optional[torch.Tensor]:
         pending, self._pending = self._pending, None
         if pending is None:
             return None
@@ -259,7 +319,6 @@ class Attachment:
             self.stats["prefetch_dropped"] += 1
             return None  # another path than last time; freeing on the side stream is safe
         _, _, weight, event = pending
-        main = torch.cuda.current_stream(self.device)
         main.wait_event(event)
         weight.record_stream(main)  # freed later only after the main stream is done with it
         self.stats["prefetched"] += 1
@@ -294,15 +353,14 @@ class Attachment:
         self._trace = []
         self._update_held()
 
-    def _acquire(self, i: int, position: Optional[int]) -> torch.Tensor:
+    def _acquire(self, i: int, position: Optional[int], main) -> torch.Tensor:
         if i in self._store:
-            self._store.move_to_end(i)
             if self.mode == "cached":
                 self.stats["cache_hits"] += 1
             return self._store[i]
         weight = None
-        if self.prefetch and position is not None:
-            weight = self._take_prefetched(i, position)
+        if main is not None and position is not None:
+            weight = self._take_prefetched(i, position, main)
         if weight is None:
             weight = self._decode(i)
         if self.mode != "on_demand":
@@ -311,11 +369,12 @@ class Attachment:
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
         position = len(self._trace) if self._in_forward else None
-        weight = self._acquire(i, position)
+        main = torch.cuda.current_stream(self.device) if self.prefetch else None
+        weight = self._acquire(i, position, main)
         if position is not None:
             self._trace.append(i)
-            if self.prefetch:
-                self._plan_prefetch(i, position)
+            if main is not None:
+                self._plan_prefetch(i, position, main)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)

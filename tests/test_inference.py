@@ -122,10 +122,54 @@ def test_on_demand_keeps_no_weight_alive():
                       "head.weight", "head.bias"}
 
 
-def test_cached_lru_respects_cache_bytes():
+def _cpu_backends():
+    from nern_fast import ops
+    names = ["eager"]
+    try:
+        ops.get_backend("csrc")
+        names.append("csrc")
+    except ops.BackendUnavailable:
+        pass
+    return names
+
+
+@pytest.mark.parametrize("backend", _cpu_backends())
+@pytest.mark.parametrize("permuted", [False, True])
+def test_layer_decoder_equals_decode_layer(backend, permuted):
+    from nern_fast.inference import LayerDecoder
+    model, pred = make(permuted)
+    pred.backend = backend
+    decoder = LayerDecoder(pred)
+    with torch.no_grad():
+        for i in range(pred.layout.num_layers):  # includes the cropped 1x1 layer c3
+            got = decoder(i)
+            assert got.shape == pred.layout.layers[i].shape
+            assert torch.equal(got, pred.decode_layer(i))
+        assert decoder._backend.name == backend
+        pred.to(torch.float64)  # a new dtype: checks and backend choice are made again
+        got = decoder(2)
+        assert got.dtype == torch.float64 and torch.equal(got, pred.decode_layer(2))
+
+
+def test_layer_decoder_follows_the_backend_setting(monkeypatch):
+    from nern_fast import ops
+    from nern_fast.inference import LayerDecoder
+    model, pred = make()
+    pred.backend = "auto"
+    decoder = LayerDecoder(pred)
+    with torch.no_grad():
+        decoder(0)
+        monkeypatch.setenv(ops.ENV_BACKEND, "eager")
+        assert torch.equal(decoder(0), pred.decode_layer(0)) and decoder._backend.name == "eager"
+        monkeypatch.setenv(ops.ENV_BACKEND, "no_such_backend")
+        with pytest.raises(ops.BackendUnavailable):
+            decoder(0)
+
+
+def test_cached_pins_what_fits_across_forwards():
     model, pred = make()
     sizes = layer_bytes(pred)  # 2304, 4608, 9216, 512
-    limit = sizes[1] + sizes[2]
+    limit = sizes[0] + sizes[1] + sizes[3]  # layer 2 does not fit after 0 and 1; 3 still does
     pred.attach(model, mode="cached", cache_bytes=limit)
     state = attachment(model)
     observed = []
@@ -136,17 +180,27 @@ def test_cached_lru_respects_cache_bytes():
     for name in REPRESENTED:
         getattr(model, name).register_forward_pre_hook(check)
     x = torch.randn(1, 3, 6, 6)
-    run(model, x)
-    assert max(observed) <= limit
-    # 0, 1 cached; 2 evicts 0; 3 evicts 1 -> {2, 3}
-    assert state.cached_layers == [2, 3] and state.stats["evictions"] == 2
-    assert state.stats["cached_bytes"] == sizes[2] + sizes[3]
-    # 0 fits ([2, 3, 0]); 1 evicts 2 ([3, 0, 1]); 2 evicts 3 and 0 ([1, 2]); 3 evicts 1 ([2, 3]):
-    # layers 2 and 3 were evicted before their turn, so no hit.
-    run(model, x)
-    assert max(observed) <= limit and state.stats["cache_hits"] == 0
-    assert state.cached_layers == [2, 3] and state.stats["evictions"] == 6
-    assert state.stats["decodes"] == 8
+    expected = run(model, x)
+    assert state.cached_layers == [0, 1, 3] and state.stats["cached_bytes"] == limit
+    assert state.stats["decodes"] == 4 and state.stats["cache_hits"] == 0
+    # Later forwards: the pinned layers are hits, only layer 2 is decoded (LRU would evict each
+    # layer before its next use here and hit nothing).
+    for forward in range(1, 4):
+        assert torch.equal(run(model, x), expected)
+        assert state.stats["decodes"] == 4 + forward and state.stats["cache_hits"] == 3 * forward
+    assert state.cached_layers == [0, 1, 3] and max(observed) <= limit
+    assert state.stats["held_bytes"] == limit
+
+
+def test_cached_pins_the_first_layers_in_call_order():
+    model, pred = make()
+    model.twice = True  # call order 0, 0, 1, 2, 3
+    sizes = layer_bytes(pred)
+    pred.attach(model, mode="cached", cache_bytes=sizes[0] + sizes[2])
+    state = attachment(model)
+    run(model, torch.randn(1, 3, 6, 6))
+    # 0 pinned (its second call is a hit), 1 fits after 0 and is pinned, 2 no longer fits, 3 fits.
+    assert state.cached_layers == [0, 1, 3] and state.stats["cache_hits"] == 1
 
 
 def test_cached_hits_and_a_layer_larger_than_the_cache():
