@@ -261,7 +261,8 @@ def main_run(args) -> int:
               f"{r['compression_ratio']:.4f}, original {r['original_test_accuracy']:.2f} %, plain "
               f"state dict {r['plain_state_dict_bytes']:,} B")
         for row in r["rows"]:
-            print(f"  {row['predictor_dtype']:<5} {row['file_bytes']:>9,} B ({row['ratio_vs_plain_state_dict']:.3f}x)"
+            print(f"  {row['predictor_dtype']:<5} {row['file_bytes']:>9,} B "
+                  f"({row['ratio_vs_plain_state_dict']:.3f}x)"
                   f"  acc {row['test_accuracy']:.2f} % (on demand {row['test_accuracy_on_demand']:.2f} %)"
                   f"  drop {row['accuracy_drop_vs_fp32_predictor']:+.2f}"
                   f"  weight RMSE vs fp32 {row['weight_rmse_vs_fp32_predictor']:.2e}"

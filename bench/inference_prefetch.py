@@ -8,6 +8,12 @@ Memory columns: ``resident_mb`` = allocated before the forward (model + predicto
 ``forward_peak_mb`` = the peak of what the forward allocates on top (decoded layers, prefetches,
 activations). CUDA memory comes from the caching allocator; on CPU only the attachment's own
 ``peak_held_bytes`` (decoded weights it references) is reported.
+
+Per net it also times one decode of every represented layer in a row (``mode: decode_calls``),
+through ``pred.decode_layer`` and through the attachment's ``LayerDecoder``: ``host_us_per_layer``
+is the time until the last call returned (launch and host overhead), ``us_per_layer`` the time
+until the device finished. Equal values mean the per-layer decode is bound by the host, which no
+prefetch can hide.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nern_fast import FastPredictor, ops
-from nern_fast.inference import attachment
+from nern_fast.inference import LayerDecoder, attachment
 from nern_fast.models import cifar_resnet
 
 NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden size
@@ -43,6 +49,34 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return times
+
+
+def decode_call_times(pred, device: torch.device, repeats: int) -> dict:
+    """Per-layer time of decoding every layer once: host time (until the calls returned) and total
+    (until the device finished), median over ``repeats``, for decode_layer and LayerDecoder."""
+    decoder = LayerDecoder(pred)
+    layers = range(pred.layout.num_layers)
+    paths = {"decode_layer": pred.decode_layer, "layer_decoder": decoder}
+    result = {}
+    with torch.no_grad():
+        for name, decode in paths.items():
+            host, total = [], []
+            for repeat in range(repeats + 2):  # two warm-up rounds (tuning, compilation, caches)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                for i in layers:
+                    decode(i)
+                returned = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                finished = time.perf_counter()
+                if repeat >= 2:
+                    host.append((returned - start) / len(layers) * 1e6)
+                    total.append((finished - start) / len(layers) * 1e6)
+            result[name] = {"host_us_per_layer": statistics.median(host),
+                            "us_per_layer": statistics.median(total)}
+    return result
 
 
 def main() -> int:
@@ -71,6 +105,16 @@ def main() -> int:
         request = ops.make_request(pred.weights(), pred.layout, pred.encoding, rows, args.precision)
         backend = ops.select_backend(request, pred.backend).name
         largest = max(l.num_weights for l in pred.layout.layers) * 4
+        calls = decode_call_times(pred, device, args.repeats)
+        for path, times in calls.items():
+            row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
+                   "torch": torch.__version__, "net": net, "hidden": hidden, "precision": args.precision,
+                   "backend": backend, "mode": "decode_calls", "path": path,
+                   "layers": pred.layout.num_layers, **times}
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{net:<9} decode every layer via {path:<13}: {times['host_us_per_layer']:8.1f} us/layer "
+                  f"host, {times['us_per_layer']:8.1f} us/layer until done")
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 32, 32, device=device)
             materialized_ms = None
