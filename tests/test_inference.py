@@ -561,3 +561,22 @@ def test_cuda_prefetch_on_a_user_stream():
     torch.cuda.synchronize()
     assert all(torch.equal(o, expected) for o in outs)
     pred.detach(model)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "csrc"])
+def test_cuda_layer_decoder_equals_decode_layer(backend):
+    from nern_fast import ops
+    from nern_fast.inference import LayerDecoder
+    model, pred = _cuda_resnet()
+    pred.backend = backend
+    try:
+        with torch.no_grad():
+            expected = [pred.decode_layer(i) for i in range(pred.layout.num_layers)]
+    except ops.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    decoder = LayerDecoder(pred)
+    with torch.no_grad():
+        for i, want in enumerate(expected):  # row views at an offset of one arange
+            assert torch.equal(decoder(i), want)
