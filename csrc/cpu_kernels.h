@@ -22,7 +22,9 @@ using BF16 = c10::BFloat16;
 
 namespace scalar {
 
-inline float relu(float v) { return v > 0.f ? v : 0.f; }
+// ReLU and its mask with torch's NaN semantics: relu(NaN) = NaN (a masked NaN would hide a
+// diverged predictor), and the backward passes the gradient wherever !(x <= 0) (threshold_backward).
+inline float relu(float v) { return v < 0.f ? 0.f : v; }
 
 inline void bias_relu_to_bf16(const BF16* acc, const float* bias, BF16* out, int64_t rows,
                               int64_t cols) {
@@ -42,7 +44,7 @@ inline void add_relu_to_bf16(const float* a, const float* b, BF16* out, int64_t 
 
 inline void masked_from_bf16(const BF16* x, const BF16* mask, float* out, BF16* out_lp, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const float v = static_cast<float>(mask[j]) > 0.f ? static_cast<float>(x[j]) : 0.f;
+    const float v = static_cast<float>(mask[j]) <= 0.f ? 0.f : static_cast<float>(x[j]);
     out[j] = v;
     out_lp[j] = BF16(v);
   }
@@ -81,7 +83,7 @@ NERN_FAST_AVX512 inline void bias_relu_to_bf16(const BF16* acc, const float* bia
     for (int64_t j = 0; j < cols; j += 16) {
       const __mmask16 m = tail(cols - j);
       __m512 v = _mm512_add_ps(load_bf16(acc + r * cols + j, m), _mm512_maskz_loadu_ps(m, bias + j));
-      store_bf16(out + r * cols + j, _mm512_max_ps(v, zero), m);
+      store_bf16(out + r * cols + j, _mm512_max_ps(zero, v), m);  // NaN in v: v (second operand)
     }
   }
 }
@@ -102,7 +104,7 @@ NERN_FAST_AVX512 inline void add_relu_to_bf16(const float* a, const float* b, BF
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail(n - j);
     const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j));
-    store_bf16(out + j, _mm512_max_ps(v, zero), m);
+    store_bf16(out + j, _mm512_max_ps(zero, v), m);
   }
 }
 
@@ -111,7 +113,7 @@ NERN_FAST_AVX512 inline void masked_from_bf16(const BF16* x, const BF16* mask, f
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 m = tail(n - j);
-    const __mmask16 keep = _mm512_cmp_ps_mask(load_bf16(mask + j, m), zero, _CMP_GT_OQ);
+    const __mmask16 keep = _mm512_cmp_ps_mask(load_bf16(mask + j, m), zero, _CMP_NLE_UQ);  // !(x <= 0)
     const __m512 v = _mm512_maskz_mov_ps(keep, load_bf16(x + j, m));
     _mm512_mask_storeu_ps(out + j, m, v);
     store_bf16(out_lp + j, v, m);

@@ -76,6 +76,14 @@ DecodeProblem make_problem(at::TensorList weights, at::TensorList biases, const 
 // Checks the incoming gradient of a decode output (shape, dtype, device, contiguity).
 void check_grad_output(const DecodeProblem& p, const at::Tensor& grad);
 
+// decode_forward_saving's row count: 0 <= save_rows <= rows of work, and a model with hidden layers
+// after the first (num_blocks >= 3) — with two blocks there is nothing to keep.
+void check_save_rows(const DecodeProblem& p, int64_t save_rows);
+
+// decode_backward's `saved`: (num_blocks-2, R, H), R <= rows of work, `dtype`, the parameters'
+// device, contiguous (what decode_forward_saving returned for the same arguments).
+void check_saved(const DecodeProblem& p, const at::Tensor& saved, at::ScalarType dtype);
+
 // Per-index encodings (the basic encoding's 2·levels blocks), computed with the same ATen
 // operations as nern_fast.encoding.EncodingSpec.encode_index so the values match the reference.
 at::Tensor encode_index(const at::Tensor& positions, const at::Tensor& frequencies);

@@ -220,6 +220,24 @@ void check_grad_output(const DecodeProblem& p, const at::Tensor& grad) {
   }
 }
 
+void check_save_rows(const DecodeProblem& p, int64_t save_rows) {
+  TORCH_CHECK(p.num_blocks >= 3, "nern_fast: decode_forward_saving needs num_blocks >= 3 (hidden "
+              "layers to keep), got ", p.num_blocks, "; call decode_forward");
+  TORCH_CHECK(save_rows >= 0 && save_rows <= p.num_rows(), "nern_fast: save_rows must be in 0..",
+              p.num_rows(), " (the rows decoded), got ", save_rows, kFix);
+}
+
+void check_saved(const DecodeProblem& p, const at::Tensor& saved, at::ScalarType dtype) {
+  const at::Device device = p.weights[0].device();
+  TORCH_CHECK(saved.device() == device && saved.scalar_type() == dtype && saved.dim() == 3 &&
+                  saved.size(0) == p.num_blocks - 2 && saved.size(1) <= p.num_rows() &&
+                  saved.size(2) == p.hidden && saved.is_contiguous(),
+              "nern_fast: saved activations must be a contiguous ", dtype, " tensor (",
+              p.num_blocks - 2, ", R <= ", p.num_rows(), ", ", p.hidden, ") on ", device,
+              " (the second output of decode_forward_saving for the same arguments), got ",
+              saved.scalar_type(), " ", saved.sizes(), " on ", saved.device(), kFix);
+}
+
 at::Tensor encode_index(const at::Tensor& positions, const at::Tensor& frequencies) {
   // nern_fast.encoding: x = values.unsqueeze(-1) * freqs * pi; stack([sin, cos], -1).reshape
   at::Tensor x = positions.unsqueeze(-1) * frequencies * M_PI;
@@ -288,7 +306,14 @@ TORCH_LIBRARY(nern_fast_C, m) {
       "decode_backward(Tensor grad, Tensor[] weights, Tensor[] biases, Tensor meta, "
       "Tensor pos_layer, Tensor pos_filter, Tensor pos_channel, Tensor? coord_rows, Tensor? rows, "
       "Tensor encoding_table, int encoding, int kernel_size, int num_kernels, int num_weights, "
-      "str precision) -> (Tensor[], Tensor[])");
+      "str precision, Tensor? saved=None) -> (Tensor[], Tensor[])");
+  // decode_forward that also returns the hidden activations of layers 1..nb-2 for the first
+  // save_rows rows (CPU): decode_backward then skips recomputing them.
+  m.def(
+      "decode_forward_saving(Tensor[] weights, Tensor[] biases, Tensor meta, Tensor pos_layer, "
+      "Tensor pos_filter, Tensor pos_channel, Tensor? coord_rows, Tensor? rows, "
+      "Tensor encoding_table, int encoding, int kernel_size, int num_kernels, int num_weights, "
+      "str precision, int save_rows) -> (Tensor, Tensor)");
 }
 
 // `import nern_fast._C` loads this library (which registers the ops above) and exposes how it was

@@ -2,9 +2,12 @@
 //
 // Per tile: first layer (separable tables for basic, encode + GEMM for ffn), every further MLP
 // layer as an ATen GEMM into per-thread buffers that stay cache-resident, bias/ReLU in one pass,
-// crop and scatter straight into the output. Backward recomputes the tile's activations and
-// accumulates weight gradients per thread group; groups are reduced in a fixed order, so results
-// are deterministic for a fixed thread count.
+// crop and scatter straight into the output. A forward that will be differentiated may keep the
+// hidden activations of layers 1..nb-2 for a prefix of the rows (`saved`, sized by the caller's
+// memory budget); backward reads those and recomputes the rest (the first layer is elementwise
+// with the separable tables, so it is always recomputed). Weight gradients accumulate per thread
+// group; groups are reduced in a fixed order, so results are deterministic for a fixed thread
+// count.
 #include "cpu_kernels.h"
 #include "decode.h"
 #include "decode_tables.h"
@@ -151,7 +154,8 @@ class CpuDecoder {
         hidden_(p.hidden),
         enc_size_(6 * p.levels),
         last_(p.num_blocks - 1),
-        tile_(tile_rows(p.hidden, sizeof(scalar_t))) {
+        tile_(tile_rows(p.hidden, sizeof(scalar_t))),
+        needs_y_(needs_last_output(layers_, p.kernel_size)) {
     kernel_offsets_.reserve(layers_.size() + 1);
     for (const auto& l : layers_) kernel_offsets_.push_back(l.kernel_off);
     kernel_offsets_.push_back(p.num_kernels);
@@ -171,11 +175,18 @@ class CpuDecoder {
     if (p.subset()) rows_ = ptr<int64_t>(p.rows);
   }
 
+  // `saved`: (nb-2, R, H) activations of hidden layers 1..nb-2 for rows [0, R) (R may be 0), in
+  // the compute dtype (bf16 in bf16 mode); written by the forward, read by the backward.
+  void use_saved(const at::Tensor& saved) {
+    saved_ = saved;
+    save_rows_ = saved.size(1);
+  }
+
   at::Tensor forward() {
     at::Tensor out = p_.output_like();
     scalar_t* o = ptr<scalar_t>(out);
     for_each_group(/*backward=*/false, [&](Scratch& s, int64_t, int64_t begin, int64_t n) {
-      forward_tile(s, begin, n, false);
+      forward_tile(s, begin, n, Pass::kOutput);
       scatter(s, n, o);
     });
     return out;
@@ -315,6 +326,19 @@ class CpuDecoder {
   }
 
   // ---- forward ------------------------------------------------------------------------------------
+  // kOutput: the decode itself (hidden activations into the saved rows where there are any);
+  // kRecompute: backward's activations: hidden layers only where not saved, the last layer only
+  // when the crop's backward reads it (max pooling).
+  enum class Pass { kOutput, kRecompute };
+
+  static bool needs_last_output(const std::vector<LayerInfo>& layers, int64_t k) {
+    for (const auto& l : layers)
+      if (l.size < k && l.crop == kCropMax) return true;
+    return false;
+  }
+
+  bool tile_saved(int64_t begin, int64_t n) const { return begin + n <= save_rows_; }
+
   at::Tensor rows_of(const at::Tensor& t, int64_t n) const { return t.narrow(0, 0, n); }
   at::Tensor lp_result(Scratch& s, int64_t n, int64_t cols) const {
     return s.acc_lp.narrow(0, 0, n * cols).view({n, cols});
@@ -342,17 +366,24 @@ class CpuDecoder {
       scalar_t* row = d + r * cols;
       for (int64_t j = 0; j < cols; ++j) {
         scalar_t v = row[j] + bias[j];
-        if (Relu) v = v > scalar_t(0) ? v : scalar_t(0);
+        if (Relu) v = v < scalar_t(0) ? scalar_t(0) : v;  // NaN stays NaN, like torch.relu
         row[j] = v;
       }
     }
   }
 
-  void forward_tile(Scratch& s, int64_t begin, int64_t n, bool keep_all) {
+  // Hidden activation i of the tile (n rows from `begin`), in the compute dtype: the saved rows
+  // when the whole tile is saved, else the scratch (two alternating buffers in the output pass).
+  at::Tensor hidden_buffer(Scratch& s, int64_t i, int64_t begin, int64_t n, Pass pass) const {
+    if (i >= 1 && tile_saved(begin, n)) return saved_[i - 1].narrow(0, begin, n);
+    const auto& buffers = bf16_ ? s.act_lp : s.act;
+    return rows_of(buffers[pass == Pass::kRecompute ? i : i % 2], n);
+  }
+
+  void forward_tile(Scratch& s, int64_t begin, int64_t n, Pass pass) {
     fill_rows(begin, n, s.info.data());
-    auto slot = [&](int64_t i) { return keep_all ? i : i % 2; };
-    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : rows_of(s.act[slot(i)], n); };
-    auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[slot(i)], n) : at::Tensor(); };
+    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : hidden_buffer(s, i, begin, n, pass); };
+    auto act_lp = [&](int64_t i) { return bf16_ ? hidden_buffer(s, i, begin, n, pass) : at::Tensor(); };
 
     if (p_.encoding == kBasic) {
       first_layer_separable(s, n, act(0), act_lp(0));
@@ -361,8 +392,18 @@ class CpuDecoder {
       linear<true>(s, 0, rows_of(s.enc, n), bf16_ ? rows_of(s.enc_lp, n) : at::Tensor(), act(0),
                    act_lp(0), n);
     }
-    for (int64_t i = 1; i < last_; ++i) linear<true>(s, i, act(i - 1), act_lp(i - 1), act(i), act_lp(i), n);
-    linear<false>(s, last_, act(last_ - 1), act_lp(last_ - 1), rows_of(s.y, n), at::Tensor(), n);
+    const bool hidden_known = pass == Pass::kRecompute && tile_saved(begin, n);
+    if (!hidden_known)
+      for (int64_t i = 1; i < last_; ++i) linear<true>(s, i, act(i - 1), act_lp(i - 1), act(i), act_lp(i), n);
+    if (pass == Pass::kOutput || needs_y_)
+      linear<false>(s, last_, act(last_ - 1), act_lp(last_ - 1), rows_of(s.y, n), at::Tensor(), n);
+    if (pass == Pass::kOutput && begin < save_rows_ && !tile_saved(begin, n)) {
+      // The tile straddles the end of the saved rows: keep its first rows too, so that every saved
+      // row is written whatever tiling the backward uses.
+      const int64_t keep = save_rows_ - begin;
+      for (int64_t i = 1; i < last_; ++i)
+        saved_[i - 1].narrow(0, begin, keep).copy_((bf16_ ? act_lp(i) : act(i)).narrow(0, 0, keep));
+    }
   }
 
   void first_layer_separable(Scratch& s, int64_t n, const at::Tensor& dst, const at::Tensor& dst_lp) {
@@ -383,7 +424,7 @@ class CpuDecoder {
       scalar_t* o = d + r * H;
       for (int64_t j = 0; j < H; ++j) {
         const scalar_t v = a[j] + b[j];
-        o[j] = v > scalar_t(0) ? v : scalar_t(0);
+        o[j] = v < scalar_t(0) ? scalar_t(0) : v;
       }
     }
   }
@@ -462,13 +503,14 @@ class CpuDecoder {
     const scalar_t* mask = ptr<scalar_t>(a);
     scalar_t* d = ptr<scalar_t>(dst);
     for (int64_t j = 0; j < n * cols; ++j)
-      if (!(mask[j] > scalar_t(0))) d[j] = scalar_t(0);
+      if (mask[j] <= scalar_t(0)) d[j] = scalar_t(0);  // threshold_backward: NaN passes
   }
 
   void backward_tile(Scratch& s, Grads& gr, const scalar_t* grad, int64_t begin, int64_t n) {
-    forward_tile(s, begin, n, /*keep_all=*/true);
-    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : rows_of(s.act[i], n); };
-    auto act_lp = [&](int64_t i) { return bf16_ ? rows_of(s.act_lp[i], n) : at::Tensor(); };
+    forward_tile(s, begin, n, Pass::kRecompute);
+    auto buffer = [&](int64_t i) { return hidden_buffer(s, i, begin, n, Pass::kRecompute); };
+    auto act = [&](int64_t i) { return bf16_ ? at::Tensor() : buffer(i); };
+    auto act_lp = [&](int64_t i) { return bf16_ ? buffer(i) : at::Tensor(); };
     auto lp = [&](const at::Tensor& t) { return bf16_ ? rows_of(t, n) : at::Tensor(); };
 
     // dL/dy through the crop
@@ -517,6 +559,9 @@ class CpuDecoder {
   const bool bf16_;
   const int k_;
   const int64_t k2_, hidden_, enc_size_, last_, tile_;
+  const bool needs_y_;  // some layer's crop is a max pool: its backward reads the last output
+  at::Tensor saved_;
+  int64_t save_rows_ = 0;
   std::vector<at::Tensor> wt_, w_lp_, wt_lp_;
   SeparableTables tables_;
   at::Tensor ffn_;
@@ -557,19 +602,50 @@ at::Tensor decode_forward_cpu(at::TensorList weights, at::TensorList biases, con
   return out;
 }
 
+// The dtype activations are kept in: bf16 in bf16 mode, else the parameters'.
+at::ScalarType compute_dtype(const DecodeProblem& p) {
+  return p.precision == Precision::kBf16 ? at::kBFloat16 : p.weights[0].scalar_type();
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_forward_saving_cpu(
+    at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
+    const at::Tensor& pos_layer, const at::Tensor& pos_filter, const at::Tensor& pos_channel,
+    const c10::optional<at::Tensor>& coord_rows, const c10::optional<at::Tensor>& rows,
+    const at::Tensor& encoding_table, int64_t encoding, int64_t kernel_size, int64_t num_kernels,
+    int64_t num_weights, c10::string_view precision, int64_t save_rows) {
+  DecodeProblem p = problem_from_args(weights, biases, meta, pos_layer, pos_filter, pos_channel,
+                                      coord_rows, rows, encoding_table, encoding, kernel_size,
+                                      num_kernels, num_weights, precision);
+  check_save_rows(p, save_rows);
+  at::Tensor saved = at::empty({p.num_blocks - 2, save_rows, p.hidden},
+                               p.weights[0].options().dtype(compute_dtype(p)));
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(p.weights[0].scalar_type(), "nern_fast_decode_forward_saving_cpu", [&] {
+    CpuDecoder<scalar_t> decoder(p);
+    decoder.use_saved(saved);
+    out = decoder.forward();
+  });
+  return {out, saved};
+}
+
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cpu(
     const at::Tensor& grad, at::TensorList weights, at::TensorList biases, const at::Tensor& meta,
     const at::Tensor& pos_layer, const at::Tensor& pos_filter, const at::Tensor& pos_channel,
     const c10::optional<at::Tensor>& coord_rows, const c10::optional<at::Tensor>& rows,
     const at::Tensor& encoding_table, int64_t encoding, int64_t kernel_size, int64_t num_kernels,
-    int64_t num_weights, c10::string_view precision) {
+    int64_t num_weights, c10::string_view precision, const c10::optional<at::Tensor>& saved) {
   DecodeProblem p = problem_from_args(weights, biases, meta, pos_layer, pos_filter, pos_channel,
                                       coord_rows, rows, encoding_table, encoding, kernel_size,
                                       num_kernels, num_weights, precision);
   check_grad_output(p, grad);
+  const bool has_saved = saved.has_value() && saved->defined();
+  if (has_saved) check_saved(p, *saved, compute_dtype(p));
   std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> result;
-  AT_DISPATCH_FLOATING_TYPES(p.weights[0].scalar_type(), "nern_fast_decode_backward_cpu",
-                             [&] { result = CpuDecoder<scalar_t>(p).backward(grad); });
+  AT_DISPATCH_FLOATING_TYPES(p.weights[0].scalar_type(), "nern_fast_decode_backward_cpu", [&] {
+    CpuDecoder<scalar_t> decoder(p);
+    if (has_saved) decoder.use_saved(*saved);
+    result = decoder.backward(grad);
+  });
   return result;
 }
 
@@ -579,4 +655,5 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cpu
 TORCH_LIBRARY_IMPL(nern_fast_C, CPU, m) {
   m.impl("decode_forward", &nern_fast::decode_forward_cpu);
   m.impl("decode_backward", &nern_fast::decode_backward_cpu);
+  m.impl("decode_forward_saving", &nern_fast::decode_forward_saving_cpu);
 }

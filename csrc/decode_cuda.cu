@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace nern_fast {
@@ -57,7 +58,8 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);  // round to nearest even, as torch's .to(torch.bfloat16)
 }
-__device__ __forceinline__ float relu(float v) { return v > 0.f ? v : 0.f; }
+// NaN stays NaN, as torch.relu keeps it (a masked NaN would hide a diverged predictor)
+__device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
 // Four consecutive values (16-byte aligned for float, 8-byte for bf16: callers check H % 4 == 0).
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
@@ -445,34 +447,66 @@ int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
 
 inline int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
-// acc (fp32) += m1 @ m2 with bf16 operands and acc as cuBLAS's fp32 C (no bf16 rounding of the
-// per-tile product): aten::addmm.dtype_out, looked up at run time (torch >= 2.8). false: not
-// available here (or it refused these arguments once), the caller adds a bf16 product instead.
-bool addmm_bf16_into_fp32(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2) {
-  static std::atomic<bool> usable{true};
-  if (!usable.load(std::memory_order_relaxed)) return false;
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
-  if (!op.has_value()) {
-    usable = false;
-    return false;
-  }
+// acc (fp32) += m1 @ m2 for bf16 m1, m2 with every product exact and fp32 accumulation (what a bf16
+// GEMM with an fp32 output computes: per-tile products are never rounded to bf16). Three ways, the
+// first that this torch provides and accepts (each refusal is remembered):
+//  1. aten::addmm.dtype_out with acc as cuBLAS's fp32 C (newer torch: `self` may be fp32);
+//  2. aten::mm.dtype_out into an fp32 product, added to acc (torch 2.8-2.11 demand a bf16 `self`
+//     from addmm.dtype_out, which would round acc);
+//  3. an IEEE fp32 GEMM of the operands cast to fp32: a product of two bf16 values (8-bit
+//     significands) is exact in fp32 — the same numerics at fp32-GEMM speed.
+// NERN_FAST_CUDA_BF16_WGRAD=addmm|mm|fp32 starts the chain at that way (tests run every way).
+enum class WgradWay : int { kAddmm = 0, kMm = 1, kFp32 = 2 };
+
+WgradWay first_wgrad_way() {
+  const char* env = std::getenv("NERN_FAST_CUDA_BF16_WGRAD");
+  if (env == nullptr) return WgradWay::kAddmm;
+  const std::string way(env);
+  if (way == "mm") return WgradWay::kMm;
+  if (way == "fp32") return WgradWay::kFp32;
+  TORCH_CHECK(way == "addmm", "nern_fast: NERN_FAST_CUDA_BF16_WGRAD must be addmm, mm or fp32, got '",
+              way, "'");
+  return WgradWay::kAddmm;
+}
+
+// Calls a dtype_out overload (addmm: self, m1, m2; mm: m1, m2) boxed; false if it does not exist
+// here or refuses these arguments.
+bool call_dtype_out(const char* name, std::vector<c10::IValue> args, const at::Tensor& out) {
+  const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({name, "dtype_out"});
+  if (!op.has_value()) return false;
   try {
-    torch::jit::Stack stack;
-    stack.reserve(7);
-    stack.emplace_back(acc);
-    stack.emplace_back(m1);
-    stack.emplace_back(m2);
+    torch::jit::Stack stack(std::move(args));
     stack.emplace_back(at::kFloat);
-    stack.emplace_back(at::Scalar(1));
-    stack.emplace_back(at::Scalar(1));
-    stack.emplace_back(acc);
+    if (std::string(name) == "aten::addmm") {
+      stack.emplace_back(at::Scalar(1));
+      stack.emplace_back(at::Scalar(1));
+    }
+    stack.emplace_back(out);
     op->callBoxed(&stack);
     return true;
   } catch (const c10::Error&) {
-    usable = false;
     return false;
   }
+}
+
+void add_bf16_product(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2) {
+  static std::atomic<bool> addmm_refused{false}, mm_refused{false};
+  const WgradWay first = first_wgrad_way();
+  if (first == WgradWay::kAddmm && !addmm_refused.load()) {
+    if (call_dtype_out("aten::addmm", {acc, m1, m2}, acc)) return;
+    addmm_refused = true;
+  }
+  if (first != WgradWay::kFp32 && !mm_refused.load()) {
+    at::Tensor product = at::empty(acc.sizes(), acc.options());
+    if (call_dtype_out("aten::mm", {m1, m2}, product)) {
+      acc.add_(product);
+      return;
+    }
+    mm_refused = true;
+  }
+  at::NoTF32Guard ieee;  // IEEE fp32: exact products of the bf16 values, fp32 accumulation
+  acc.addmm_(m1.to(at::kFloat), m2.to(at::kFloat));
 }
 
 class CudaDecoder {
@@ -731,7 +765,7 @@ class CudaDecoder {
   // acc (out, in) fp32 += g (n, out)ᵀ @ a (n, in); bf16: bf16 operands, fp32 accumulation
   void add_weight_grad(at::Tensor& acc, const at::Tensor& g, const at::Tensor& a) {
     if (!bf16_) acc.addmm_(g.t(), a);
-    else if (!addmm_bf16_into_fp32(acc, g.t(), a)) acc.add_(at::mm(g.t(), a));
+    else add_bf16_product(acc, g.t(), a);
   }
 
   const DecodeProblem& p_;
@@ -789,11 +823,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cud
     const at::Tensor& pos_layer, const at::Tensor& pos_filter, const at::Tensor& pos_channel,
     const c10::optional<at::Tensor>& coord_rows, const c10::optional<at::Tensor>& rows,
     const at::Tensor& encoding_table, int64_t encoding, int64_t kernel_size, int64_t num_kernels,
-    int64_t num_weights, c10::string_view precision) {
+    int64_t num_weights, c10::string_view precision, const c10::optional<at::Tensor>& saved) {
   DecodeProblem p = cuda_problem(weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows,
                                  rows, encoding_table, encoding, kernel_size, num_kernels, num_weights,
                                  precision);
   check_grad_output(p, grad);
+  TORCH_CHECK(!(saved.has_value() && saved->defined()), "nern_fast: the CUDA decoder recomputes "
+              "activations in backward; pass saved=None (decode_forward_saving is CPU-only)");
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
   std::optional<at::NoTF32Guard> ieee;
   if (p.precision != Precision::kTf32) ieee.emplace();

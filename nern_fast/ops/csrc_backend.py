@@ -1,15 +1,22 @@
 """The ``csrc`` backend: the compiled extension ``nern_fast._C`` behind the dispatcher.
 
-The extension registers two ops with torch.library (``torch.ops.nern_fast_C``): ``decode_forward``
-(full flat buffer or subset rows) and ``decode_backward`` (gradients of every MLP weight and bias).
-This module loads it safely (a missing or broken build is a recorded reason, never an import
-error), makes the forward op differentiable (``register_autograd``) and traceable by
-``torch.compile`` (``register_fake``), and exposes it as the backend named ``"csrc"``.
+The extension registers three ops with torch.library (``torch.ops.nern_fast_C``):
+``decode_forward`` (full flat buffer or subset rows), ``decode_backward`` (gradients of every MLP
+weight and bias) and, on CPU, ``decode_forward_saving`` (the forward that also keeps the hidden
+activations of layers 1..nb-2 for as many rows as a memory budget allows, so that the backward
+skips recomputing them). This module loads it safely (a missing or broken build is a recorded
+reason, never an import error), makes both forward ops differentiable (``register_autograd``) and
+traceable by ``torch.compile`` (``register_fake``), and exposes them as the backend named
+``"csrc"``.
+
+``NERN_FAST_CPU_SAVE_MB`` (default 1024) is the budget of the kept activations of one CPU decode
+that will be differentiated; 0 turns keeping off (the backward then recomputes every tile).
 """
 from __future__ import annotations
 
 import importlib
 import json
+import os
 from typing import Optional
 
 import torch
@@ -22,6 +29,7 @@ NAME = "csrc"
 PRIORITY = 20
 ENCODING_IDS = {"basic": 0, "ffn": 1}
 MAX_KERNEL_SIZE = 7
+DEFAULT_SAVE_MB = 1024
 REBUILD = "rebuild with `pip install --no-build-isolation -e .` (needs torch and a C++ compiler)"
 
 
@@ -72,18 +80,33 @@ def _decode_backward_fake(grad, weights, biases, *rest):
     return [torch.empty_like(w) for w in weights], [torch.empty_like(b) for b in biases]
 
 
-def _setup_context(ctx, inputs, output):
+def _decode_forward_saving_fake(*args):
+    out = _decode_forward_fake(*args[:-1])
+    weights, rows, precision, save_rows = args[0], args[7], args[13], args[14]
+    w = weights[0]
+    dtype = torch.bfloat16 if precision == "bf16" else w.dtype
+    return out, w.new_empty((len(weights) - 2, save_rows, w.shape[0]), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output, activations=None):
     a = _op_args(inputs)
     ctx.num_blocks = len(a["weights"])
     ctx.has_coord_rows = a["coord_rows"] is not None
     ctx.has_rows = a["rows"] is not None
     ctx.static = (a["encoding"], a["kernel_size"], a["num_kernels"], a["num_weights"], a["precision"])
-    optional = [t for t in (a["coord_rows"], a["rows"]) if t is not None]
+    optional = [t for t in (a["coord_rows"], a["rows"], activations) if t is not None]
     ctx.save_for_backward(*a["weights"], *a["biases"], a["meta"], a["pos_layer"], a["pos_filter"],
                           a["pos_channel"], a["table"], *optional)
 
 
-def _backward(ctx, grad):
+def _setup_context_saving(ctx, inputs, output):
+    activations = output[1]
+    _setup_context(ctx, inputs[:-1], output[0], activations)
+    ctx.mark_non_differentiable(activations)
+    ctx.set_materialize_grads(False)  # no zero gradient of the kept activations
+
+
+def _run_backward(ctx, grad):
     saved = list(ctx.saved_tensors)
     nb = ctx.num_blocks
     weights, biases = saved[:nb], saved[nb:2 * nb]
@@ -91,19 +114,33 @@ def _backward(ctx, grad):
     optional = saved[2 * nb + 5:]
     coord_rows = optional.pop(0) if ctx.has_coord_rows else None
     rows = optional.pop(0) if ctx.has_rows else None
+    activations = optional.pop(0) if optional else None
     encoding, kernel_size, num_kernels, num_weights, precision = ctx.static
     with matmul_precision(precision, grad.device):
         grad_w, grad_b = torch.ops.nern_fast_C.decode_backward(
             grad.contiguous(), weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows,
-            rows, table, encoding, kernel_size, num_kernels, num_weights, precision)
-    return (list(grad_w), list(grad_b)) + (None,) * 12
+            rows, table, encoding, kernel_size, num_kernels, num_weights, precision, activations)
+    return list(grad_w), list(grad_b)
+
+
+def _backward(ctx, grad):
+    return _run_backward(ctx, grad) + (None,) * 12
+
+
+def _backward_saving(ctx, grad, _grad_activations):
+    if grad is None:  # the decoded weights were not used: no gradient
+        return ([None] * ctx.num_blocks, [None] * ctx.num_blocks) + (None,) * 13
+    return _run_backward(ctx, grad) + (None,) * 13
 
 
 def _register_op_wrappers() -> None:
     torch.library.register_fake("nern_fast_C::decode_forward")(_decode_forward_fake)
     torch.library.register_fake("nern_fast_C::decode_backward")(_decode_backward_fake)
+    torch.library.register_fake("nern_fast_C::decode_forward_saving")(_decode_forward_saving_fake)
     torch.library.register_autograd("nern_fast_C::decode_forward", _backward,
                                     setup_context=_setup_context)
+    torch.library.register_autograd("nern_fast_C::decode_forward_saving", _backward_saving,
+                                    setup_context=_setup_context_saving)
 
 
 if _EXT is not None:
@@ -127,6 +164,25 @@ def _encoding_table(encoding: EncodingSpec, device: torch.device) -> torch.Tenso
     if key not in _TABLES:
         _TABLES[key] = make()
     return _TABLES[key]
+
+
+def save_budget_bytes() -> int:
+    """Bytes of hidden activations one differentiated CPU decode may keep (NERN_FAST_CPU_SAVE_MB)."""
+    raw = os.environ.get("NERN_FAST_CPU_SAVE_MB", str(DEFAULT_SAVE_MB))
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"NERN_FAST_CPU_SAVE_MB must be a number of MiB (0 turns keeping "
+                         f"activations off), got {raw!r}") from None
+    if mb < 0:
+        raise ValueError(f"NERN_FAST_CPU_SAVE_MB must be >= 0, got {raw!r}")
+    return int(mb * 2**20)
+
+
+def rows_to_keep(weights, precision: str, num_rows: int) -> int:
+    """How many rows' hidden activations (layers 1..nb-2) fit the budget."""
+    per_row = (len(weights) - 2) * weights[0].shape[0] * (2 if precision == "bf16" else weights[0].element_size())
+    return min(num_rows, save_budget_bytes() // per_row) if per_row > 0 else 0
 
 
 class CsrcBackend:
@@ -166,12 +222,18 @@ class CsrcBackend:
         meta = layout.tensors("cpu").meta
         if rows is not None:
             rows = rows.to(torch.long).contiguous()
-        with matmul_precision(precision, device):
-            return torch.ops.nern_fast_C.decode_forward(
-                [w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
+        args = ([w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
                 tensors.pos_layer, tensors.pos_filter, tensors.pos_channel, tensors.coord_rows, rows,
                 _encoding_table(encoding, device), ENCODING_IDS[encoding.kind],
                 layout.kernel_size, layout.num_kernels, layout.num_weights, precision)
+        keep = 0
+        if device.type == "cpu" and len(weights) >= 3 and torch.is_grad_enabled() and \
+                any(t.requires_grad for t in (*weights, *biases)):
+            keep = rows_to_keep(weights, precision, layout.num_kernels if rows is None else rows.shape[0])
+        with matmul_precision(precision, device):
+            if keep > 0:
+                return torch.ops.nern_fast_C.decode_forward_saving(*args, keep)[0]
+            return torch.ops.nern_fast_C.decode_forward(*args)
 
 
 def register() -> None:
