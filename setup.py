@@ -19,7 +19,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-CPU_SOURCES = [f"{CSRC}/decode_common.cpp", f"{CSRC}/decode_cpu.cpp"]
+CPU_SOURCES = [f"{CSRC}/decode_common.cpp", f"{CSRC}/decode_cpu.cpp", f"{CSRC}/permutations_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/decode_cuda.cu"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
 

@@ -15,16 +15,22 @@ lowest index. NeRN's quirks are kept so the chains are the same:
 Results come in the NeRN forms :meth:`WeightLayout.with_permutations` accepts: crossfilter, the
 chain (row order, length C_out·C_in); infilter, ``(filter_order, channel_orders)``.
 
-Speed: NeRN spends O(N) Python list work per chain step. Here infilter runs all of a layer's
-per-filter chains at once (batched torch ops per step), and crossfilter (one chain over every
-kernel of a layer) precomputes, in blocks, each row's best candidates with a bound that proves
-when the first unvisited candidate is the exact answer; the walk itself is a plain Python loop
-over those short lists and only falls back to a full row scan when the bound cannot decide.
+Speed: NeRN spends O(N) Python list work per chain step. When the compiled extension has them
+(``csrc/permutations_cpu.cpp``: ``torch.ops.nern_fast_C.point_chain`` / ``matrix_chains``) the
+chains are walked in C++: crossfilter takes the dot products of the current kernel with every
+remaining one per step (no N×N matrix), infilter walks torch-computed similarity matrices. Without
+the extension: infilter runs all of a layer's per-filter chains at once (batched numpy ops per
+step), and crossfilter precomputes, in blocks, each row's best candidates with a bound that proves
+when the first unvisited candidate is the exact answer; the walk is a plain Python loop over those
+short lists and only falls back to a full row scan when the bound cannot decide. A large layer on
+a GPU also takes that path (its candidate lists come from GPU matrix products).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -43,6 +49,24 @@ _CANDIDATES = 8
 _GROUP = 32
 _REBUILD = 4  # rebuild the lists when this fraction of their rows is left
 _BLOCK_ELEMENTS = 1 << 18  # similarity entries per block (1 MiB of float32: stays in cache)
+# A crossfilter chain on a GPU weight with more kernels than this uses the GPU candidate lists:
+# the compiled walk does ~N²·d/2 multiply-adds on one CPU thread (a 512×512 layer: minutes).
+_COMPILED_GPU_MAX_KERNELS = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_chain_ops():
+    """``(point_chains, matrix_chains)`` from the compiled extension, or None when it is not built
+    (or built without them): the pure Python/numpy paths below are then used."""
+    try:
+        importlib.import_module("nern_fast._C")
+    except Exception:  # missing or broken build: the extension's loader reports why elsewhere
+        pass  # the ops may still have been registered by another library (tests, benchmarks)
+    try:
+        ops = torch.ops.nern_fast_C
+        return ops.point_chains, ops.matrix_chains
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _check_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
@@ -91,6 +115,9 @@ def greedy_chains(similarity: torch.Tensor) -> torch.Tensor:
     i.e. the lowest index, on ties; NaN counts as the highest, as in ``np.argmax``).
     """
     b, n, _ = similarity.shape
+    ops = compiled_chain_ops()
+    if ops is not None:
+        return ops[1](similarity.to(torch.float32).contiguous())
     # numpy: this loop is per-step overhead bound, and numpy's is a few times lower than torch's.
     # NaN must win like np.argmax's first NaN: any finite value above every similarity will do
     # (a visited index gets -inf added, so it must be finite).
@@ -224,11 +251,17 @@ def _crossfilter_chain(vectors: torch.Tensor, candidates: int = _CANDIDATES,
 def crossfilter(weight: torch.Tensor) -> torch.Tensor:
     """NeRN crossfilter permutation of one conv weight: the chain of its kernel rows (f·C_in + c).
 
-    The candidate lists are computed where the weight lives (a GPU when it is on one); the chain
-    walk runs on the CPU."""
+    The chain walk runs on the CPU; without the compiled op (or for a large layer on a GPU) the
+    candidate lists are computed where the weight lives."""
     w = _check_weight(weight, "crossfilter")
-    vectors = w.reshape(w.shape[0] * w.shape[1], -1)
+    n = w.shape[0] * w.shape[1]
+    vectors = w.reshape(n, -1)
+    ops = compiled_chain_ops()
     with _one_thread():
+        if ops is not None and (w.device.type == "cpu" or n <= _COMPILED_GPU_MAX_KERNELS):
+            vectors = vectors.cpu()
+            # A zero kernel normalises to NaN, as in NeRN (the op treats NaN rows NeRN's way).
+            return ops[0](_normalise_rows(vectors)[None])[0]
         return torch.tensor(_crossfilter_chain(vectors), dtype=torch.long)
 
 
@@ -243,15 +276,21 @@ def infilter(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _infilter(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c_out, c_in = w.shape[0], w.shape[1]
     kernels = w.reshape(c_out, c_in, -1)
-    channel_orders = greedy_chains(_similarities(kernels))
-    reordered = torch.gather(kernels, 1, channel_orders[:, :, None].expand_as(kernels))
+    normed = _normalise_rows(kernels)  # NaN for a zero kernel, as in NeRN
+    if kernels.shape[-1] == 1:
+        channel_orders = greedy_chains(_similarities(kernels))  # NeRN's length-1 rule
+    else:
+        channel_orders = greedy_chains(normed @ normed.transpose(1, 2))
     if c_in == 1:
         # NeRN's code breaks here (its length-1 rule meets a 3-D array); a filter is then a
         # single kernel, so its chain is that of the kernels under the same rule.
-        filter_sim = _similarities(reordered[:, 0][None])
+        filter_sim = _similarities(kernels[:, 0][None])
     else:
-        normed = _normalise_rows(reordered).reshape(c_out, -1)
-        filter_sim = (normed @ normed.T)[None]
+        # Filter f: its normalised kernels in its own channel order, flattened; NeRN's filter
+        # similarity is the plain dot product of these (the sum of per-kernel cosines).
+        rows = (channel_orders + torch.arange(c_out)[:, None] * c_in).reshape(-1)
+        filters = normed.reshape(c_out * c_in, -1).index_select(0, rows).reshape(c_out, -1)
+        filter_sim = (filters @ filters.T)[None]
     filter_order = greedy_chains(filter_sim)[0]
     return filter_order, channel_orders
 

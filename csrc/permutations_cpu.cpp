@@ -1,0 +1,278 @@
+// NeRN's greedy nearest-neighbour chains (NERN_SPEC §6) as two CPU ops, for nern_fast.permutations.
+//
+// NeRN walks the chain in Python (NeRN/permutations/tsp.py: get_max_sim_order): start at row 0,
+// repeatedly jump to the not-yet-visited row of highest similarity; np.argmax decides, so the first
+// NaN wins when there is one, otherwise the first maximum (the lowest index). The chain is
+// sequential, so it is walked here in plain C++ with one thread:
+//
+//  * point_chains(points (B, n, d) float32) -> orders (B, n) int64: one chain per point set, the
+//    similarity being the dot product of the points as given (the caller normalises; a zero kernel
+//    normalises to NaN, as in NeRN, and a row with a NaN is NeRN's NaN row). Each step takes the
+//    dot products of the current point with every remaining one (no n×n matrix: n can be large),
+//    over a coordinate-major copy of the remaining points that shrinks by swap-removal. Used for
+//    crossfilter (B = 1, the kernels of a layer) and infilter (per filter its kernels; then the
+//    filters, each a flattened row of its channel-reordered normalised kernels).
+//  * matrix_chains(similarity (B, n, n) float32/float64) -> orders (B, n) int64: one chain per
+//    precomputed similarity matrix (infilter's rule for 1×1 kernels, which is not a cosine).
+//
+// Dot products are summed over the coordinates in order, the same way for every candidate, so
+// identical kernels tie exactly and the tie goes to the lowest index, as in NeRN.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+// On x86 the hot loops are compiled for the baseline ISA and for AVX2, chosen at load time when the
+// CPU has it; both sum with separate multiplies and adds (no FMA): the same bits either way.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define NERN_FAST_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define NERN_FAST_AVX2_CLONES
+#endif
+
+namespace nern_fast {
+namespace {
+
+constexpr int64_t kBlock = 64;  // slots per block of the arg-max search
+
+// sims[j] = <q, point in slot j> for the first `active` slots (coordinates summed in order), and
+// block_max[b] = the largest of block b (kBlock slots). D > 0 fixes the dimension at compile time.
+template <int64_t D>
+inline __attribute__((always_inline)) void similarities_fixed(const float* q, const float* coords, int64_t stride, int64_t d,
+                        int64_t active, float* sims, float* block_max) {
+  const int64_t dim = D > 0 ? D : d;
+  float qk[D > 0 ? D : 1];  // the query in registers
+  for (int64_t k = 0; k < D; ++k) qk[k] = q[k];
+  for (int64_t start = 0, b = 0; start < active; start += kBlock, ++b) {
+    const int64_t stop = std::min(start + kBlock, active);
+    float m = -INFINITY;
+    if (D > 0) {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = start; j < stop; ++j) {
+        float v = qk[0] * coords[j];
+#pragma GCC unroll 32
+        for (int64_t k = 1; k < D; ++k) v += qk[k] * coords[k * stride + j];
+        sims[j] = v;
+        m = v > m ? v : m;
+      }
+    } else {
+      for (int64_t j = start; j < stop; ++j) sims[j] = q[0] * coords[j];
+      for (int64_t k = 1; k < dim; ++k) {
+        const float w = q[k];
+        const float* ck = coords + k * stride;
+        for (int64_t j = start; j < stop; ++j) sims[j] += w * ck[j];
+      }
+#pragma omp simd reduction(max : m)
+      for (int64_t j = start; j < stop; ++j) m = sims[j] > m ? sims[j] : m;
+    }
+    block_max[b] = m;
+  }
+}
+
+NERN_FAST_AVX2_CLONES
+void similarities(const float* q, const float* coords, int64_t stride, int64_t d, int64_t active,
+                  float* sims, float* block_max) {
+  switch (d) {  // the kernel sizes NeRN represents: 3×3 (k=3), 1×1, 2×2, 5×5
+    case 9: return similarities_fixed<9>(q, coords, stride, d, active, sims, block_max);
+    case 1: return similarities_fixed<1>(q, coords, stride, d, active, sims, block_max);
+    case 4: return similarities_fixed<4>(q, coords, stride, d, active, sims, block_max);
+    case 25: return similarities_fixed<25>(q, coords, stride, d, active, sims, block_max);
+    default: return similarities_fixed<0>(q, coords, stride, d, active, sims, block_max);
+  }
+}
+
+// The chain of one point set x (n, d), written to order[0..n).
+void walk_points(const float* x, int64_t n, int64_t d, int64_t* order) {
+  if (n == 0) return;
+  // A row with a NaN (a zero kernel) has NaN similarity to every row: np.argmax picks it first.
+  std::vector<uint8_t> nan_row(n, 0), visited(n, 0);
+  std::vector<int64_t> nan_rows;  // ascending
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t k = 0; k < d; ++k) {
+      if (std::isnan(x[r * d + k])) {
+        nan_row[r] = 1;
+        nan_rows.push_back(r);
+        break;
+      }
+    }
+  }
+  // The remaining finite rows, coordinate-major (coords[k * n + slot]), slot <-> row maps.
+  std::vector<float> coords(static_cast<size_t>(d) * n);
+  std::vector<int64_t> slot_row, row_slot(n, -1);
+  slot_row.reserve(n);
+  for (int64_t r = 0; r < n; ++r) {
+    if (nan_row[r]) continue;
+    const int64_t s = static_cast<int64_t>(slot_row.size());
+    for (int64_t k = 0; k < d; ++k) coords[k * n + s] = x[r * d + k];
+    row_slot[r] = s;
+    slot_row.push_back(r);
+  }
+  int64_t active = static_cast<int64_t>(slot_row.size());
+  auto remove = [&](int64_t row) {
+    const int64_t s = row_slot[row];
+    if (s < 0) return;
+    const int64_t last = --active;
+    if (s != last) {
+      for (int64_t k = 0; k < d; ++k) coords[k * n + s] = coords[k * n + last];
+      slot_row[s] = slot_row[last];
+      row_slot[slot_row[s]] = s;
+    }
+    row_slot[row] = -1;
+  };
+
+  std::vector<float> sims(n), block_max((n + kBlock - 1) / kBlock);
+  size_t nan_next = 0;   // first possibly unvisited entry of nan_rows
+  int64_t lowest = 0;    // lowest possibly unvisited row
+  int64_t current = 0;
+  visited[0] = 1;
+  remove(0);
+  order[0] = 0;
+  for (int64_t step = 1; step < n; ++step) {
+    while (nan_next < nan_rows.size() && visited[nan_rows[nan_next]]) ++nan_next;
+    int64_t next;
+    if (nan_row[current]) {  // every similarity is NaN: the first remaining row
+      while (visited[lowest]) ++lowest;
+      next = lowest;
+    } else if (nan_next < nan_rows.size()) {  // the first NaN among the remaining rows
+      next = nan_rows[nan_next];
+    } else {
+      similarities(x + current * d, coords.data(), n, d, active, sims.data(), block_max.data());
+      const int64_t blocks = (active + kBlock - 1) / kBlock;
+      float best = -INFINITY;
+      for (int64_t b = 0; b < blocks; ++b) best = std::max(best, block_max[b]);
+      next = n;
+      for (int64_t b = 0; b < blocks; ++b) {  // the lowest row of the maximum (slots are unordered)
+        if (block_max[b] != best) continue;
+        for (int64_t j = b * kBlock, stop = std::min(j + kBlock, active); j < stop; ++j) {
+          if (sims[j] == best && slot_row[j] < next) next = slot_row[j];
+        }
+      }
+    }
+    visited[next] = 1;
+    remove(next);
+    order[step] = next;
+    current = next;
+  }
+}
+
+at::Tensor point_chains(const at::Tensor& points_in) {
+  TORCH_CHECK(points_in.dim() == 3, "point_chains: expected points (B, n, d), got ",
+              points_in.sizes());
+  TORCH_CHECK(points_in.scalar_type() == at::kFloat, "point_chains: expected float32 points, got ",
+              points_in.scalar_type());
+  TORCH_CHECK(points_in.device().is_cpu(), "point_chains: expected CPU points");
+  const at::Tensor points = points_in.contiguous();
+  const int64_t b = points.size(0), n = points.size(1), d = points.size(2);
+  at::Tensor result = at::empty({b, n}, points.options().dtype(at::kLong));
+  const float* x = points.data_ptr<float>();
+  int64_t* orders = result.data_ptr<int64_t>();
+  for (int64_t i = 0; i < b; ++i) walk_points(x + i * n * d, n, d, orders + i * n);
+  return result;
+}
+
+template <typename T>
+void walk_matrix_exact(const T* sim, int64_t n, int64_t* order, std::vector<int64_t>& remaining) {
+  remaining.resize(n - 1);
+  for (int64_t i = 1; i < n; ++i) remaining[i - 1] = i;  // ascending: first maximum = lowest
+  int64_t current = 0;
+  for (int64_t step = 1; step < n; ++step) {
+    const T* row = sim + current * n;
+    size_t pick = 0;
+    T best = row[remaining[0]];
+    if (!std::isnan(best)) {
+      for (size_t i = 1; i < remaining.size(); ++i) {
+        const T v = row[remaining[i]];
+        if (std::isnan(v)) {  // np.argmax: the first NaN wins
+          pick = i;
+          break;
+        }
+        if (v > best) {
+          best = v;
+          pick = i;
+        }
+      }
+    }
+    current = remaining[pick];
+    remaining.erase(remaining.begin() + pick);
+    order[step] = current;
+  }
+}
+
+// The chain of one n×n matrix. A matrix of finite values takes a vectorised scan of whole rows
+// (visited columns pushed to -inf); one with NaN or infinities the exact np.argmax rules above.
+template <typename T>
+inline __attribute__((always_inline)) void walk_matrix(const T* sim, int64_t n, int64_t* order, std::vector<int64_t>& remaining,
+                 std::vector<T>& penalty) {
+  if (n == 0) return;
+  order[0] = 0;
+  int finite = 1;
+#pragma omp simd reduction(& : finite)
+  for (int64_t i = 0; i < n * n; ++i) finite &= (sim[i] - sim[i] == T(0));  // false for inf, NaN
+  if (!finite) return walk_matrix_exact(sim, n, order, remaining);
+  penalty.assign(n, T(0));
+  penalty[0] = -std::numeric_limits<T>::infinity();
+  int64_t current = 0;
+  for (int64_t step = 1; step < n; ++step) {
+    const T* row = sim + current * n;
+    const T* pen = penalty.data();
+    T best = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : best)
+    for (int64_t j = 0; j < n; ++j) {
+      const T v = row[j] + pen[j];
+      best = v > best ? v : best;
+    }
+    int64_t next = 0;
+    while (row[next] + pen[next] != best) ++next;  // the first maximum (never a visited column:
+    penalty[next] = -std::numeric_limits<T>::infinity();  // best is finite, theirs -inf)
+    order[step] = next;
+    current = next;
+  }
+}
+
+NERN_FAST_AVX2_CLONES
+void walk_matrices(const float* sim, int64_t b, int64_t n, int64_t* orders) {
+  std::vector<int64_t> remaining;
+  std::vector<float> penalty;
+  for (int64_t i = 0; i < b; ++i) walk_matrix(sim + i * n * n, n, orders + i * n, remaining, penalty);
+}
+
+NERN_FAST_AVX2_CLONES
+void walk_matrices(const double* sim, int64_t b, int64_t n, int64_t* orders) {
+  std::vector<int64_t> remaining;
+  std::vector<double> penalty;
+  for (int64_t i = 0; i < b; ++i) walk_matrix(sim + i * n * n, n, orders + i * n, remaining, penalty);
+}
+
+at::Tensor matrix_chains(const at::Tensor& similarity_in) {
+  TORCH_CHECK(similarity_in.dim() == 3 && similarity_in.size(1) == similarity_in.size(2),
+              "matrix_chains: expected similarities (B, n, n), got ", similarity_in.sizes());
+  TORCH_CHECK(similarity_in.scalar_type() == at::kFloat || similarity_in.scalar_type() == at::kDouble,
+              "matrix_chains: expected float32 or float64 similarities, got ",
+              similarity_in.scalar_type());
+  TORCH_CHECK(similarity_in.device().is_cpu(), "matrix_chains: expected CPU similarities");
+  const at::Tensor similarity = similarity_in.contiguous();
+  const int64_t b = similarity.size(0), n = similarity.size(1);
+  at::Tensor result = at::empty({b, n}, similarity.options().dtype(at::kLong));
+  int64_t* orders = result.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(similarity.scalar_type(), "matrix_chains", [&] {
+    walk_matrices(similarity.data_ptr<scalar_t>(), b, n, orders);
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace nern_fast
+
+TORCH_LIBRARY_FRAGMENT(nern_fast_C, m) {
+  m.def("point_chains(Tensor points) -> Tensor");
+  m.def("matrix_chains(Tensor similarity) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nern_fast_C, CPU, m) {
+  m.impl("point_chains", &nern_fast::point_chains);
+  m.impl("matrix_chains", &nern_fast::matrix_chains);
+}
