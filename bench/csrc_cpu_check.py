@@ -66,7 +66,7 @@ def measure_resnet18(runner: Runner, precision: str) -> None:
     spec = json.dumps({"precision": precision, "threads": torch.get_num_threads()})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     row = {**runner.env.row(), "operation": "decode_backward", "provider": "csrc", "variant": "one_step",
-           "layout": "resnet18", "hidden": NERN_HIDDEN["resnet18"], "precision": precision}
+           "layout": "resnet18", "hidden": NERN_HIDDEN["resnet18"], "batch": None, "precision": precision}
     runner.log(f"ResNet-18 full-gradient step ({precision}, csrc) in a fresh process ...")
     try:
         done = subprocess.run([sys.executable, "-m", "bench.csrc_cpu_check", "--step", spec], cwd=REPO,
