@@ -79,8 +79,19 @@ def _layers():
 LAYERS = _layers()
 
 
+@pytest.fixture(params=["compiled", "python"])
+def chain_walk(request, monkeypatch):
+    """Both ways of walking the chains: the extension's C++ ops and the torch/numpy fallback."""
+    if request.param == "compiled":
+        if P.compiled_chain_ops() is None:
+            pytest.skip("nern_fast._C is not built here (or has no chain ops)")
+    else:
+        monkeypatch.setattr(P, "compiled_chain_ops", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("name,weight", LAYERS, ids=[n for n, _ in LAYERS])
-def test_crossfilter_equals_nern_loop(name, weight):
+def test_crossfilter_equals_nern_loop(name, weight, chain_walk):
     expected = nern_crossfilter(weight)
     assert P.crossfilter(weight).tolist() == expected
     n = weight.shape[0] * weight.shape[1]
@@ -90,19 +101,19 @@ def test_crossfilter_equals_nern_loop(name, weight):
 
 
 @pytest.mark.parametrize("name,weight", LAYERS, ids=[n for n, _ in LAYERS])
-def test_infilter_equals_nern_loop(name, weight):
+def test_infilter_equals_nern_loop(name, weight, chain_walk):
     filters, channels = nern_infilter(weight)
     filter_order, channel_orders = P.infilter(weight)
     assert filter_order.tolist() == list(filters)
     assert channel_orders.tolist() == [list(c) for c in channels]
 
 
-def test_crossfilter_larger_layer():
+def test_crossfilter_larger_layer(chain_walk):
     w = torch.randn(40, 32, 3, 3, generator=torch.Generator().manual_seed(1))
     assert P.crossfilter(w).tolist() == nern_crossfilter(w)
 
 
-def test_single_input_channel_infilter_is_a_chain_of_kernels():
+def test_single_input_channel_infilter_is_a_chain_of_kernels(chain_walk):
     # NeRN's own code fails for C_in == 1; the filter chain is then the chain of the kernels.
     w = torch.randn(9, 1, 3, 3, generator=torch.Generator().manual_seed(2))
     filter_order, channel_orders = P.infilter(w)
@@ -110,7 +121,7 @@ def test_single_input_channel_infilter_is_a_chain_of_kernels():
     assert filter_order.tolist() == nern_chain(w.numpy().reshape(9, 9), True)
 
 
-def test_tiny_layers():
+def test_tiny_layers(chain_walk):
     for shape in ((1, 1, 3, 3), (1, 2, 3, 3), (2, 1, 1, 1)):
         w = torch.randn(shape)
         n = shape[0] * shape[1]
