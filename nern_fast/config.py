@@ -169,7 +169,7 @@ class TrainBaseConfig:
 class LoggingConfig:
     log_every: int = 50  # steps between log lines (the only host syncs of a step loop)
     checkpoint_every: int = 500  # steps between checkpoints (and at every stage end)
-    progress: bool = True  # tqdm bars
+    progress: bool = True  # tqdm bars, shown on a terminal only
     tensorboard: bool = False  # also log to OUT/tensorboard (needs the tensorboard package)
 
 

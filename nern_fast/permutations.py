@@ -328,7 +328,7 @@ def compute_permutations(weights: Sequence[torch.Tensor], mode: str,
     items = weights
     if progress:
         from tqdm import tqdm
-        items = tqdm(weights, desc=f"{mode} permutations", unit="layer")
+        items = tqdm(weights, desc=f"{mode} permutations", unit="layer", disable=None)  # terminals only
     result = [compute(w) for w in items]
     if path is not None:
         atomic_save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "mode": mode,

@@ -78,5 +78,6 @@ class StepMeter:
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled,
+    # disable=None: tqdm shows the bar only on a terminal (no carriage-return noise in CI logs)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=None if enabled else True,
                 dynamic_ncols=True, leave=True)
