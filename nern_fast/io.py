@@ -18,6 +18,12 @@ class FileFormatError(ValueError):
     """A file that is missing, truncated, corrupt, or not of the expected kind."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it: set and restore
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
@@ -27,6 +33,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets open()'s mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -63,6 +63,12 @@ def test_save_load_round_trip(tmp_path):
     assert again.config == pred.config and again.layout == pred.layout
     assert torch.equal(again.decode_flat(), pred.decode_flat())
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    old = os.umask(0o022)
+    try:
+        pred.save(path)  # the atomic write's temp file is 0600: the saved file has open()'s mode
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_load_rejects_truncated_corrupt_and_mismatched(tmp_path):
