@@ -2,8 +2,8 @@
 
 ``python -m bench.report`` rewrites the part of README.md between ``<!-- bench:begin -->`` and
 ``<!-- bench:end -->`` (appending the markers at the end when absent). Every table names its
-device; CPU and GPU results are separate sections. Per device it shows the newest run of its
-fullest plan, NeRN's published configurations only (sweeps are in the plots).
+device; CPU and GPU results are separate sections. Per device it shows, for each of NeRN's published
+configurations (sweeps are in the plots), the newest measurement, one table per run they come from.
 
 ``--merge FILE`` first appends the rows of another bench.csv (e.g. a GPU session's ``$OUT``)
 that the results file does not have yet.
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from .harness import RESULTS_FILE, append_rows, as_float, read_rows
-from .results_view import best_run, devices, is_headline, ok, slug
+from .results_view import devices, is_headline, newest_per_case, ok, slug
 
 BENCH = Path(__file__).resolve().parent
 DEFAULT_RESULTS = BENCH / "results" / RESULTS_FILE
@@ -64,10 +64,8 @@ def _case_label(r: dict) -> str:
     return label
 
 
-def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
-    run = best_run(rows, device, lambda r: is_headline(r))
-    if run is None:
-        return None
+def run_table(run: list[dict], kind: str) -> list[str]:
+    """The header line and table of one run's rows (the newest of their cases on this device)."""
     first = run[0]
     loads = sorted({r["load_avg"] for r in run if r["load_avg"]})
     load_text = ""
@@ -75,15 +73,13 @@ def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
         one_minute = [float(l.split("/")[0]) for l in loads]
         load_text = (f", 1-minute load average {min(one_minute):.1f}–{max(one_minute):.1f} during the run "
                      f"(the machine was shared with other jobs)")
-    title = "CPU" if kind == "cpu" else "GPU"
-    lines = [f"#### {title}: {device}", "",
-             f"Plan `{first['suite']}`, {first['date'][:10]}, commit `{first['commit']}`, torch {first['torch']}"
+    lines = [f"Plan `{first['suite']}`, {first['date'][:10]}, commit `{first['commit']}`, torch {first['torch']}"
              + (f", triton {first['triton']}" if first["triton"] else "")
-             + f", {first['threads']} CPU threads{load_text}.", ""]
+             + f", {first['threads']} CPU threads{load_text}:", ""]
     head = ("| operation | network | H | precision | provider | median | p20–p80 | TFLOP/s | % peak "
             "| peak mem | vs NeRN |")
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
-    measured = [r for r in run if is_headline(r) and ok(r)]
+    measured = [r for r in run if ok(r)]
     measured.sort(key=lambda r: (OPERATION_ORDER.index(r["operation"]) if r["operation"] in OPERATION_ORDER
                                  else 99, as_float(r["kernels"]) or 0, r["variant"], as_float(r["batch"]) or 0,
                                  r["precision"]))
@@ -98,7 +94,7 @@ def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
             _fmt(mem, "{:,.0f} MB"), _fmt(as_float(r["speedup_vs_nern"]), "×{:.2f}")]) + " |")
     missing: dict = {}  # (status, reason) -> (providers, cases)
     for r in run:
-        if is_headline(r) and r["status"] != "ok":
+        if r["status"] != "ok":
             providers, cases = missing.setdefault((r["status"], r["note"]), ([], []))
             case = f"{r['operation']} {r['layout']}"
             for items, item in ((providers, f"`{r['provider']}`"), (cases, case)):
@@ -109,6 +105,19 @@ def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
         for (status, note), (providers, cases) in missing.items():
             where = ", ".join(cases[:4]) + (f" and {len(cases) - 4} more" if len(cases) > 4 else "")
             lines.append(f"- {', '.join(providers)} {status} ({where}): {note}")
+    return lines
+
+
+def device_section(rows: list[dict], kind: str, device: str) -> Optional[str]:
+    """Per headline case the newest measurement on this device, one table per run it comes from
+    (each *vs NeRN* is from its own run)."""
+    runs = newest_per_case(rows, device, is_headline)
+    if not runs:
+        return None
+    title = "CPU" if kind == "cpu" else "GPU"
+    lines = [f"#### {title}: {device}"]
+    for run in runs:
+        lines += [""] + run_table(run, kind)
     return "\n".join(lines)
 
 

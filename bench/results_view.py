@@ -47,6 +47,32 @@ def best_run(rows: Iterable[dict], device: str, predicate=None) -> Optional[list
     return runs[best[2]]
 
 
+CASE_KEY = ("operation", "layout", "hidden", "batch", "variant", "provider", "precision")
+
+
+def newest_per_case(rows: Iterable[dict], device: str, predicate) -> list[list[dict]]:
+    """Per case (operation, layout, H, batch, variant, provider, precision) matching ``predicate``,
+    the row of the newest run that measured it (``ok`` rows win over failures; among runs of the
+    same date the fuller plan wins), grouped by run, newest run first. A single-operation run then
+    updates its rows without hiding the rest of an older full run."""
+    runs = runs_of(rows, device)
+    order = {run_id: (rs[0]["date"], -SUITE_RANK.get(rs[0]["suite"], 2)) for run_id, rs in runs.items()}
+    chosen: dict[tuple, dict] = {}
+    for run_id, rs in runs.items():
+        for r in rs:
+            if not predicate(r):
+                continue
+            key = tuple(r[k] for k in CASE_KEY)
+            held = chosen.get(key)
+            rank = (ok(r), order[run_id])
+            if held is None or rank > (ok(held), order[held["run_id"]]):
+                chosen[key] = r
+    grouped: dict[str, list[dict]] = {}
+    for r in chosen.values():
+        grouped.setdefault(r["run_id"], []).append(r)
+    return [grouped[run_id] for run_id in sorted(grouped, key=lambda i: order[i], reverse=True)]
+
+
 def _negate(date: str) -> tuple:
     return tuple(-ord(ch) for ch in date)
 

@@ -247,3 +247,21 @@ def test_a_case_listed_twice_is_measured_once_per_provider_and_precision(tmp_pat
     assert ("nern_eager", "fp32") in keys and ("eager", "bf16") in keys
     bf16 = next(r for r in rows if r["provider"] == "eager" and r["precision"] == "bf16")
     assert bf16["speedup_vs_nern"] is not None  # the baseline of the first listing still applies
+
+
+def test_report_takes_each_case_from_its_newest_run():
+    """A newer run of one operation updates its cases without hiding an older full run's others; a
+    newer failure does not hide an older measurement."""
+    from bench.results_view import newest_per_case
+
+    def row(run_id, date, operation, provider, status="ok", median="0.5"):
+        return dict(run_id=run_id, date=date, suite="cpu-full", device="cpu0", operation=operation,
+                    layout="resnet20", hidden="180", batch="", variant="", provider=provider,
+                    precision="fp32", status=status, median_s=median)
+    rows = [row("old", "2026-01-01", "decode_forward", "csrc"), row("old", "2026-01-01", "recon_step", "csrc"),
+            row("old", "2026-01-01", "distill_step", "csrc"),
+            row("new", "2026-02-01", "decode_forward", "csrc", median="0.25"),
+            row("new", "2026-02-01", "distill_step", "csrc", status="error", median="")]
+    runs = newest_per_case(rows, "cpu0", lambda r: True)
+    assert [[(r["operation"], r["median_s"]) for r in run] for run in runs] == [
+        [("decode_forward", "0.25")], [("recon_step", "0.5"), ("distill_step", "0.5")]]
