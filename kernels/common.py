@@ -65,7 +65,8 @@ def mma(a, b, acc, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     elif PRECISION == 3:  # fp32 emulated with three tf32 products (opt-in, see the backend)
         out = tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        out = tl.dot(a, b, acc, input_precision="ieee")
+        # out_dtype = acc's: fp64 under F64 (triton 3.6 asserts acc's type == out_dtype, fp32 by default)
+        out = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return out
 
 

@@ -194,7 +194,9 @@ def test_kernels_compile_for_sm90_within_limits():
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     for row in rows:
         assert row["shared_bytes"] <= SM90_MAX_SHARED, row
-        limit = 64 if row["call"].startswith("fwd") else 512  # bytes per thread
+        # bytes per thread: a few dozen in the forward, a few hundred in the max-crop backward (triton
+        # 3.8: 32 / 400; triton 3.6 allocates a little worse: 80 / 528). Huge tiles spill kilobytes.
+        limit = 128 if row["call"].startswith("fwd") else 640
         if row["call"].startswith("chunk-matmul") or row["call"].startswith("chunk-weight-grad"):
             limit = 0  # plain GEMM tiles: no spills at all
         assert 0 <= row["spill_bytes"] <= limit, row

@@ -7,6 +7,7 @@ reason instead of falling back.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
@@ -105,7 +106,7 @@ def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
     name = requested_backend_name(name)
     if name != "auto":
         backend = get_backend(name)
-        explicit = DecodeRequest(**{**request.__dict__, "explicit": True})
+        explicit = dataclasses.replace(request, explicit=True)  # (torch 2.11 Dynamo cannot trace **obj.__dict__)
         reason = backend.unavailable_reason(explicit)
         if reason is not None:
             raise BackendUnavailable(f"backend '{name}' cannot decode this call: {reason}")
