@@ -36,8 +36,9 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _device_params():
-    params = [pytest.param("cpu", marks=pytest.mark.skipif(
-        not tb.INTERPRETED, reason="CPU runs need the Triton interpreter (TRITON_INTERPRET=1)"))]
+    params = [pytest.param("cpu", marks=[
+        pytest.mark.skipif(not tb.INTERPRETED, reason="CPU runs need the Triton interpreter (TRITON_INTERPRET=1)"),
+        pytest.mark.skipif(tb.INTERPRETER_PROBLEM is not None, reason=str(tb.INTERPRETER_PROBLEM))])]
     params.append(pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not HAS_CUDA, reason="no CUDA device")]))
     return params

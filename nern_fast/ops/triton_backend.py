@@ -47,13 +47,13 @@ import triton  # a missing triton makes register() fail with ModuleNotFoundError
 from ..layout import WeightLayout
 from . import triton_chunked, triton_fused
 from .dispatch import DecodeRequest, register_backend
-from .triton_inputs import (INTERPRETED, MAX_HIDDEN, MAX_KERNEL_SIZE, DecodeShape,
+from .triton_inputs import (INTERPRETED, INTERPRETER_PROBLEM, MAX_HIDDEN, MAX_KERNEL_SIZE, DecodeShape,
                             LaunchInputs, PackedParameters, clear_parameter_cache, cross_call_reuse,
                             env_flag, make_launch_inputs, slot_layout, unpack_gradients)
 from .triton_tuner import (FIRST_LAYER_MODES, SCHEDULES, TUNE_ROWS, LaunchConfig, candidate_configs,
                            choose_config, tuned_configs, tuning_enabled)
 
-__all__ = ["TritonBackend", "register", "triton_decode", "triton_decode_backward", "forward", "backward",
+__all__ = ["TritonBackend", "INTERPRETER_PROBLEM", "register", "triton_decode", "triton_decode_backward", "forward", "backward",
            "DecodeShape", "LaunchConfig", "candidate_configs", "choose_config", "tuned_configs",
            "clear_parameter_cache", "encoding_table", "crop_flags", "INTERPRETED"]
 
@@ -373,6 +373,8 @@ class TritonBackend:
             if not request.explicit:
                 return ("the Triton interpreter is for tests: on CPU name backend='triton' explicitly "
                         "(auto uses a compiled backend)")
+            if INTERPRETER_PROBLEM is not None:
+                return INTERPRETER_PROBLEM
         elif request.device_type != "cuda":
             return (f"device type '{request.device_type}' is not supported (CUDA, or CPU under the "
                     f"interpreter)")

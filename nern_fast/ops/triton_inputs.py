@@ -25,6 +25,27 @@ from nern_fast.kernels import decode_fwd
 # Whether triton was imported in interpreter mode (decided by TRITON_INTERPRET at import time).
 INTERPRETED = isinstance(decode_fwd.decode_fwd_kernel, InterpretedFunction)
 
+
+def _interpreter_problem() -> Optional[str]:
+    """Why this triton's interpreter cannot run the kernels here, or None. Triton 3.6's interpreter
+    turns scalar arguments used as loop bounds into Python ints with ``int()`` of a 1-element array,
+    which numpy refuses from 2.4 on; triton 3.8 runs them with numpy 2.4 (both checked)."""
+    if not INTERPRETED:
+        return None
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple:
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+    if version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__} "
+                f"(int() of 1-element arrays, refused since numpy 2.4): pip install 'numpy<2.4' or "
+                f"triton >= 3.8")
+    return None
+
+
+INTERPRETER_PROBLEM = _interpreter_problem()
+
 MAX_HIDDEN = 2048
 MAX_KERNEL_SIZE = 8  # k² <= 64 output columns per row
 # Precision of the kernels' dots. "fp32x3" is the fp32 mode computed with three tf32 tensor-core
