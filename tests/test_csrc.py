@@ -224,6 +224,40 @@ def test_kept_activations_bf16_and_tiling_changed_before_backward(monkeypatch):
         assert torch.equal(a, c)
 
 
+def test_kept_activation_buffer_is_reused_only_when_free(monkeypatch):
+    """The reusable buffer of kept activations: two graphs alive at once (the second forward must not
+    take the first's buffer), then reuse after both are freed — every gradient identical to fresh
+    buffers (NERN_FAST_CPU_REUSE_SAVED=0); release_saved_buffer frees it."""
+    pointers = []
+    real = torch.ops.nern_fast_C.decode_forward_saving
+
+    class Spy:
+        def __call__(self, *args):
+            result = real(*args)
+            pointers.append(result[1].data_ptr())
+            return result
+    monkeypatch.setattr(torch.ops.nern_fast_C, "decode_forward_saving", Spy())
+    preds = [random_predictor(mixed_layout(permuted=True), hidden=24, num_blocks=4, levels=6, seed=s)
+             for s in (1, 2)]
+    monkeypatch.setenv("NERN_FAST_CPU_REUSE_SAVED", "0")
+    fresh = [decode_and_grads(p, "csrc") for p in preds]
+    monkeypatch.delenv("NERN_FAST_CPU_REUSE_SAVED")
+    torch.ops.nern_fast_C.release_saved_buffer()
+    pointers.clear()
+    for _ in range(2):
+        outs = [ops.decode(*params(p), p.layout, p.encoding, None, "fp32", "csrc") for p in preds]
+        for p, out, (ref_out, ref_grads) in zip(preds, outs, fresh):  # both graphs alive until here
+            g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            grads = torch.autograd.grad((out * g.float()).sum(), list(params(p)[0]) + list(params(p)[1]))
+            assert torch.equal(out, ref_out)
+            for a, c in zip(grads, ref_grads):
+                assert torch.equal(a, c)
+        del outs, out
+    assert pointers[0] != pointers[1]  # the second graph did not take the first's buffer
+    assert pointers[2] == pointers[0]  # freed: reused
+    torch.ops.nern_fast_C.release_saved_buffer()
+
+
 def test_kept_activations_only_when_differentiated(monkeypatch):
     """No grad (or two blocks): the plain forward op; with grad the saving op, whose activations the
     backward frees with the graph."""
