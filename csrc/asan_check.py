@@ -4,7 +4,7 @@
 
 Builds the CPU ops with ``-fsanitize=address`` into a temporary directory, lays a copy of the
 ``nern_fast`` package and the tests next to it with the ASan library as ``nern_fast/_C``, and runs
-``tests/test_csrc.py`` there with the ASan runtime preloaded (leak detection off: CPython and torch
+``tests/test_csrc.py`` and ``tests/test_permutations.py`` there with the ASan runtime preloaded (leak detection off: CPython and torch
 keep allocations alive at exit on purpose). Exit status: pytest's (non-zero on any ASan report,
 which aborts the process).
 """
@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 SANITIZE = "-fsanitize=address -fno-omit-frame-pointer -g"
 # Slow under ASan or not about memory safety: the child-process ISA comparison and torch.compile.
 DESELECT = "not portable_passes and not torch_compile"
+# The tests of every CPU op of the extension: decode (test_csrc) and the permutation chains.
+TEST_FILES = ("tests/test_csrc.py", "tests/test_permutations.py")
 
 
 def gcc_library(name: str) -> str:
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> int:
     if where.returncode != 0 or str(work) not in where.stdout:
         raise SystemExit(f"asan_check: the child does not load the ASan copy ({where.stdout.strip()} "
                          f"{where.stderr.strip()[-300:]})")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_csrc.py",
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES,
                "-k", DESELECT, *argv]
     print(f"asan_check: {' '.join(command)} (LD_PRELOAD={run_env['LD_PRELOAD']})", flush=True)
     done = subprocess.run(command, cwd=work / "pkg", env=run_env)

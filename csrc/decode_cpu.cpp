@@ -69,6 +69,22 @@ int64_t tile_rows(int64_t hidden, size_t elem) {
 }
 
 // ---- crops (NERN_SPEC §2), with torch's avg_pool2d / max_pool2d semantics -----------------------
+// Index into y (k×k) of the max of the w×w window at (a, b): the first maximum; a NaN wins.
+template <typename scalar_t>
+inline int window_argmax(const scalar_t* y, int k, int a, int b, int w) {
+  scalar_t best = -std::numeric_limits<scalar_t>::infinity();
+  int arg = a * k + b;
+  for (int i = 0; i < w; ++i)
+    for (int j = 0; j < w; ++j) {
+      const scalar_t v = y[(a + i) * k + b + j];
+      if (v > best || std::isnan(v)) {
+        best = v;
+        arg = (a + i) * k + b + j;
+      }
+    }
+  return arg;
+}
+
 template <typename scalar_t>
 inline void crop_forward(const scalar_t* y, int k, int s, int mode, scalar_t* out) {
   if (s == k) {
@@ -90,16 +106,7 @@ inline void crop_forward(const scalar_t* y, int k, int s, int mode, scalar_t* ou
           for (int j = 0; j < w; ++j) sum += y[(a + i) * k + b + j];
         out[a * s + b] = sum / scalar_t(w * w);
       } else {
-        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-        int arg = a * k + b;
-        for (int i = 0; i < w; ++i)
-          for (int j = 0; j < w; ++j) {
-            const scalar_t v = y[(a + i) * k + b + j];
-            if (v > best || std::isnan(v)) {
-              best = v;
-              arg = (a + i) * k + b + j;
-            }
-          }
+        const int arg = window_argmax(y, k, a, b, w);
         out[a * s + b] = y[arg];
       }
     }
@@ -128,16 +135,7 @@ inline void crop_backward(const scalar_t* go, const scalar_t* y, int k, int s, i
         for (int i = 0; i < w; ++i)
           for (int j = 0; j < w; ++j) gy[(a + i) * k + b + j] += delta;
       } else {
-        scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-        int arg = a * k + b;
-        for (int i = 0; i < w; ++i)
-          for (int j = 0; j < w; ++j) {
-            const scalar_t v = y[(a + i) * k + b + j];
-            if (v > best || std::isnan(v)) {
-              best = v;
-              arg = (a + i) * k + b + j;
-            }
-          }
+        const int arg = window_argmax(y, k, a, b, w);
         gy[arg] += go[a * s + b];
       }
     }
