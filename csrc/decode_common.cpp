@@ -261,15 +261,20 @@ at::Tensor filter_layers(const DecodeProblem& p) {
   return out;
 }
 
-SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm) {
+SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm,
+                             const c10::optional<TableRange>& range) {
+  const TableRange r = range.value_or(TableRange{0, p.num_filters, 0, p.num_channels});
   const at::Device device = p.weights[0].device();
   const at::ScalarType dtype = p.weights[0].scalar_type();
   const at::Tensor freqs = p.encoding_table.to(dtype);
   SeparableTables t;
+  t.filter_begin = r.filter_begin;
+  t.channel_begin = r.channel_begin;
+  const int64_t filters = r.filter_end - r.filter_begin, channels = r.channel_end - r.channel_begin;
   t.enc_layer = encode_index(p.pos_layer.to(dtype), freqs);
-  t.enc_filter = encode_index(p.pos_filter.to(dtype), freqs);
-  t.enc_channel = encode_index(p.pos_channel.to(dtype), freqs);
-  t.filter_layer = filter_layers(p).to(device);
+  t.enc_filter = encode_index(p.pos_filter.narrow(0, r.filter_begin, filters).to(dtype), freqs);
+  t.enc_channel = encode_index(p.pos_channel.narrow(0, r.channel_begin, channels).to(dtype), freqs);
+  t.filter_layer = filter_layers(p).narrow(0, r.filter_begin, filters).to(device);
   std::vector<at::Tensor> blocks = first_layer_blocks(p);
   at::Tensor layer_term = mm(t.enc_layer, blocks[0].t());  // (L, H)
   t.filter = (mm(t.enc_filter, blocks[1].t()) + layer_term.index_select(0, t.filter_layer) +

@@ -166,13 +166,14 @@ class CpuDecoder {
         wt_lp_.push_back(w_lp_.back().t());
       }
     }
+    if (p.subset()) rows_ = ptr<int64_t>(p.rows);
     if (p.encoding == kBasic) {
-      tables_ = build_tables(p, [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); });
+      tables_ = build_tables(p, [](const at::Tensor& a, const at::Tensor& b) { return at::mm(a, b); },
+                             rows_ ? c10::optional<TableRange>(subset_table_range()) : c10::optional<TableRange>());
     } else {
       ffn_ = p.encoding_table.to(p.weights[0].scalar_type()).contiguous();
     }
     if (p.coord_rows.defined()) coord_ = ptr<int64_t>(p.coord_rows);
-    if (p.subset()) rows_ = ptr<int64_t>(p.rows);
   }
 
   // `saved`: (nb-2, R, H) activations of hidden layers 1..nb-2 for rows [0, R) (R may be 0), in
@@ -295,13 +296,35 @@ class CpuDecoder {
       g.b.push_back(at::zeros_like(p_.biases[i]));
     }
     if (p_.encoding == kBasic) {
-      g.g_filter = at::zeros({p_.num_filters, hidden_}, p_.weights[0].options());
-      g.g_channel = at::zeros({p_.num_channels, hidden_}, p_.weights[0].options());
+      g.g_filter = at::zeros_like(tables_.filter);  // the tables' filter/channel ranges
+      g.g_channel = at::zeros_like(tables_.channel);
     }
     return g;
   }
 
   // ---- per-row coordinates ----------------------------------------------------------------------
+  // The filters and channels of the layers a subset's rows lie in (a layer's own decode: its
+  // C_out + C_in table rows instead of the whole network's).
+  TableRange subset_table_range() const {
+    int64_t first = p_.num_layers, last = -1;
+    for (int64_t i = 0; i < p_.num_rows(); ++i) {
+      const int64_t layer = std::upper_bound(kernel_offsets_.begin(), kernel_offsets_.end(), rows_[i]) -
+                            kernel_offsets_.begin() - 1;
+      first = std::min(first, layer);
+      last = std::max(last, layer);
+    }
+    if (last < 0) first = last = 0;  // no rows: any non-empty range (encodings of 0 rows fail)
+    TableRange r{p_.num_filters, 0, p_.num_channels, 0};
+    for (int64_t l = first; l <= last; ++l) {
+      const LayerInfo& m = layers_[l];
+      r.filter_begin = std::min(r.filter_begin, m.filter_off);
+      r.filter_end = std::max(r.filter_end, m.filter_off + m.c_out);
+      r.channel_begin = std::min(r.channel_begin, m.channel_off);
+      r.channel_end = std::max(r.channel_end, m.channel_off + m.c_in);
+    }
+    return r;
+  }
+
   void fill_rows(int64_t begin, int64_t n, RowInfo* info) const {
     int64_t layer = -1;
     for (int64_t i = 0; i < n; ++i) {
@@ -316,8 +339,10 @@ class CpuDecoder {
       TORCH_CHECK(coord >= 0 && coord < m.c_out * m.c_in, "nern_fast: coordinate row ", coord,
                   " of kernel ", slot, " is outside its layer (", m.c_out * m.c_in,
                   " kernels); the layout's permutation is corrupt");
-      info[i].filter = m.filter_off + coord / m.c_in;
-      info[i].channel = m.channel_off + coord % m.c_in;
+      // rows of the tables (basic: they may start after the layout's first filter/channel), or of
+      // pos_filter / pos_channel (ffn: begin = 0)
+      info[i].filter = m.filter_off + coord / m.c_in - tables_.filter_begin;
+      info[i].channel = m.channel_off + coord % m.c_in - tables_.channel_begin;
       info[i].out = rows_ ? (begin + i) * k2_ : m.weight_off + q * m.size * m.size;
       info[i].layer = static_cast<int32_t>(layer);
       info[i].size = static_cast<int32_t>(m.size);

@@ -14,7 +14,11 @@ namespace nern_fast {
 // the global TF32 switches say).
 using MatmulFn = std::function<at::Tensor(const at::Tensor&, const at::Tensor&)>;
 
+// Filters [filter_begin, filter_begin + F) and channels [channel_begin, channel_begin + C) of the
+// layout: all of them, or the range a subset's rows touch (one layer's decode builds that layer's
+// rows of the tables, not the whole network's).
 struct SeparableTables {
+  int64_t filter_begin = 0, channel_begin = 0;
   at::Tensor filter;        // (F, H): W1_f·e_f(f) + W1_l·e_l(layer of f) + b1
   at::Tensor channel;       // (C, H): W1_c·e_c(c)
   at::Tensor enc_layer;     // (L, 2·levels) encodings, kept for the gradient of W1
@@ -23,7 +27,13 @@ struct SeparableTables {
   at::Tensor filter_layer;  // (F,) int64: layer of every filter, on the device
 };
 
-SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm);
+struct TableRange {
+  int64_t filter_begin, filter_end, channel_begin, channel_end;
+};
+
+// The tables over `range` (every filter and channel of the layout when omitted).
+SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm,
+                             const c10::optional<TableRange>& range = c10::nullopt);
 
 // Gradients of W1 and b1 from the per-filter and per-channel sums of the first layer's
 // pre-activation gradient ((F, H) and (C, H)).

@@ -139,6 +139,28 @@ def test_subset_rows_equal_full_rows_and_gradients(encoding):
     assert empty.shape == (0, 25)
 
 
+@pytest.mark.parametrize("layers", [(1,), (2,), (1, 2), (3,)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_subset_of_some_layers_builds_their_tables_only(layers, precision):
+    """Rows of one layer (or neighbouring ones): the first-layer tables cover only their filters and
+    channels (tables and their gradient sums start past the layout's first rows): output and every
+    gradient as the eager reference, and the rows of a full decode."""
+    layout = mixed_layout(crop="max", permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=4, levels=6)
+    rows = torch.cat([torch.arange(layout.layers[i].kernel_offset,
+                                   layout.layers[i].kernel_offset + layout.layers[i].num_kernels)
+                      for i in layers]).flip(0)
+    out, grads = decode_and_grads(pred, "csrc", rows, precision)
+    with torch.no_grad():
+        full = ops.decode(*params(pred), layout, pred.encoding, None, precision, "csrc")
+    # the same numbers up to the tables' GEMM blocking (fewer rows); a bf16 rounding may flip
+    tol = 1e-6 if precision == "fp32" else 1e-2
+    torch.testing.assert_close(out, layout.kernel_rows(full, rows), rtol=tol, atol=tol * full.abs().max().item())
+    if precision == "fp32":
+        ref, ref_grads = decode_and_grads(pred, "eager", rows)
+        assert_matches(out, ref, grads, ref_grads)
+
+
 def test_float64_matches_reference_tightly_and_gradcheck():
     pred = random_predictor(mixed_layout(crop="average", permuted=True), hidden=24, num_blocks=3,
                             levels=4, dtype=torch.float64)
