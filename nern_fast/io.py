@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -46,22 +44,27 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def load_torch_file(path: PathLike, what: str = "file", map_location="cpu") -> Any:
+    """``torch.load(weights_only=True)`` of ``path`` with errors that name ``what`` it should be, the
+    file and the problem (missing, empty, truncated, corrupt, not a torch file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if path.stat().st_size == 0:
+        raise FileFormatError(f"{what} {path}: the file is empty (an interrupted write?); re-create it")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch.load raises many kinds for a damaged or foreign file
+        raise FileFormatError(f"{what} {path} cannot be read: it is truncated, corrupt or not a torch "
+                              f"file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 def safe_load(path: PathLike, kind: str, map_location=None) -> dict:
     """``torch.load(weights_only=True)`` with errors that name the file and the problem.
 
     ``kind`` is the expected ``format`` entry of the file (e.g. ``"nern_fast.predictor"``).
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise FileFormatError(f"{path}: the file is empty (an interrupted write?); re-create it")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            KeyError, TypeError) as exc:
-        raise FileFormatError(f"{path}: cannot be read as a {kind} file; it is truncated, corrupt "
-                              f"or not a torch file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    data = load_torch_file(path, f"{kind} file", map_location)
     if not isinstance(data, dict) or data.get("format") != kind:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise FileFormatError(f"{path}: expected a {kind} file, found {found!r}")

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .io import FileFormatError, PathLike
+from .io import FileFormatError, PathLike, load_torch_file
 from .layout import LayoutError, WeightLayout
 
 _NORMALIZATION = {"local": "local", "global": "global", "None": "none", "none": "none", None: "none"}
@@ -69,14 +69,7 @@ def nern_settings(section: Mapping) -> tuple[dict, dict, Optional[str]]:
 def read_nern_checkpoint(checkpoint: Union[PathLike, Mapping]) -> dict:
     """NeRN predictor state dict (path or dict); strips DataParallel's ``module.`` prefix."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if not path.exists():
-            raise FileNotFoundError(f"NeRN checkpoint {path}: no such file")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise FileFormatError(f"NeRN checkpoint {path} cannot be read ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]})") from exc
+        checkpoint = load_torch_file(checkpoint, "NeRN checkpoint")
     if not isinstance(checkpoint, Mapping):
         raise FileFormatError(f"a NeRN checkpoint must be a state dict, got {type(checkpoint).__name__}")
     for key in ("state_dict", "predictor", "model"):

@@ -33,7 +33,7 @@ import hashlib
 import importlib
 import math
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

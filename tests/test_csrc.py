@@ -4,7 +4,6 @@ Forward output and every gradient, odd sizes, both encodings, all normalisations
 permutations, subsets, kernel sizes 1..7; bf16 bounded against fp64; errors at the C++ boundary;
 the backend's selection; torch.library registrations. CUDA tests run where a GPU is visible.
 """
-import json
 import os
 import subprocess
 import sys

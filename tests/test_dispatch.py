@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from helpers import mixed_layout, random_predictor
 from nern_fast import BackendUnavailable, ops

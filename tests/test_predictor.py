@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import mixed_layout, random_predictor
-from nern_fast import FastPredictor, FileFormatError, LayoutError, WeightLayout, reference_decode
+from nern_fast import FastPredictor, FileFormatError, LayoutError
 from nern_fast.models import cifar_resnet
 
 

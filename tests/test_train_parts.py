@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import mixed_layout, random_predictor
+from helpers import mixed_layout
 from nern_fast.train.losses import (FeatureMaps, feature_map_loss, feature_module_names, kd_loss,
                                     per_layer_rmse, reconstruction_loss, row_loss)
 from nern_fast.train.objectives import scatter_rows

@@ -24,7 +24,6 @@ import torch
 from helpers import mixed_layout, random_predictor
 from nern_fast import BackendUnavailable, WeightLayout, ops
 from nern_fast.ops import DecodeRequest
-from nern_fast.reference import reference_decode
 
 tb = pytest.importorskip("nern_fast.ops.triton_backend", reason="triton is not installed")
 tt = pytest.importorskip("nern_fast.ops.triton_tuner", reason="triton is not installed")

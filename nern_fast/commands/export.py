@@ -98,14 +98,8 @@ def _export(args) -> int:
 def _read_checkpoint(path):
     import torch
 
-    from nern_fast.io import FileFormatError
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:
-        raise FileFormatError(f"{path}: cannot be read as a torch checkpoint ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from exc
+    from nern_fast.io import FileFormatError, load_torch_file
+    data = load_torch_file(path, "checkpoint")
     if not isinstance(data, dict):
         raise FileFormatError(f"{path}: expected a state dict or a checkpoint dict, got {type(data).__name__}")
     spec = data.get("model_spec") if isinstance(data.get("model_spec"), dict) else None

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..io import FileFormatError, PathLike, atomic_save, safe_load
+from ..io import FileFormatError, PathLike, atomic_save, load_torch_file
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .torchvision_resnet import TORCHVISION_RESNETS, torchvision_resnet
 
@@ -95,15 +95,7 @@ def _state_dict_of(data: Any, path: Path) -> dict:
 
 def read_model_file(path: PathLike) -> dict:
     """The raw content of a model file (ours or a plain state_dict), weights only."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"model checkpoint {path}: no such file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FileFormatError(f"{path}: cannot be read as a torch file ({type(exc).__name__}: "
-                              f"{str(exc)[:200]})") from exc
-    return data
+    return load_torch_file(path, "model checkpoint")
 
 
 def load_weights(model: nn.Module, path: PathLike) -> dict:

@@ -85,7 +85,7 @@ def _decode_backward_fake(grad, weights, biases, *rest):
 
 def _decode_forward_saving_fake(*args):
     out = _decode_forward_fake(*args[:-1])
-    weights, rows, precision, save_rows = args[0], args[7], args[13], args[14]
+    weights, precision, save_rows = args[0], args[13], args[14]
     w = weights[0]
     dtype = torch.bfloat16 if precision == "bf16" else w.dtype
     return out, w.new_empty((len(weights) - 2, save_rows, w.shape[0]), dtype=dtype)

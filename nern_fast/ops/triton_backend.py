@@ -42,7 +42,7 @@ import weakref
 from typing import Callable, List, Optional
 
 import torch
-import triton  # a missing triton makes register() fail with ModuleNotFoundError: recorded, not fatal
+import triton  # noqa: F401  (a missing triton makes register() fail: recorded, not fatal)
 
 from ..layout import WeightLayout
 from . import triton_chunked, triton_fused
