@@ -138,6 +138,31 @@ def _grad_of_outputs(gbase, valid, size, crop, amax, CROP: tl.constexpr, HAS_MAX
 
 
 @triton.jit
+def output_gradients(grad_ptr, woff_ptr, idx, valid, layer, slot_in_layer, size, crop, last, H_S, wl_ptr,
+                     bl_ptr, raw, amax, K: tl.constexpr, K2P: tl.constexpr, SUBSET: tl.constexpr,
+                     CROP: tl.constexpr, HAS_MAX: tl.constexpr, PRECISION: tl.constexpr,
+                     INTERPRET: tl.constexpr, F64: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+    """Gradient of a tile's k×k MLP outputs (BM × K2P) from the gradient of the decode's output (flat
+    buffer, or (R, k²) rows of a subset). The max crop's backward needs the outputs themselves: they
+    are recomputed from the last hidden activations ``last`` into the fp32 scratch ``raw``, and each
+    window's first maximum goes to ``amax``."""
+    if HAS_MAX:
+        offs_m = tl.arange(0, BM)
+        q = tl.arange(0, K2P)
+        y = dense_out(last, H_S, wl_ptr, bl_ptr, K * K, PRECISION, INTERPRET, F64, BM, BK, K2P)
+        tl.store(raw + offs_m[:, None] * K2P + q[None, :], y)
+        tl.debug_barrier()
+        _window_argmax(raw, amax, valid, size, K, BM, K2P)
+        tl.debug_barrier()
+    if SUBSET:
+        gbase = grad_ptr + idx[:, None] * (K * K)
+    else:
+        gbase = grad_ptr + (tl.load(woff_ptr + layer, mask=valid, other=0)
+                            + slot_in_layer * (size * size))[:, None]
+    return _grad_of_outputs(gbase, valid, size, crop, amax, CROP, HAS_MAX, F64, K, BM, K2P)
+
+
+@triton.jit
 def decode_bwd_kernel(
         grad_ptr, rows_ptr, R,
         koff_ptr, woff_ptr, meta_ptr, coord_ptr, pos_l_ptr, pos_f_ptr, pos_c_ptr, enc_ptr,
@@ -206,19 +231,10 @@ def decode_bwd_kernel(
         layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
         slot_in_layer, _, _, size, crop = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr,
                                                         PERMUTED)
-        if HAS_MAX:  # the max crop's backward needs the outputs themselves
-            y = dense_out(last, H_S, wl_ptr, bl_ptr, K * K, PRECISION, INTERPRET, F64, BM, BK, K2P)
-            tl.store(raw + offs_m[:, None] * K2P + q[None, :], y)
-            tl.debug_barrier()
-            _window_argmax(raw, amax, valid, size, K, BM, K2P)
-            tl.debug_barrier()
         # ---- gradient of the k×k outputs
-        if SUBSET:
-            gbase = grad_ptr + idx[:, None] * (K * K)
-        else:
-            gbase = grad_ptr + (tl.load(woff_ptr + layer, mask=valid, other=0)
-                                + slot_in_layer * (size * size))[:, None]
-        g = _grad_of_outputs(gbase, valid, size, crop, amax, CROP, HAS_MAX, F64, K, BM, K2P)
+        g = output_gradients(grad_ptr, woff_ptr, idx, valid, layer, slot_in_layer, size, crop, last, H_S,
+                             wl_ptr, bl_ptr, raw, amax, K, K2P, SUBSET, CROP, HAS_MAX, PRECISION,
+                             INTERPRET, F64, BM, BK)
         # ---- last layer: W_last (k², H), b_last
         _accumulate(slot + o_bl + q, tl.sum(g, axis=0), q_ok, not_first, ATOMIC)
         g = tf32_operand(g, PRECISION, INTERPRET)  # from here on a dot operand

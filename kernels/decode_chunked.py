@@ -27,7 +27,7 @@ import triton.language as tl
 
 from .common import (dense_out, kernel_coords, layer_of, mma, separable_relu, store_encoding,
                      tf32_operand, tile_rows, to_scratch, write_kernels)
-from .decode_bwd import _grad_of_outputs, _window_argmax
+from .decode_bwd import output_gradients
 
 
 @triton.jit
@@ -195,17 +195,8 @@ def chunk_out_grad_kernel(
     slot, _, _, size, crop = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
     raw = raw_ptr + pid.to(tl.int64) * (2 * BM * K2P)
     amax = raw + BM * K2P
-    if HAS_MAX:
-        y = dense_out(x_ptr + pid.to(tl.int64) * (BM * H_S), H_S, wl_ptr, bl_ptr, K * K, PRECISION,
-                      INTERPRET, F64, BM, BK, K2P)
-        tl.store(raw + offs_m[:, None] * K2P + q[None, :], y)
-        tl.debug_barrier()
-        _window_argmax(raw, amax, valid, size, K, BM, K2P)
-        tl.debug_barrier()
-    if SUBSET:
-        gbase = grad_ptr + idx[:, None] * (K * K)
-    else:
-        gbase = grad_ptr + (tl.load(woff_ptr + layer, mask=valid, other=0) + slot * (size * size))[:, None]
-    g = _grad_of_outputs(gbase, valid, size, crop, amax, CROP, HAS_MAX, F64, K, BM, K2P)
+    g = output_gradients(grad_ptr, woff_ptr, idx, valid, layer, slot, size, crop,
+                         x_ptr + pid.to(tl.int64) * (BM * H_S), H_S, wl_ptr, bl_ptr, raw, amax, K, K2P,
+                         SUBSET, CROP, HAS_MAX, PRECISION, INTERPRET, F64, BM, BK)
     local = (pid * BM + offs_m).to(tl.int64)
     tl.store(g_ptr + local[:, None] * K2P + q[None, :], g)

@@ -16,7 +16,7 @@ from ..models import save_model_file
 from . import setup
 from .evaluation import accuracy, autocast_context
 from .logger import RunLog, progress_bar
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 
 MODEL_FILE = "model.pt"
 
@@ -91,12 +91,7 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
             loss = loss - tb.smoothness * cosine_smoothness(smooth_weights)
         if tb.smoothness_l2 > 0:
             loss = loss + tb.smoothness_l2 * difference_smoothness(smooth_weights)
-        loss.backward()
-        if tb.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, tb.optim.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(loss, params, optimizer, scheduler, tb.optim.grad_clip)
         loss_sum += loss.detach()
         count += 1
         bar.update(1)

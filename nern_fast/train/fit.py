@@ -36,7 +36,7 @@ from .graphs import graphed_distillation, maybe_graphed
 from .logger import RunLog, StepMeter, progress_bar
 from .losses import feature_module_names, per_layer_rmse, rmse
 from .objectives import DistillationObjective, ReconstructionObjective
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .report import write_outputs
 from .samplers import KernelSampler, kernel_norms
 
@@ -298,12 +298,7 @@ class FitRun:
                                                                               device=self.device)
                             compute = graphed_distillation(eager, (x, dummy), True, what)
                         loss, parts = compute(x, rows if rows is not None else dummy)
-                loss.backward()
-                if stage.optim.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, stage.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(loss, params, optimizer, scheduler, stage.optim.grad_clip)
                 meter.add(parts)
                 step += 1
                 bar.update(1)

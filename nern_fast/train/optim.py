@@ -91,3 +91,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, cfg.lr, cfg.min_lr, cfg.schedule,
                                           cfg.warmup_steps))
+
+
+def optimizer_step(loss: torch.Tensor, params, optimizer: torch.optim.Optimizer, scheduler,
+                   grad_clip) -> None:
+    """One update of a recipe's loop: backward, optional gradient-norm clip, step, schedule, zero."""
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
