@@ -14,16 +14,25 @@
 //    filters, each a flattened row of its channel-reordered normalised kernels).
 //  * matrix_chains(similarity (B, n, n) float32/float64) -> orders (B, n) int64: one chain per
 //    precomputed similarity matrix (infilter's rule for 1×1 kernels, which is not a cosine).
+//  * infilter_chains(kernels (C_out, C_in, d) float32, d > 1, C_in > 1) -> (filter_order (C_out),
+//    channel_orders (C_out, C_in)): NeRN's whole infilter permutation of a layer in one call —
+//    kernels normalised (a zero kernel to NaN), per filter the C_in×C_in cosine matrix in a small
+//    reused buffer and its chain, then the filters (their normalised kernels in their own channel
+//    order, flattened), their dot-product matrix and its chain. One call instead of seven torch ops
+//    and two chain calls: on a 64×64 layer that is most of the time (many tiny ops).
 //
 // Dot products are summed over the coordinates in order, the same way for every candidate, so
 // identical kernels tie exactly and the tie goes to the lowest index, as in NeRN.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 // On x86 the hot loops are compiled for the baseline ISA and for AVX2, chosen at load time when the
@@ -38,6 +47,8 @@ namespace nern_fast {
 namespace {
 
 constexpr int64_t kBlock = 64;  // slots per block of the arg-max search
+
+typedef float Lanes8 __attribute__((vector_size(32)));  // 8 float lanes (GCC/Clang vectors)
 
 // sims[j] = <q, point in slot j> for the first `active` slots (coordinates summed in order), and
 // block_max[b] = the largest of block b (kBlock slots). D > 0 fixes the dimension at compile time.
@@ -202,32 +213,104 @@ void walk_matrix_exact(const T* sim, int64_t n, int64_t* order, std::vector<int6
   }
 }
 
+// The first j of the largest row[j] + pen[j] (finite row values; pen 0 or -inf for a visited
+// column, which is never the answer while one column is unvisited).
+template <typename T>
+inline __attribute__((always_inline)) int64_t first_max(const T* row, const T* pen, int64_t n) {
+  T best = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : best)
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = row[j] + pen[j];
+    best = v > best ? v : best;
+  }
+  int64_t next = 0;
+  while (row[next] + pen[next] != best) ++next;
+  return next;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+// float, in one pass over 8 lanes: each lane keeps its first maximum (only a strictly larger value
+// replaces it), then the lowest index among the lanes holding the overall maximum; the tail
+// (indices above every lane's) replaces only on a strictly larger value. Same answer as above.
+typedef int32_t LaneIndex8 __attribute__((vector_size(32)));
+
+template <>
+inline __attribute__((always_inline)) int64_t first_max<float>(const float* row, const float* pen,
+                                                               int64_t n) {
+  const float lowest = -std::numeric_limits<float>::infinity();
+  // Two sets of lanes (alternate groups of 8: two independent compare-select chains), merged.
+  Lanes8 best = Lanes8{} + lowest, best_odd = best;
+  LaneIndex8 where = LaneIndex8{} + static_cast<int32_t>(n), where_odd = where;
+  LaneIndex8 index = {0, 1, 2, 3, 4, 5, 6, 7};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16, index += 16) {
+    Lanes8 v, p, w, q;
+    std::memcpy(&v, row + j, sizeof(v));
+    std::memcpy(&p, pen + j, sizeof(p));
+    std::memcpy(&w, row + j + 8, sizeof(w));
+    std::memcpy(&q, pen + j + 8, sizeof(q));
+    v += p;
+    w += q;
+    const LaneIndex8 larger = v > best, larger_odd = w > best_odd;
+    best = larger ? v : best;
+    where = larger ? index : where;
+    best_odd = larger_odd ? w : best_odd;
+    where_odd = larger_odd ? index + 8 : where_odd;
+  }
+  // Lane by lane: the larger value; on a tie the lower index.
+  const LaneIndex8 take_odd = (best_odd > best) | ((best_odd == best) & (where_odd < where));
+  best = take_odd ? best_odd : best;
+  where = take_odd ? where_odd : where;
+  for (; j + 8 <= n; j += 8, index += 8) {
+    Lanes8 v, p;
+    std::memcpy(&v, row + j, sizeof(v));
+    std::memcpy(&p, pen + j, sizeof(p));
+    v += p;
+    const LaneIndex8 larger = v > best;
+    best = larger ? v : best;
+    where = larger ? index : where;
+  }
+  float top = lowest;
+  int64_t next = n;
+  for (int u = 0; u < 8; ++u) {
+    if (best[u] > top || (best[u] == top && where[u] < next)) {
+      top = best[u];
+      next = where[u];
+    }
+  }
+  for (; j < n; ++j) {
+    const float v = row[j] + pen[j];
+    if (v > top) {
+      top = v;
+      next = j;
+    }
+  }
+  return next;
+}
+#endif
+
 // The chain of one n×n matrix. A matrix of finite values takes a vectorised scan of whole rows
 // (visited columns pushed to -inf); one with NaN or infinities the exact np.argmax rules above.
+// all_finite: the caller knows every entry is finite (skips the scan).
 template <typename T>
-inline __attribute__((always_inline)) void walk_matrix(const T* sim, int64_t n, int64_t* order, std::vector<int64_t>& remaining,
-                 std::vector<T>& penalty) {
+inline __attribute__((always_inline)) void walk_matrix(const T* sim, int64_t n, int64_t* order,
+                                                       std::vector<int64_t>& remaining,
+                                                       std::vector<T>& penalty,
+                                                       bool all_finite = false) {
   if (n == 0) return;
   order[0] = 0;
   int finite = 1;
+  if (!all_finite) {
 #pragma omp simd reduction(& : finite)
-  for (int64_t i = 0; i < n * n; ++i) finite &= (sim[i] - sim[i] == T(0));  // false for inf, NaN
+    for (int64_t i = 0; i < n * n; ++i) finite &= (sim[i] - sim[i] == T(0));  // false for inf, NaN
+  }
   if (!finite) return walk_matrix_exact(sim, n, order, remaining);
   penalty.assign(n, T(0));
   penalty[0] = -std::numeric_limits<T>::infinity();
   int64_t current = 0;
   for (int64_t step = 1; step < n; ++step) {
-    const T* row = sim + current * n;
-    const T* pen = penalty.data();
-    T best = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : best)
-    for (int64_t j = 0; j < n; ++j) {
-      const T v = row[j] + pen[j];
-      best = v > best ? v : best;
-    }
-    int64_t next = 0;
-    while (row[next] + pen[next] != best) ++next;  // the first maximum (never a visited column:
-    penalty[next] = -std::numeric_limits<T>::infinity();  // best is finite, theirs -inf)
+    const int64_t next = first_max(sim + current * n, penalty.data(), n);
+    penalty[next] = -std::numeric_limits<T>::infinity();
     order[step] = next;
     current = next;
   }
@@ -245,6 +328,138 @@ void walk_matrices(const double* sim, int64_t b, int64_t n, int64_t* orders) {
   std::vector<int64_t> remaining;
   std::vector<double> penalty;
   for (int64_t i = 0; i < b; ++i) walk_matrix(sim + i * n * n, n, orders + i * n, remaining, penalty);
+}
+
+// sim (n, n) = x xᵀ for rows x (n, d): each entry summed over the coordinates in order, so the
+// matrix is exactly symmetric and identical rows tie exactly. coords: scratch of n·d floats,
+// block_max: of (n + kBlock - 1) / kBlock.
+inline void gram_small(const float* x, int64_t n, int64_t d, float* coords, float* block_max,
+                       float* sim) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t k = 0; k < d; ++k) coords[k * n + j] = x[j * d + k];  // coordinate-major
+  for (int64_t i = 0; i < n; ++i) similarities(x + i * d, coords, n, d, n, sim + i * n, block_max);
+}
+
+// Dot products of one vector a with up to four vectors b[0..count) over `length` coordinates, in
+// 8 lanes (lane u sums coordinates u, u+8, ... in order; the lanes are then added in order): the
+// same bits for the same two vectors whichever is a or b and whichever slot b is in, so identical
+// filters tie exactly and the matrix built from it is exactly symmetric.
+inline __attribute__((always_inline)) void dots_to_four(const float* a, const float* const* b,
+                                                        int count, int64_t length, float* out) {
+  Lanes8 acc[4] = {};
+  int64_t k = 0;
+  for (; k + 8 <= length; k += 8) {
+    Lanes8 va;
+    std::memcpy(&va, a + k, sizeof(va));
+    for (int i = 0; i < 4; ++i) {
+      if (i >= count) break;
+      Lanes8 vb;
+      std::memcpy(&vb, b[i] + k, sizeof(vb));
+      acc[i] += va * vb;
+    }
+  }
+  for (int i = 0; i < count; ++i) {
+    float lanes[8];
+    std::memcpy(lanes, &acc[i], sizeof(lanes));
+    for (int64_t u = 0; k + u < length; ++u) lanes[u] += a[k + u] * b[i][k + u];  // the tail
+    float sum = 0.f;
+    for (int u = 0; u < 8; ++u) sum += lanes[u];
+    out[i] = sum;
+  }
+}
+
+// Filters [f0, f1) of walk_infilter: normalise the filter's kernels, their cosine matrix, its
+// chain, and its row of `filters` (its normalised kernels in chain order).
+NERN_FAST_AVX2_CLONES
+void channel_chains(const float* w, int64_t f0, int64_t f1, int64_t c_in, int64_t d,
+                    int64_t* channel_orders, float* filters) {
+  const int64_t length = c_in * d;
+  std::vector<float> normed(static_cast<size_t>(length)), coords(static_cast<size_t>(length));
+  std::vector<float> sim(static_cast<size_t>(c_in) * c_in), penalty;
+  std::vector<float> block_max((c_in + kBlock - 1) / kBlock);
+  std::vector<int64_t> remaining;
+  for (int64_t f = f0; f < f1; ++f) {
+    const float* x = w + f * length;
+    int finite = 1;  // finite unit vectors: every cosine is finite
+    for (int64_t c = 0; c < c_in; ++c) {
+      float squares = 0.f;
+      for (int64_t k = 0; k < d; ++k) squares += x[c * d + k] * x[c * d + k];
+      const float norm = std::sqrt(squares);  // 0 for a zero kernel: 0/0 = NaN, as in NeRN
+      for (int64_t k = 0; k < d; ++k) {
+        const float v = x[c * d + k] / norm;
+        normed[c * d + k] = v;
+        finite &= (v - v == 0.f);
+      }
+    }
+    int64_t* order = channel_orders + f * c_in;
+    gram_small(normed.data(), c_in, d, coords.data(), block_max.data(), sim.data());
+    walk_matrix(sim.data(), c_in, order, remaining, penalty, finite != 0);
+    float* row = filters + f * length;
+    for (int64_t c = 0; c < c_in; ++c) std::copy_n(normed.data() + order[c] * d, d, row + c * d);
+  }
+}
+
+// Row f of the upper triangle of the filters' dot-product matrix, four entries at a time, each
+// mirrored below the diagonal.
+inline __attribute__((always_inline)) void filter_similarity_row(const float* filters, int64_t f,
+                                                                 int64_t c_out, int64_t length,
+                                                                 float* sim) {
+  const float* a = filters + f * length;
+  for (int64_t g = f; g < c_out; g += 4) {
+    const int count = static_cast<int>(std::min<int64_t>(4, c_out - g));
+    const float* b[4];
+    for (int i = 0; i < count; ++i) b[i] = filters + (g + i) * length;
+    float dots[4];
+    dots_to_four(a, b, count, length, dots);
+    for (int i = 0; i < count; ++i) {
+      sim[f * c_out + g + i] = dots[i];
+      sim[(g + i) * c_out + f] = dots[i];
+    }
+  }
+}
+
+// Rows p and c_out-1-p of that triangle for p in [p0, p1): the same work for every p.
+NERN_FAST_AVX2_CLONES
+void filter_similarity_rows(const float* filters, int64_t p0, int64_t p1, int64_t c_out,
+                            int64_t length, float* sim) {
+  for (int64_t p = p0; p < p1; ++p) {
+    filter_similarity_row(filters, p, c_out, length, sim);
+    if (c_out - 1 - p != p) filter_similarity_row(filters, c_out - 1 - p, c_out, length, sim);
+  }
+}
+
+void walk_infilter(const float* w, int64_t c_out, int64_t c_in, int64_t d, int64_t* filter_order,
+                   int64_t* channel_orders) {
+  const int64_t length = c_in * d;  // one filter, flattened
+  // Per-filter work is independent: split over threads (a grain of 8 filters: ~30 µs each).
+  std::vector<float> filters(static_cast<size_t>(c_out) * length);
+  at::parallel_for(0, c_out, 8, [&](int64_t f0, int64_t f1) {
+    channel_chains(w, f0, f1, c_in, d, channel_orders, filters.data());
+  });
+  std::vector<float> filter_sim(static_cast<size_t>(c_out) * c_out);
+  at::parallel_for(0, (c_out + 1) / 2, 4, [&](int64_t p0, int64_t p1) {
+    filter_similarity_rows(filters.data(), p0, p1, c_out, length, filter_sim.data());
+  });
+  walk_matrices(filter_sim.data(), 1, c_out, filter_order);
+}
+
+std::tuple<at::Tensor, at::Tensor> infilter_chains(const at::Tensor& kernels_in) {
+  TORCH_CHECK(kernels_in.dim() == 3, "infilter_chains: expected kernels (C_out, C_in, d), got ",
+              kernels_in.sizes());
+  TORCH_CHECK(kernels_in.scalar_type() == at::kFloat,
+              "infilter_chains: expected float32 kernels, got ", kernels_in.scalar_type());
+  TORCH_CHECK(kernels_in.device().is_cpu(), "infilter_chains: expected CPU kernels");
+  TORCH_CHECK(kernels_in.size(1) > 1 && kernels_in.size(2) > 1,
+              "infilter_chains: needs C_in > 1 and kernels of more than one weight (NeRN's "
+              "length-1 rule is not a cosine: use matrix_chains), got ", kernels_in.sizes());
+  const at::Tensor kernels = kernels_in.contiguous();
+  const int64_t c_out = kernels.size(0), c_in = kernels.size(1), d = kernels.size(2);
+  at::Tensor filter_order = at::empty({c_out}, kernels.options().dtype(at::kLong));
+  at::Tensor channel_orders = at::empty({c_out, c_in}, kernels.options().dtype(at::kLong));
+  if (c_out > 0)
+    walk_infilter(kernels.data_ptr<float>(), c_out, c_in, d, filter_order.data_ptr<int64_t>(),
+                  channel_orders.data_ptr<int64_t>());
+  return {filter_order, channel_orders};
 }
 
 at::Tensor matrix_chains(const at::Tensor& similarity_in) {
@@ -270,9 +485,11 @@ at::Tensor matrix_chains(const at::Tensor& similarity_in) {
 TORCH_LIBRARY_FRAGMENT(nern_fast_C, m) {
   m.def("point_chains(Tensor points) -> Tensor");
   m.def("matrix_chains(Tensor similarity) -> Tensor");
+  m.def("infilter_chains(Tensor kernels) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nern_fast_C, CPU, m) {
   m.impl("point_chains", &nern_fast::point_chains);
   m.impl("matrix_chains", &nern_fast::matrix_chains);
+  m.impl("infilter_chains", &nern_fast::infilter_chains);
 }

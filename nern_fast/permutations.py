@@ -16,9 +16,12 @@ Results come in the NeRN forms :meth:`WeightLayout.with_permutations` accepts: c
 chain (row order, length C_out·C_in); infilter, ``(filter_order, channel_orders)``.
 
 Speed: NeRN spends O(N) Python list work per chain step. When the compiled extension has them
-(``csrc/permutations_cpu.cpp``: ``torch.ops.nern_fast_C.point_chain`` / ``matrix_chains``) the
-chains are walked in C++: crossfilter takes the dot products of the current kernel with every
-remaining one per step (no N×N matrix), infilter walks torch-computed similarity matrices. Without
+(``csrc/permutations_cpu.cpp``: ``torch.ops.nern_fast_C.point_chains`` / ``matrix_chains`` /
+``infilter_chains``) the chains are walked in C++: crossfilter takes the dot products of the
+current kernel with every remaining one per step (no N×N matrix); infilter is one call per layer
+(normalisation, per-filter cosine matrices, chains, filter matrix and its chain: on a 64×64 layer
+the per-op overhead of doing that in torch was most of the time), or, for 1×1 kernels and single-
+channel layers (NeRN's length-1 rule), torch-computed matrices walked in C++. Without
 the extension: infilter runs all of a layer's per-filter chains at once (batched numpy ops per
 step), and crossfilter precomputes, in blocks, each row's best candidates with a bound that proves
 when the first unvisited candidate is the exact answer; the walk is a plain Python loop over those
@@ -33,7 +36,7 @@ import hashlib
 import importlib
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -54,19 +57,31 @@ _BLOCK_ELEMENTS = 1 << 18  # similarity entries per block (1 MiB of float32: sta
 _COMPILED_GPU_MAX_KERNELS = 1 << 16
 
 
+class ChainOps(NamedTuple):
+    """The compiled chain walks (``csrc/permutations_cpu.cpp``)."""
+    point_chains: Callable
+    matrix_chains: Callable
+    infilter_chains: Optional[Callable]  # None in a build that predates it
+
+
 @functools.lru_cache(maxsize=None)
-def compiled_chain_ops():
-    """``(point_chains, matrix_chains)`` from the compiled extension, or None when it is not built
-    (or built without them): the pure Python/numpy paths below are then used."""
+def compiled_chain_ops() -> Optional[ChainOps]:
+    """The chain ops of the compiled extension, or None when it is not built (or built without
+    them): the pure Python/numpy paths below are then used."""
     try:
         importlib.import_module("nern_fast._C")
     except Exception:  # missing or broken build: the extension's loader reports why elsewhere
         pass  # the ops may still have been registered by another library (tests, benchmarks)
+    ops = torch.ops.nern_fast_C
     try:
-        ops = torch.ops.nern_fast_C
-        return ops.point_chains, ops.matrix_chains
+        point, matrix = ops.point_chains, ops.matrix_chains
     except (AttributeError, RuntimeError):
         return None
+    try:
+        infilter_op = ops.infilter_chains
+    except (AttributeError, RuntimeError):
+        infilter_op = None
+    return ChainOps(point, matrix, infilter_op)
 
 
 def _check_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
@@ -117,7 +132,7 @@ def greedy_chains(similarity: torch.Tensor) -> torch.Tensor:
     b, n, _ = similarity.shape
     ops = compiled_chain_ops()
     if ops is not None:
-        return ops[1](similarity.to(torch.float32).contiguous())
+        return ops.matrix_chains(similarity.to(torch.float32).contiguous())
     # numpy: this loop is per-step overhead bound, and numpy's is a few times lower than torch's.
     # NaN must win like np.argmax's first NaN: any finite value above every similarity will do
     # (a visited index gets -inf added, so it must be finite).
@@ -261,7 +276,7 @@ def crossfilter(weight: torch.Tensor) -> torch.Tensor:
         if ops is not None and (w.device.type == "cpu" or n <= _COMPILED_GPU_MAX_KERNELS):
             vectors = vectors.cpu()
             # A zero kernel normalises to NaN, as in NeRN (the op treats NaN rows NeRN's way).
-            return ops[0](_normalise_rows(vectors)[None])[0]
+            return ops.point_chains(_normalise_rows(vectors)[None])[0]
         return torch.tensor(_crossfilter_chain(vectors), dtype=torch.long)
 
 
@@ -269,13 +284,19 @@ def infilter(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NeRN infilter permutation of one conv weight: ``(filter_order (C_out,), channel_orders
     (C_out, C_in))`` — per filter the chain of its channels, then the chain of the filters."""
     w = _check_weight(weight, "infilter").cpu()
-    with _one_thread():
-        return _infilter(w)
-
-
-def _infilter(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     c_out, c_in = w.shape[0], w.shape[1]
     kernels = w.reshape(c_out, c_in, -1)
+    ops = compiled_chain_ops()
+    if ops is not None and ops.infilter_chains is not None and c_in > 1 and kernels.shape[-1] > 1:
+        return tuple(ops.infilter_chains(kernels))  # one call; splits the filters over threads
+    with _one_thread():
+        return _infilter(kernels)
+
+
+def _infilter(kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Infilter with torch ops and :func:`greedy_chains` (no compiled infilter op, or NeRN's
+    length-1 rule: 1×1 kernels or a single input channel)."""
+    c_out, c_in = kernels.shape[0], kernels.shape[1]
     normed = _normalise_rows(kernels)  # NaN for a zero kernel, as in NeRN
     if kernels.shape[-1] == 1:
         channel_orders = greedy_chains(_similarities(kernels))  # NeRN's length-1 rule

@@ -108,6 +108,23 @@ def test_infilter_equals_nern_loop(name, weight, chain_walk):
     assert channel_orders.tolist() == [list(c) for c in channels]
 
 
+@pytest.mark.parametrize("shape", [(7, 37, 3), (37, 17, 2), (9, 70, 3), (3, 2, 5)])
+def test_infilter_odd_widths(shape, chain_walk):
+    # Widths around the compiled walk's 8- and 16-column groups, with exact ties and a zero kernel.
+    c_out, c_in, s = shape
+    w = torch.randn(c_out, c_in, s, s, generator=torch.Generator().manual_seed(sum(shape)))
+    w[1, c_in - 1] = w[0, 0]
+    for twin in (11, 19, 35):  # the same lane 8 and 16 columns on, and another 16-column group
+        if twin < c_in:
+            w[:, twin] = w[:, 3]
+    w[shape[0] - 1] = w[0]
+    w[2 % shape[0], 1] = 0
+    filters, channels = nern_infilter(w)
+    filter_order, channel_orders = P.infilter(w)
+    assert filter_order.tolist() == list(filters)
+    assert channel_orders.tolist() == [list(c) for c in channels]
+
+
 def test_crossfilter_larger_layer(chain_walk):
     w = torch.randn(40, 32, 3, 3, generator=torch.Generator().manual_seed(1))
     assert P.crossfilter(w).tolist() == nern_crossfilter(w)
