@@ -1,6 +1,6 @@
-"""Latency and memory of an attached network's forward: materialized vs on_demand (prefetch off/on)
-vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements ``bench.inference_forward`` (which
-does not vary ``prefetch``). Appends one JSON line per measurement to ``--out`` and prints a table.
+"""Latency and memory of an attached network's forward: materialized vs on_demand (prefetch off/on,
+CUDA graphs off/on) vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements
+``bench.inference_forward`` (which does not vary ``prefetch`` or ``graphs``). Appends one JSON line per measurement to ``--out`` and prints a table.
 
     python -m bench.inference_prefetch [--device cuda] [--nets resnet20,resnet56] [--batches 1,256]
 
@@ -35,7 +35,8 @@ NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden si
 
 def variants(largest_layer_bytes: int):
     return [("materialized", {}), ("on_demand", {"prefetch": False}), ("on_demand", {"prefetch": True}),
-            ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True})]
+            ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True}),
+            ("on_demand", {"prefetch": False, "graphs": True}), ("on_demand", {"prefetch": True, "graphs": True})]
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
@@ -93,7 +94,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{'net':<9} {'batch':>5} {'mode':<22} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "
+    print(f"{'net':<9} {'batch':>5} {'mode':<30} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "
           f"{'forward_peak_mb':>15} {'held_peak_mb':>12} {'prefetched':>10}")
     for net in args.nets.split(","):
         depth, hidden = NETS[net]
@@ -138,6 +139,7 @@ def main() -> int:
                 if mode == "materialized":
                     materialized_ms = median_ms
                 label = mode + ("" if "prefetch" not in kw else f" prefetch={'on' if kw['prefetch'] else 'off'}")
+                label += " graphs" if kw.get("graphs") else ""
                 row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
                        "torch": torch.__version__, "net": net, "hidden": hidden, "precision": args.precision,
                        "backend": backend, "batch": batch, "mode": mode, **kw,
@@ -148,11 +150,12 @@ def main() -> int:
                        "forward_peak_mb": peak / 2**20 if peak is not None else None,
                        "held_peak_mb": state.stats["peak_held_bytes"] / 2**20,
                        "largest_layer_mb": largest / 2**20, "predictor_mb": state.predictor_bytes / 2**20,
-                       "decodes": state.stats["decodes"], "prefetched": state.stats["prefetched"]}
+                       "decodes": state.stats["decodes"], "prefetched": state.stats["prefetched"],
+                       "graph_replays": state.stats["graph_replays"], "graphs_disabled": state.graphs_disabled}
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-                print(f"{net:<9} {batch:>5} {label:<22} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
+                print(f"{net:<9} {batch:>5} {label:<30} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
                       f"{fmt(row['resident_mb']):>11} {fmt(row['forward_peak_mb']):>15} "
                       f"{row['held_peak_mb']:>12.3f} {state.stats['prefetched']:>10}")
                 pred.detach(model)

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,18 +84,25 @@ def build_step(args, device):
                             0, kernel_norms(pred.layout, target))
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)  # synthetic CIFAR batch
-    if args.recipe == "reconstruct":
-        objective = ReconstructionObjective(pred, target)
-        compute = maybe_graphed(objective, (sampler.sample(),), args.cuda_graphs, "profile")
-        forward = lambda: compute(sampler.sample())
-    else:
-        names = feature_module_names(model, "bn+blocks") if stage.fmd_weight > 0 else []
-        objective = DistillationObjective(pred, target, model, None, stage, names)
-        rows0 = sampler.sample() if gradients == "sampled" else torch.zeros(1, dtype=torch.long,
-                                                                             device=device)
-        compute = graphed_distillation(objective, (x, rows0), args.cuda_graphs, "profile")
-        forward = lambda: compute(x.normal_(generator=g),
-                                  sampler.sample() if gradients == "sampled" else rows0)
+    with warnings.catch_warnings(record=True) as caught:  # a refused capture warns: record it
+        warnings.simplefilter("always")
+        if args.recipe == "reconstruct":
+            objective = ReconstructionObjective(pred, target)
+            compute = maybe_graphed(objective, (sampler.sample(),), args.cuda_graphs, "profile")
+            forward = lambda: compute(sampler.sample())
+        else:
+            names = feature_module_names(model, "bn+blocks") if stage.fmd_weight > 0 else []
+            objective = DistillationObjective(pred, target, model, None, stage, names)
+            rows0 = sampler.sample() if gradients == "sampled" else torch.zeros(1, dtype=torch.long,
+                                                                                 device=device)
+            compute = graphed_distillation(objective, (x, rows0), args.cuda_graphs, "profile")
+            forward = lambda: compute(x.normal_(generator=g),
+                                      sampler.sample() if gradients == "sampled" else rows0)
+    refused = [str(w.message) for w in caught if "runs eagerly" in str(w.message)]
+    for message in refused:
+        print(f"warning: {message}", file=sys.stderr)
+    graphs = {"cuda_graphs_captured": bool(args.cuda_graphs and not refused),
+              "cuda_graphs_note": refused[0] if refused else None}
 
     def step():
         loss, parts = forward()
@@ -103,7 +111,7 @@ def build_step(args, device):
         optimizer.zero_grad(set_to_none=True)
         return parts
 
-    return pred, step, gradients
+    return pred, step, gradients, graphs
 
 
 def merged_busy(intervals, lo, hi):
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    pred, step, gradients = build_step(args, device)
+    pred, step, gradients, graphs = build_step(args, device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
@@ -162,7 +170,7 @@ def main(argv=None) -> int:
         "depth": args.depth, "hidden": args.hidden, "batch_size": args.batch_size,
         "weights_batch_size": args.weights_batch_size, "kernels": pred.layout.num_kernels,
         "backend": backend_name(pred), "precision": args.precision, "autocast": args.autocast,
-        "cuda_graphs": args.cuda_graphs, "profiled_steps": args.steps,
+        "cuda_graphs": args.cuda_graphs, **graphs, "profiled_steps": args.steps,
         "step_ms": plain * 1e3, "step_ms_profiled": wall_us / 1e3 / args.steps,
         "gpu_busy_fraction": (busy_us / wall_us) if cuda and wall_us > 0 else None,
         "kernels_per_step": len(kernels) / args.steps if cuda else None,
@@ -175,7 +183,7 @@ def main(argv=None) -> int:
     lines = [f"# profile_distill_step: {args.recipe} on ResNet-{args.depth} ({summary['device']})", "",
              "| metric | value |", "|---|---|"]
     for key in ("backend", "gradients", "hidden", "batch_size", "weights_batch_size", "precision",
-                "autocast", "cuda_graphs", "step_ms", "step_ms_profiled", "kernels_per_step"):
+                "autocast", "cuda_graphs", "cuda_graphs_captured", "step_ms", "step_ms_profiled", "kernels_per_step"):
         value = summary[key]
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
     lines.append(f"| GPU busy % of step wall time | {'-' if busy is None else f'{100 * busy:.1f}'} |")

@@ -2,7 +2,7 @@
 
 The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
 
-    model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True)
+    model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True, graphs=False)
     with torch.inference_mode():
         logits = model(x)                 # the user's forward code is unchanged
     attachment(model).stats              # decodes, cache hits, prefetches, held bytes, ...
@@ -44,6 +44,14 @@ decodes synchronously (and records the new order). Nothing prefetched outlives a
 root model. Prefetch hides decode *GPU* time behind the convs; when the host is the bottleneck
 (small layers, batch 1), it cannot help.
 
+CUDA graphs (``graphs=True``; CUDA, on_demand and cached modes; ignored on CPU and in materialized
+mode): with autograd off, each layer's decode is captured once in a CUDA graph and replayed into
+one of two static buffers of the largest layer's size, so a decode costs a graph replay's few
+microseconds of host time instead of the backend's Python path (the bound of on_demand on small
+layers). Weight memory is then those two buffers (counted in ``held_bytes``) plus the graphs' shared
+working pool. The first forward that decodes a layer captures it (one eager decode, then the capture:
+milliseconds per layer, once). Details, limits and the fallback: ``nern_fast.inference_graphs``.
+
 While attached:
 
 * ``conv.weight`` of a represented conv is a ``meta`` tensor placeholder with the original shape and
@@ -76,6 +84,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .inference_graphs import GraphedDecodes
 
 MODES = ("on_demand", "cached", "materialized")
 _ATTR = "_nern_fast_attachment"
@@ -151,11 +160,13 @@ class Attachment:
 
     ``stats`` (a dict, reset with :meth:`reset_stats`): ``decodes`` (layer decodes run),
     ``cache_hits``, ``prefetched`` (decodes taken from a prefetch), ``prefetch_dropped`` (prefetches
-    never used), ``held_bytes`` (decoded weight bytes alive now: stored, cached,
-    in use or prefetched), ``peak_held_bytes`` and ``cached_bytes``.
+    never used), ``graph_replays`` (decodes replayed from a CUDA graph, counted in ``decodes`` too),
+    ``graph_captures``, ``held_bytes`` (decoded weight bytes alive now: stored, cached, in use or
+    prefetched, and the graphs' two static slots), ``peak_held_bytes`` and ``cached_bytes``.
     """
 
-    def __init__(self, pred, model: nn.Module, mode: str, cache_bytes: Optional[int], prefetch: bool):
+    def __init__(self, pred, model: nn.Module, mode: str, cache_bytes: Optional[int], prefetch: bool,
+                 graphs: bool = False):
         self.pred = pred
         self.model = model
         self.mode = mode
@@ -175,10 +186,16 @@ class Attachment:
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self._events = None  # (ready, done): created at the first prefetch, then re-recorded
         self._decoder = LayerDecoder(pred)
+        # CUDA graphs of the per-layer decodes (nern_fast.inference_graphs): CUDA, decode-at-forward modes.
+        self._graphed = None
+        if graphs and self.device.type == "cuda" and mode != "materialized":
+            self._graphed = GraphedDecodes(self._decoder, layout.layers,
+                                           [dtype for dtype, _, _ in self._params], self.device)
+        self._conv_slot: dict[int, int] = {}  # layer -> graph slot its running conv reads
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the pinned ones
         self._store_bytes = 0
         self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
-        self._pending = None  # (layer, call position, tensor, event): a prefetch not yet used
+        self._pending = None  # (layer, call position, tensor, event, graph slot): a prefetch not yet used
         self._planned = None  # (layer, call position, event): to prefetch once the running conv is launched
         self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
         self._trace: list[int] = []
@@ -197,6 +214,11 @@ class Attachment:
         return sum(_nbytes(p) for p in self.pred.parameters())
 
     @property
+    def graphs_disabled(self) -> Optional[str]:
+        """Why CUDA graphs were turned off after a failed capture (None: on, or never asked)."""
+        return self._graphed.disabled if self._graphed is not None else None
+
+    @property
     def cached_layers(self) -> list[int]:
         """Layer indices held in the store, in the order they were stored."""
         return list(self._store)
@@ -204,8 +226,8 @@ class Attachment:
     def reset_stats(self) -> None:
         held = self._held_bytes()
         self.stats = {"decodes": 0, "cache_hits": 0, "prefetched": 0, "prefetch_dropped": 0,
-                      "held_bytes": held, "peak_held_bytes": held,
-                      "cached_bytes": self._store_bytes}
+                      "graph_replays": 0, "graph_captures": 0, "held_bytes": held,
+                      "peak_held_bytes": held, "cached_bytes": self._store_bytes}
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -231,6 +253,10 @@ class Attachment:
         """Remove every hook and give each represented conv an ordinary Parameter (decoded values)."""
         self._drop_pending()
         weights = [self._store[i] if i in self._store else self._decode(i) for i in range(len(self.convs))]
+        if self._graphed is not None:
+            self._graphed.close()
+            self._graphed = None
+        self._conv_slot.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -265,6 +291,26 @@ class Attachment:
         self.stats["decodes"] += 1
         return weight
 
+    def _pins(self, i: int) -> bool:
+        """Whether a decode of layer ``i`` now would be kept in the store (cached mode)."""
+        return self.mode != "on_demand" and (self.cache_bytes is None or
+                                             self._store_bytes + self.layer_bytes[i] <= self.cache_bytes)
+
+    def _decode_for_conv(self, i: int) -> tuple[torch.Tensor, Optional[int]]:
+        """Layer ``i``'s weight for a conv about to run, and the graph slot it is a view of (None:
+        an ordinary tensor). The graphs take it when nothing will keep the weight (see
+        nern_fast.inference_graphs)."""
+        graphed = self._graphed
+        if graphed is not None and not torch.is_grad_enabled() and not self._pins(i):
+            captures = graphed.captures
+            result = graphed.decode(i)
+            self.stats["graph_captures"] += graphed.captures - captures
+            if result is not None:
+                self.stats["decodes"] += 1
+                self.stats["graph_replays"] += 1
+                return result
+        return self._decode(i), None
+
     def _store_put(self, i: int, weight: torch.Tensor) -> None:
         size = _nbytes(weight)
         if self.mode == "cached" and self.cache_bytes is not None:
@@ -275,8 +321,10 @@ class Attachment:
         self.stats["cached_bytes"] = self._store_bytes
 
     def _held_bytes(self) -> int:
-        pending = _nbytes(self._pending[2]) if self._pending is not None else 0
-        return self._store_bytes + sum(self._in_use.values()) + pending
+        pending = self._pending
+        pending = _nbytes(pending[2]) if pending is not None and pending[4] is None else 0
+        slots = self._graphed.slot_bytes if self._graphed is not None else 0
+        return self._store_bytes + sum(self._in_use.values()) + pending + slots
 
     def _update_held(self) -> None:
         held = self._held_bytes()
@@ -307,22 +355,24 @@ class Attachment:
         side.wait_event(ready)
         done = self._prefetch_events()[1]
         with torch.cuda.stream(side):
-            weight = self._decode(layer)
+            weight, slot = self._decode_for_conv(layer)
             done.record(side)
-        self._pending = (layer, position, weight, done)
+        self._pending = (layer, position, weight, done, slot)
 
-    def _take_prefetched(self, layer: int, position: int, main) -> Optional[torch.Tensor]:
+    def _take_prefetched(self, layer: int, position: int, main) -> Optional[tuple]:
+        """(weight, graph slot or None) prefetched for this conv call, or None."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
         if pending[0] != layer or pending[1] != position:
             self.stats["prefetch_dropped"] += 1
             return None  # another path than last time; freeing on the side stream is safe
-        _, _, weight, event = pending
+        _, _, weight, event, slot = pending
         main.wait_event(event)
-        weight.record_stream(main)  # freed later only after the main stream is done with it
+        if slot is None:
+            weight.record_stream(main)  # freed later only after the main stream is done with it
         self.stats["prefetched"] += 1
-        return weight
+        return weight, slot
 
     def _drop_pending(self) -> None:
         if self._pending is not None:
@@ -338,6 +388,12 @@ class Attachment:
         for i in list(self._in_use):
             self.convs[i].__dict__["weight"] = self._placeholders[i]
         self._in_use.clear()
+        for i, slot in self._conv_slot.items():  # an interrupted conv: conservatively released
+            self.convs[i].__dict__["weight"] = self._placeholders[i]
+            self._graphed.release(slot)
+        self._conv_slot.clear()
+        if self._graphed is not None:
+            self._graphed.start_forward()
         self._trace = []
         self._in_forward = True
         self._update_held()
@@ -353,24 +409,24 @@ class Attachment:
         self._trace = []
         self._update_held()
 
-    def _acquire(self, i: int, position: Optional[int], main) -> torch.Tensor:
+    def _acquire(self, i: int, position: Optional[int], main) -> tuple[torch.Tensor, Optional[int]]:
+        """(weight, graph slot or None) for conv ``i``: stored, prefetched or decoded now."""
         if i in self._store:
             if self.mode == "cached":
                 self.stats["cache_hits"] += 1
-            return self._store[i]
-        weight = None
+            return self._store[i], None
+        taken = None
         if main is not None and position is not None:
-            weight = self._take_prefetched(i, position, main)
-        if weight is None:
-            weight = self._decode(i)
-        if self.mode != "on_demand":
+            taken = self._take_prefetched(i, position, main)
+        weight, slot = taken if taken is not None else self._decode_for_conv(i)
+        if self.mode != "on_demand" and slot is None:
             self._store_put(i, weight)
-        return weight
+        return weight, slot
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
         position = len(self._trace) if self._in_forward else None
         main = torch.cuda.current_stream(self.device) if self.prefetch else None
-        weight = self._acquire(i, position, main)
+        weight, slot = self._acquire(i, position, main)
         if position is not None:
             self._trace.append(i)
             if main is not None:
@@ -379,13 +435,18 @@ class Attachment:
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)
         module.__dict__["weight"] = weight
-        if i not in self._store:
+        if slot is not None:
+            self._conv_slot[i] = slot  # held by the graphs' slots, counted there
+        elif i not in self._store:
             self._in_use[i] = _nbytes(weight)
         self._update_held()
 
     def _after_conv(self, i: int, module: nn.Module, args, output) -> None:
         module.__dict__["weight"] = self._placeholders[i]
         self._in_use.pop(i, None)
+        slot = self._conv_slot.pop(i, None)
+        if slot is not None:
+            self._graphed.release(slot)
         planned, self._planned = self._planned, None
         if planned is not None and output is not None:  # output is None when the conv raised
             self._start_prefetch(*planned)
@@ -421,7 +482,7 @@ def is_attached(model: nn.Module) -> bool:
 
 
 def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
-           prefetch: bool = True) -> nn.Module:
+           prefetch: bool = True, graphs: bool = False) -> nn.Module:
     """Make ``model`` run from ``pred`` (in place; returns ``model``). See the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -444,7 +505,9 @@ def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optiona
         if weight is None:
             raise AttachError(f"conv '{layer.name}' has no weight Parameter (attached through another "
                               f"model that shares it?); give it an ordinary nn.Parameter first")
-    state = Attachment(pred, model, mode, cache_bytes, prefetch)
+    if not isinstance(graphs, bool):
+        raise TypeError(f"graphs must be True or False, got {graphs!r}")
+    state = Attachment(pred, model, mode, cache_bytes, prefetch, graphs)
     state.install()
     model.__dict__[_ATTR] = state
     return model
@@ -465,7 +528,7 @@ def detach(model: nn.Module, pred=None) -> nn.Module:
 
 def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
                           device: Optional[torch.device] = None, cache_bytes: Optional[int] = None,
-                          prefetch: bool = True) -> nn.Module:
+                          prefetch: bool = True, graphs: bool = False) -> nn.Module:
     """One call for CLIs (``eval --on-demand``): move both to ``device``, ``eval()``, then attach.
 
     ``mode`` is one of :data:`MODES`, or ``"parameters"``: write the decoded weights into the
@@ -478,4 +541,4 @@ def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
     if mode == "parameters":
         pred.load_into(model)
         return model
-    return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch)
+    return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs)

@@ -185,10 +185,10 @@ class FastPredictor(nn.Module):
 
     # ------------------------------------------------------------------ inference (nern_fast.inference)
     def attach(self, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
-               prefetch: bool = True) -> nn.Module:
+               prefetch: bool = True, graphs: bool = False) -> nn.Module:
         """Run ``model`` from this predictor: "on_demand", "cached" or "materialized" (see inference)."""
         from .inference import attach
-        return attach(self, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch)
+        return attach(self, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs)
 
     def detach(self, model: nn.Module) -> nn.Module:
         """Undo :meth:`attach`: ``model`` gets ordinary parameters holding the decoded weights."""

@@ -481,6 +481,152 @@ def test_prefetch_logic_with_faked_streams(fake_streams):
     assert state.stats["prefetched"] > 0 and state.stats["cached_bytes"] <= layer_bytes(pred)[2]
 
 
+# ---------------------------------------------------------------------- CUDA graphs logic, faked on CPU
+class FakeGraph:
+    """A 'captured' decode: a replay runs the same fill again (on CPU)."""
+
+    def __init__(self, fill):
+        self.fill = fill
+
+    def replay(self):
+        self.fill()
+
+
+def graphed_decodes(state):
+    """What attach(..., graphs=True) makes on CUDA, for a CPU attachment."""
+    from nern_fast.inference_graphs import GraphedDecodes
+    return GraphedDecodes(state._decoder, state.pred.layout.layers, [d for d, _, _ in state._params],
+                          state.device)
+
+
+@pytest.fixture
+def fake_graphs(fake_streams, monkeypatch):
+    """Turns on nern_fast.inference_graphs for a CPU attachment, with graphs that re-run the fill."""
+    from nern_fast import inference_graphs
+
+    def capture(self, i, weight):
+        self._fill(i, weight)  # eager first, as the real capture
+        self.captures += 1
+        return FakeGraph(lambda: self._fill(i, weight))
+
+    monkeypatch.setattr(inference_graphs.GraphedDecodes, "_capture", capture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    enable_prefetch, log = fake_streams
+
+    def enable(model, prefetch=False):
+        state = attachment(model)
+        state._graphed = graphed_decodes(state)
+        if prefetch:
+            enable_prefetch(model)
+        state.reset_stats()
+        return state
+    return enable, log
+
+
+def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
+    enable, log = fake_graphs
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    log.clear()
+    assert torch.equal(run(model, x), expected)
+    # Slots 0, 1, 0, 1 for c0..c3: one capture each; every replay waits for the previous one and,
+    # from the second use of a slot, for the conv that read it; every conv releases its slot.
+    assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 4
+    assert state.stats["decodes"] == 4
+    assert log.count(("wait", "main")) == 1 + 2 + 2 and log.count(("record", "main")) == 4 + 4
+    assert state.stats["held_bytes"] == 2 * state.largest_layer_bytes  # the two slots, nothing else
+    for grad_mode in ("inference", "no_grad"):
+        assert torch.equal(run(model, x, grad_mode), expected)
+    assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 12
+    # A conv called twice: the call order (0, 0, 1, 2, 3) gives layer 0 both slots, captured once each.
+    model.twice = True
+    pred.detach(model)
+    expected_twice = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    for _ in range(2):
+        assert torch.equal(run(model, x), expected_twice)
+    assert state.stats["graph_captures"] == 5 and state.stats["graph_replays"] == 10
+    pred.detach(model)
+    assert state._graphed is None and not state._conv_slot
+
+
+def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
+    enable, log = fake_graphs
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    state = enable(model, prefetch=True)
+    for _ in range(3):
+        assert torch.equal(run(model, x), expected)
+    assert state.stats["prefetched"] > 0 and state.stats["graph_replays"] == state.stats["decodes"] == 12
+    assert ("record", "side") in log and state._pending is None
+    assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+    pred.detach(model)
+    # Cached: the layers that fit are pinned (eager decodes, kept); the others replay graphs.
+    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[0] + layer_bytes(pred)[1])
+    state = enable(model, prefetch=True)
+    for _ in range(3):
+        assert torch.equal(run(model, x), expected)
+    assert state.cached_layers == [0, 1] and state.stats["cache_hits"] == 4
+    assert state.stats["graph_replays"] == 6
+    pred.detach(model)
+
+
+def test_graph_decodes_follow_new_parameters_and_skip_autograd(fake_graphs):
+    enable, _ = fake_graphs
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    run(model, x)
+    assert state.stats["graph_captures"] == 4
+    # In-place updates are seen by the next replay; a replaced parameter recaptures.
+    with torch.no_grad():
+        pred.layers[0].weight.mul_(1.5)
+    pred.layers[1].bias = nn.Parameter(pred.layers[1].bias.detach() + 0.1)
+    out = run(model, x)
+    assert state.stats["graph_captures"] == 8
+    pred.detach(model)
+    assert torch.equal(out, run(pred.attach(model, mode="materialized"), x))
+    pred.detach(model)
+    # With autograd on, a conv keeps its weight for backward: decodes run eagerly, no slot is used.
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    xg = x.clone().requires_grad_(True)
+    model(xg).sum().backward()
+    assert state.stats["graph_replays"] == 0 and state.stats["decodes"] == 4
+    assert xg.grad is not None and state.stats["held_bytes"] == 0
+    pred.detach(model)
+
+
+def test_graph_capture_failure_falls_back_to_eager(fake_streams, monkeypatch):
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # the real _capture, refused
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    pred.attach(model, mode="on_demand")
+    state = attachment(model)
+    state._graphed = graphed_decodes(state)
+    with pytest.warns(RuntimeWarning, match="cannot be captured in CUDA graphs"):
+        assert torch.equal(run(model, x), expected)
+    assert "not permitted" in state.graphs_disabled
+    assert torch.equal(run(model, x), expected)
+    assert state.stats["graph_replays"] == 0 and state.stats["decodes"] == 8
+    pred.detach(model)
+
+
 # ---------------------------------------------------------------------- CUDA: prefetch on a side stream
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -580,3 +726,41 @@ def test_cuda_layer_decoder_equals_decode_layer(backend):
     with torch.no_grad():
         for i, want in enumerate(expected):  # row views at an offset of one arange
             assert torch.equal(decoder(i), want)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton", "csrc"])
+def test_cuda_graphs_match_materialized(backend):
+    from nern_fast import ops
+    model, pred = _cuda_resnet()
+    pred.backend = backend
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    try:
+        expected = run(pred.attach(model, mode="materialized"), x)
+    except ops.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    pred.detach(model)
+    for mode, prefetch in (("on_demand", False), ("on_demand", True), ("cached", True)):
+        cache = 4 * 16 * 16 * 9 * 4 if mode == "cached" else None
+        pred.attach(model, mode=mode, cache_bytes=cache, prefetch=prefetch, graphs=True)
+        state = attachment(model)
+        for _ in range(3):
+            assert torch.equal(run(model, x), expected)
+        torch.cuda.synchronize()
+        assert state.graphs_disabled is None, state.graphs_disabled
+        assert state.stats["graph_replays"] > 0 and state.stats["graph_captures"] > 0
+        if mode == "on_demand":
+            assert state.stats["graph_replays"] == state.stats["decodes"]
+            assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+        pred.detach(model)
+    # The graphs read the parameters' storage: an in-place update is seen by the next replay.
+    pred.attach(model, mode="on_demand", graphs=True)
+    run(model, x)
+    with torch.no_grad():
+        pred.layers[0].weight.mul_(1.25)
+    out = run(model, x)
+    pred.detach(model)
+    assert torch.equal(out, run(pred.attach(model, mode="materialized"), x))
+    pred.detach(model)
+

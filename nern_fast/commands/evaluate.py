@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's)")
     p.add_argument("--on-demand", action="store_true",
                    help="evaluate with the predictor attached on demand (layer-by-layer decode)")
+    p.add_argument("--graphs", action="store_true",
+                   help="with --on-demand on CUDA: replay each layer's decode from a CUDA graph "
+                        "(nern_fast.inference_graphs)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--per-layer", action="store_true", help="print the RMSE of every layer")
     p.set_defaults(func=run)
@@ -50,6 +53,10 @@ def _config(args, recorded: dict):
 
 def evaluate(args) -> dict:
     import torch
+
+    if args.graphs and not args.on_demand:
+        from nern_fast.config import ConfigError
+        raise ConfigError("--graphs applies to --on-demand evaluation; add --on-demand")
 
     from nern_fast.io import safe_load
     from nern_fast.predictor import FILE_FORMAT, FastPredictor
@@ -79,7 +86,7 @@ def evaluate(args) -> dict:
         if not hasattr(pred, "attach"):
             raise ImportError("--on-demand needs nern_fast.inference (pred.attach), which is not "
                               "part of this installation")
-        pred.attach(model, mode="on_demand")
+        pred.attach(model, mode="on_demand", graphs=args.graphs)
         try:
             reconstructed_accuracy = accuracy(model, test())
         finally:

@@ -1,0 +1,162 @@
+"""CUDA graphs for on-demand decodes: each represented layer's decode captured once, then replayed.
+
+On a GPU an on-demand forward of a small network is bound by the host: the backend's Python path
+costs about 0.1 ms per layer (argument handling, parameter packing, several launches) where the
+decode's GPU work is a few tens of microseconds and a conv's host time a few microseconds. Replaying
+a captured CUDA graph costs a few microseconds of host time. ``attach(..., graphs=True)`` (CUDA,
+on_demand and cached modes; ignored on CPU) decodes through :class:`GraphedDecodes`:
+
+* each layer's decode (the :class:`~nern_fast.inference.LayerDecoder` call, then a copy, cast to the
+  conv's dtype, into a static buffer) is captured once per static buffer it writes, right after one
+  eager decode of that layer (which compiles and tunes the kernels: tuning synchronises, which a
+  capture may not), and replayed from then on;
+* the decoded weight is a view of one of two static buffers ("slots", per conv dtype) of the
+  largest layer's size, used alternately: weight memory is two layers, plus the graphs' shared
+  pool (the decode's working memory, one copy for all graphs);
+* ordering: a replay into a slot first waits for the event recorded after the last conv that read
+  it was enqueued, and for the previous replay (the graphs share their pool: never two at once), so
+  a replay on the prefetch side stream is as safe as one on the current stream.
+
+A slot is reused by the next-but-one decode, so the graphs are used only where nothing keeps a
+decoded weight: with autograd off (``torch.no_grad()`` / ``torch.inference_mode()``; with grad
+enabled a conv saves its weight for backward, and the decode runs eagerly), and never for weights
+that are kept (cached mode's pinned layers, ``state_dict``, ``detach``: eager decodes). The graphs
+hold the parameters' storage: replacing a parameter (``pred.to(...)``, a new tensor) or changing
+``pred.precision`` / ``pred.backend`` is detected at the next decode and everything is recaptured;
+in-place updates (optimizer steps, ``load_state_dict``) are seen by the next replay. A capture that
+fails (a backend that synchronises with the host, the eager backend's device-side checks) turns
+the graphs off for this attachment, with a warning naming the error; decodes then run eagerly.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from . import ops
+
+
+class GraphedDecodes:
+    """Per-layer CUDA graphs of a :class:`~nern_fast.inference.LayerDecoder` writing into two
+    static slots. ``decode(i)`` returns ``(weight, slot)`` or None when graphs are off
+    (``disabled`` says why); ``release(slot)`` records that the conv reading ``slot`` is enqueued.
+    """
+
+    def __init__(self, decoder, layers, dtypes, device: torch.device):
+        self.decoder = decoder
+        self.shapes = [tuple(layer.shape) for layer in layers]
+        self.numels = [layer.num_weights for layer in layers]
+        self.dtypes = list(dtypes)
+        self.device = device
+        self.disabled: Optional[str] = None
+        self.captures = 0
+        self.replays = 0
+        self._graphs: dict = {}  # (layer, slot) -> captured graph
+        self._pool = None  # one memory pool shared by every graph (never two replays at once)
+        self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
+        self._read_done: list = [None, None]  # per slot: event after its last reader was enqueued
+        self._replayed = None  # event after the last replay
+        self._last_slot = 1
+        self._key = None  # the parameters (storage), precision and backend the graphs captured
+
+    # ------------------------------------------------------------------ public
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes held by the static slots."""
+        return sum(b.numel() * b.element_size() for pair in self._slots.values() for b in pair)
+
+    def decode(self, i: int) -> Optional[tuple[torch.Tensor, int]]:
+        """Layer ``i``'s weight, decoded into the next slot on the current stream, and the slot;
+        None when graphs are off (the caller decodes eagerly)."""
+        if self.disabled is not None:
+            return None
+        key = self._parameters_key()
+        if key != self._key:
+            self.close()
+            self._key = key
+        slot = 1 - self._last_slot
+        stream = torch.cuda.current_stream(self.device)
+        for event in (self._read_done[slot], self._replayed):
+            if event is not None:
+                stream.wait_event(event)
+        weight = self._slot_view(i, slot)
+        graph = self._graphs.get((i, slot))
+        if graph is None:
+            graph = self._capture(i, weight)
+            if graph is None:
+                return None
+            self._graphs[(i, slot)] = graph
+        graph.replay()
+        if self._replayed is None:
+            self._replayed = torch.cuda.Event()
+        self._replayed.record(stream)
+        self._last_slot = slot
+        self.replays += 1
+        return weight, slot
+
+    def start_forward(self) -> None:
+        """A new forward starts with slot 0: the same call position then uses the same slot every
+        forward, so a layer is captured once per slot its positions use (not both by alternation
+        drifting across forwards). The events keep any order safe; this only saves captures."""
+        self._last_slot = 1
+
+    def release(self, slot: int) -> None:
+        """The conv reading ``slot`` is enqueued on the current stream: a later replay into that
+        slot waits for it."""
+        if self._read_done[slot] is None:
+            self._read_done[slot] = torch.cuda.Event()
+        self._read_done[slot].record(torch.cuda.current_stream(self.device))
+
+    def close(self) -> None:
+        """Drop every graph, the pool and the slots (after the device finished with them)."""
+        if self._graphs or self._slots:
+            torch.cuda.synchronize(self.device)
+        self._graphs.clear()
+        self._pool = None
+        self._slots.clear()
+        self._read_done = [None, None]
+        self._replayed = None
+        self._key = None
+
+    # ------------------------------------------------------------------ internals
+    def _parameters_key(self) -> tuple:
+        pred = self.decoder.pred
+        return (tuple((p.data_ptr(), p.dtype, p.device) for p in pred.parameters()), pred.precision,
+                ops.requested_backend_name(pred.backend))
+
+    def _slot_view(self, i: int, slot: int) -> torch.Tensor:
+        dtype = self.dtypes[i]
+        pair = self._slots.get(dtype)
+        if pair is None:
+            size = max(n for n, d in zip(self.numels, self.dtypes) if d == dtype)
+            with torch.inference_mode(False):  # ordinary tensors: written outside inference mode too
+                pair = self._slots[dtype] = [torch.empty(size, dtype=dtype, device=self.device)
+                                             for _ in range(2)]
+        return pair[slot][:self.numels[i]].view(self.shapes[i])
+
+    def _fill(self, i: int, weight: torch.Tensor) -> None:
+        with torch.inference_mode(False), torch.no_grad():
+            weight.copy_(self.decoder(i))
+
+    def _capture(self, i: int, weight: torch.Tensor):
+        """Capture layer ``i``'s decode into ``weight`` (a slot view); None (graphs off) on failure."""
+        try:
+            self._fill(i, weight)  # eager first: compiles and tunes outside the capture
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._fill(i, weight)
+        except Exception as exc:  # a host sync or an op that cannot be captured
+            self.disabled = f"{type(exc).__name__}: {str(exc)[:300]}"
+            try:
+                self.close()
+            except Exception:  # the failed capture may leave an error on the device
+                pass
+            warnings.warn(f"on-demand decodes cannot be captured in CUDA graphs ({self.disabled}); "
+                          f"they run eagerly (attach with graphs=False to silence this)", RuntimeWarning,
+                          stacklevel=4)
+            return None
+        self.captures += 1
+        return graph
