@@ -73,6 +73,13 @@ def layer_bytes(pred):
     return [l.num_weights * 4 for l in pred.layout.layers]
 
 
+def materialized_output(model, pred, x):
+    """The materialized mode's output (what every mode must equal); leaves the model detached."""
+    out = run(pred.attach(model, mode="materialized"), x)
+    pred.detach(model)
+    return out
+
+
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("grad_mode", ["inference", "no_grad"])
@@ -269,8 +276,7 @@ def test_exception_in_forward_leaves_hooks_working():
 def test_interrupt_inside_a_conv_is_repaired_by_the_next_forward():
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
 
     def interrupt(module, args):
@@ -527,8 +533,7 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
     state = enable(model)
     log.clear()
@@ -545,8 +550,7 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     # A conv called twice: the call order (0, 0, 1, 2, 3) gives layer 0 both slots, captured once each.
     model.twice = True
     pred.detach(model)
-    expected_twice = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected_twice = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
     state = enable(model)
     for _ in range(2):
@@ -560,8 +564,7 @@ def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
     state = enable(model, prefetch=True)
     for _ in range(3):
@@ -595,8 +598,7 @@ def test_graph_decodes_follow_new_parameters_and_skip_autograd(fake_graphs):
     out = run(model, x)
     assert state.stats["graph_captures"] == 8
     pred.detach(model)
-    assert torch.equal(out, run(pred.attach(model, mode="materialized"), x))
-    pred.detach(model)
+    assert torch.equal(out, materialized_output(model, pred, x))
     # With autograd on, a conv keeps its weight for backward: decodes run eagerly, no slot is used.
     pred.attach(model, mode="on_demand")
     state = enable(model)
@@ -614,8 +616,7 @@ def test_graph_capture_failure_falls_back_to_eager(fake_streams, monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
     state = attachment(model)
     state._graphed = graphed_decodes(state)
@@ -666,8 +667,7 @@ def test_cuda_prefetch_matches_materialized(batch):
 def test_cuda_on_demand_frees_memory_and_survives_path_changes():
     model, pred = _cuda_resnet()
     x = torch.randn(8, 3, 32, 32, device="cuda")
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand", prefetch=True)
     run(model, x)  # learns the order
     torch.cuda.synchronize()
@@ -697,8 +697,7 @@ def test_cuda_on_demand_frees_memory_and_survives_path_changes():
 def test_cuda_prefetch_on_a_user_stream():
     model, pred = _cuda_resnet()
     x = torch.randn(16, 3, 32, 32, device="cuda")
-    expected = run(pred.attach(model, mode="materialized"), x)
-    pred.detach(model)
+    expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand", prefetch=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -761,6 +760,5 @@ def test_cuda_graphs_match_materialized(backend):
         pred.layers[0].weight.mul_(1.25)
     out = run(model, x)
     pred.detach(model)
-    assert torch.equal(out, run(pred.attach(model, mode="materialized"), x))
-    pred.detach(model)
+    assert torch.equal(out, materialized_output(model, pred, x))
 
