@@ -66,9 +66,9 @@ if [ "$WHAT" != tests ]; then
   step bench_run 200 $PY -m nern_fast bench --device cuda --budget 150 --out "$OUT"
   step inference_prefetch 50 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"  # with the graphs variants
-  step profile 45 $PY bench/profile_distill_step.py --out "$LOGS/profile.json"  # 30 s cut it in session 2
+  step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2
   # The same step captured in CUDA graphs (#5's GPU-busy goal); kernels and tuning are cached by now.
-  step profile_graphs 40 $PY bench/profile_distill_step.py --cuda-graphs --warmup 5 --steps 10 \
+  step profile_graphs 40 $PY bench/profile_distill_step.py --cuda-graphs --count-ops --warmup 5 --steps 10 \
     --out "$LOGS/profile_graphs.json"
 fi
 tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs

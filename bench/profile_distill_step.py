@@ -17,6 +17,7 @@ runs on the CPU and reports CPU timings only (the GPU fraction is then not defin
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="profiled steps")
     p.add_argument("--trace", help="also write a chrome trace here")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the aten ops one step dispatches, by name (any device: each "
+                        "non-view op is a kernel launch on a GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -112,6 +117,34 @@ def build_step(args, device):
         return parts
 
     return pred, step, gradients, graphs
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (views included: they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that return views or metadata, or allocate: no kernel on any device.
+_NO_KERNEL_OPS = {"view", "_unsafe_view", "reshape", "select", "slice", "expand", "unsqueeze",
+                  "squeeze", "t", "transpose", "permute", "as_strided", "detach", "alias", "unbind",
+                  "split", "split_with_sizes", "empty", "empty_strided", "_local_scalar_dense"}
+
+
+def count_ops(step) -> dict:
+    """aten ops of one call of ``step``: all, those that launch work, the most frequent."""
+    with _OpCounter() as counter:
+        step()
+    counts = counter.counts
+    launching = sum(v for k, v in counts.items() if k not in _NO_KERNEL_OPS)
+    return {"aten_ops_per_step": sum(counts.values()), "launching_ops_per_step": launching,
+            "top_ops": dict(counts.most_common(15))}
 
 
 def merged_busy(intervals, lo, hi):
@@ -176,6 +209,8 @@ def main(argv=None) -> int:
         "kernels_per_step": len(kernels) / args.steps if cuda else None,
         "top_kernels_ms_per_step": {k: v / 1e3 / args.steps for k, v in top},
     }
+    if args.count_ops:
+        summary.update(count_ops(step))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2) + "\n")
@@ -183,8 +218,11 @@ def main(argv=None) -> int:
     lines = [f"# profile_distill_step: {args.recipe} on ResNet-{args.depth} ({summary['device']})", "",
              "| metric | value |", "|---|---|"]
     for key in ("backend", "gradients", "hidden", "batch_size", "weights_batch_size", "precision",
-                "autocast", "cuda_graphs", "cuda_graphs_captured", "step_ms", "step_ms_profiled", "kernels_per_step"):
-        value = summary[key]
+                "autocast", "cuda_graphs", "cuda_graphs_captured", "step_ms", "step_ms_profiled", "kernels_per_step",
+                "aten_ops_per_step", "launching_ops_per_step"):
+        value = summary.get(key)
+        if value is None and key.endswith("ops_per_step"):
+            continue
         lines.append(f"| {key} | {value:.3f} |" if isinstance(value, float) else f"| {key} | {value} |")
     lines.append(f"| GPU busy % of step wall time | {'-' if busy is None else f'{100 * busy:.1f}'} |")
     lines += ["", "| top kernels | ms / step |", "|---|---|"]

@@ -74,6 +74,42 @@ def test_feature_map_loss_is_nerns_batched_attention_loss():
         feature_map_loss(maps_s[:1], maps_t)
 
 
+@pytest.mark.parametrize("group_bytes", [0, 2 * 4 * 3 * 5 * 5 * 4, 1 << 30])
+def test_feature_map_loss_grouped_equals_map_by_map(group_bytes):
+    # Stacked groups of same-shape maps (whole, in chunks of two, or none) give the per-map loss
+    # and the same gradient for every student map, bf16 maps included.
+    g = torch.Generator().manual_seed(5)
+    shapes = [(4, 3, 5, 5), (4, 2, 3, 3), (4, 3, 5, 5), (4, 3, 5, 5), (4, 2, 3, 3), (4, 6, 2, 2)]
+    maps_t = [torch.randn(sh, generator=g) for sh in shapes]
+    maps_s = [torch.randn(sh, generator=g) for sh in shapes]
+    maps_t[5], maps_s[5] = maps_t[5].bfloat16(), maps_s[5].bfloat16()
+
+    def loss_and_grads(**kw):
+        leaves = [m.clone().requires_grad_(True) for m in maps_s]
+        loss = feature_map_loss(leaves, maps_t, **kw)
+        loss.backward()
+        return loss.detach(), [m.grad for m in leaves]
+
+    per_map, grads_per_map = loss_and_grads(group_bytes=0)
+    grouped, grads = loss_and_grads(group_bytes=group_bytes)
+    torch.testing.assert_close(grouped, per_map, rtol=1e-6, atol=0)
+    for got, want in zip(grads, grads_per_map):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="differs from the teacher"):
+        feature_map_loss(maps_s[:2], maps_t[1:3])
+
+
+def test_feature_map_group_setting(monkeypatch):
+    from nern_fast.train.losses import FMD_GROUP_BYTES, default_group_bytes
+    assert default_group_bytes(torch.device("cpu")) == 0
+    assert default_group_bytes(torch.device("cuda")) == FMD_GROUP_BYTES
+    monkeypatch.setenv("NERN_FAST_FMD_GROUP_MB", "8")
+    assert default_group_bytes(torch.device("cpu")) == 8 << 20
+    monkeypatch.setenv("NERN_FAST_FMD_GROUP_MB", "lots")
+    with pytest.raises(ValueError, match="NERN_FAST_FMD_GROUP_MB='lots'"):
+        feature_map_loss([torch.randn(2, 3)], [torch.randn(2, 3)])
+
+
 def test_feature_maps_hooks_work_with_functional_call():
     model = cifar_resnet(8, 10, in_channels=1, width=4).eval()
     names = feature_module_names(model, "bn+blocks")
