@@ -408,7 +408,10 @@ class WeightLayout:
         if flat.dim() != 1 or flat.numel() != self.num_weights:
             raise ValueError(f"expected a flat buffer of {self.num_weights} weights, got shape "
                              f"{tuple(flat.shape)}")
-        return [flat[l.weight_offset:l.weight_offset + l.num_weights].view(l.shape) for l in self.layers]
+        # One split (its backward is one cat) rather than a slice per layer (whose backwards each
+        # fill a zero buffer of the whole network and are then summed).
+        sizes = [l.num_weights for l in self.layers]
+        return [part.view(l.shape) for part, l in zip(flat.split_with_sizes(sizes), self.layers)]
 
     def model_weights(self, model: nn.Module) -> list[torch.Tensor]:
         """The represented conv weights of ``model`` (after checking it matches)."""
