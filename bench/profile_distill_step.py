@@ -57,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default="fp32")
     p.add_argument("--backend", default="auto")
     p.add_argument("--cuda-graphs", action="store_true")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.backends.cudnn.benchmark, as the recipes set it (config cudnn_benchmark)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="profiled steps")
     p.add_argument("--trace", help="also write a chrome trace here")
@@ -68,6 +70,7 @@ def parse_args(argv=None):
 
 
 def build_step(args, device):
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     torch.manual_seed(0)
     model = cifar_resnet(args.depth, args.num_classes).to(device).eval()
     for p in model.parameters():
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
         "depth": args.depth, "hidden": args.hidden, "batch_size": args.batch_size,
         "weights_batch_size": args.weights_batch_size, "kernels": pred.layout.num_kernels,
         "backend": backend_name(pred), "precision": args.precision, "autocast": args.autocast,
-        "cuda_graphs": args.cuda_graphs, **graphs, "profiled_steps": args.steps,
+        "cuda_graphs": args.cuda_graphs, **graphs, "cudnn_benchmark": args.cudnn_benchmark,
+        "profiled_steps": args.steps,
         "step_ms": plain * 1e3, "step_ms_profiled": wall_us / 1e3 / args.steps,
         "gpu_busy_fraction": (busy_us / wall_us) if cuda and wall_us > 0 else None,
         "kernels_per_step": len(kernels) / args.steps if cuda else None,
@@ -218,7 +222,7 @@ def main(argv=None) -> int:
     lines = [f"# profile_distill_step: {args.recipe} on ResNet-{args.depth} ({summary['device']})", "",
              "| metric | value |", "|---|---|"]
     for key in ("backend", "gradients", "hidden", "batch_size", "weights_batch_size", "precision",
-                "autocast", "cuda_graphs", "cuda_graphs_captured", "step_ms", "step_ms_profiled", "kernels_per_step",
+                "autocast", "cuda_graphs", "cuda_graphs_captured", "cudnn_benchmark", "step_ms", "step_ms_profiled", "kernels_per_step",
                 "aten_ops_per_step", "launching_ops_per_step"):
         value = summary.get(key)
         if value is None and key.endswith("ops_per_step"):

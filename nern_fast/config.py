@@ -180,6 +180,7 @@ class Config:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     threads: Optional[int] = None  # torch CPU threads (default: torch's choice)
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    cudnn_benchmark: bool = True  # time cuDNN's conv algorithms for fixed shapes (off if deterministic)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train_base: TrainBaseConfig = field(default_factory=TrainBaseConfig)

@@ -27,12 +27,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def apply_runtime(cfg: Config) -> torch.device:
-    """Threads, determinism and the device of a run."""
+    """Threads, determinism, cuDNN's algorithm search and the device of a run."""
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # A training run's conv shapes never change: timing cuDNN's algorithms once pays off (the
+    # default heuristics chose FFT kernels for the weight gradients of a batch-256 ResNet-56).
+    torch.backends.cudnn.benchmark = bool(cfg.cudnn_benchmark and not cfg.deterministic)
     return resolve_device(cfg.device)
 
 
