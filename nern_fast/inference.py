@@ -303,7 +303,7 @@ class Attachment:
         graphed = self._graphed
         if graphed is not None and not torch.is_grad_enabled() and not self._pins(i):
             captures = graphed.captures
-            result = graphed.decode(i)
+            result = graphed.decode(i, check=not self._in_forward)  # a forward checks once
             self.stats["graph_captures"] += graphed.captures - captures
             if result is not None:
                 self.stats["decodes"] += 1

@@ -14,15 +14,17 @@ on_demand and cached modes; ignored on CPU) decodes through :class:`GraphedDecod
   largest layer's size, used alternately: weight memory is two layers, plus the graphs' shared
   pool (the decode's working memory, one copy for all graphs);
 * ordering: a replay into a slot first waits for the event recorded after the last conv that read
-  it was enqueued, and for the previous replay (the graphs share their pool: never two at once), so
-  a replay on the prefetch side stream is as safe as one on the current stream.
+  it was enqueued, and for the previous replay (the graphs share their pool: never two at once),
+  unless that event was recorded on the replay's own stream (whose order already guarantees it),
+  so a replay on the prefetch side stream or a user's stream is as safe as one on the current one.
 
 A slot is reused by the next-but-one decode, so the graphs are used only where nothing keeps a
 decoded weight: with autograd off (``torch.no_grad()`` / ``torch.inference_mode()``; with grad
 enabled a conv saves its weight for backward, and the decode runs eagerly), and never for weights
 that are kept (cached mode's pinned layers, ``state_dict``, ``detach``: eager decodes). The graphs
 hold the parameters' storage: replacing a parameter (``pred.to(...)``, a new tensor) or changing
-``pred.precision`` / ``pred.backend`` is detected at the next decode and everything is recaptured;
+``pred.precision`` / ``pred.backend`` is detected at the start of the next forward (checked once
+per forward: ~10 µs of host time) and everything is recaptured;
 in-place updates (optimizer steps, ``load_state_dict``) are seen by the next replay. A capture that
 fails (a backend that synchronises with the host, the eager backend's device-side checks) turns
 the graphs off for this attachment, with a warning naming the error; decodes then run eagerly.
@@ -55,8 +57,8 @@ class GraphedDecodes:
         self._graphs: dict = {}  # (layer, slot) -> captured graph
         self._pool = None  # one memory pool shared by every graph (never two replays at once)
         self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
-        self._read_done: list = [None, None]  # per slot: event after its last reader was enqueued
-        self._replayed = None  # event after the last replay
+        self._read_done: list = [None, None]  # per slot: (event, stream) after its last reader
+        self._replayed = None  # (event, stream) after the last replay
         self._last_slot = 1
         self._key = None  # the parameters (storage), precision and backend the graphs captured
 
@@ -66,20 +68,19 @@ class GraphedDecodes:
         """Bytes held by the static slots."""
         return sum(b.numel() * b.element_size() for pair in self._slots.values() for b in pair)
 
-    def decode(self, i: int) -> Optional[tuple[torch.Tensor, int]]:
+    def decode(self, i: int, check: bool = True) -> Optional[tuple[torch.Tensor, int]]:
         """Layer ``i``'s weight, decoded into the next slot on the current stream, and the slot;
-        None when graphs are off (the caller decodes eagerly)."""
+        None when graphs are off (the caller decodes eagerly). ``check=False`` skips the parameter
+        check (:meth:`check_parameters`), for decodes inside a forward that began with one."""
         if self.disabled is not None:
             return None
-        key = self._parameters_key()
-        if key != self._key:
-            self.close()
-            self._key = key
+        if check or self._key is None:
+            self.check_parameters()
         slot = 1 - self._last_slot
         stream = torch.cuda.current_stream(self.device)
-        for event in (self._read_done[slot], self._replayed):
-            if event is not None:
-                stream.wait_event(event)
+        for recorded in (self._read_done[slot], self._replayed):
+            if recorded is not None and recorded[1] != stream:  # the same stream keeps the order
+                stream.wait_event(recorded[0])
         weight = self._slot_view(i, slot)
         graph = self._graphs.get((i, slot))
         if graph is None:
@@ -88,25 +89,33 @@ class GraphedDecodes:
                 return None
             self._graphs[(i, slot)] = graph
         graph.replay()
-        if self._replayed is None:
-            self._replayed = torch.cuda.Event()
-        self._replayed.record(stream)
+        self._replayed = self._record(self._replayed, stream)
         self._last_slot = slot
         self.replays += 1
         return weight, slot
 
     def start_forward(self) -> None:
-        """A new forward starts with slot 0: the same call position then uses the same slot every
-        forward, so a layer is captured once per slot its positions use (not both by alternation
-        drifting across forwards). The events keep any order safe; this only saves captures."""
+        """A forward of the root model begins: check the parameters once for the whole forward, and
+        start with slot 0, so that the same call position uses the same slot every forward (a
+        layer is captured once per slot its positions use, not twice by alternation drifting
+        across forwards; the events keep any order safe)."""
+        if self.disabled is None:
+            self.check_parameters()
         self._last_slot = 1
+
+    def check_parameters(self) -> None:
+        """Drop the graphs if the parameters' storage, the precision or the backend changed (the
+        graphs read the storage they were captured with). ~10 µs of host time: once per forward."""
+        key = self._parameters_key()
+        if key != self._key:
+            self.close()
+            self._key = key
 
     def release(self, slot: int) -> None:
         """The conv reading ``slot`` is enqueued on the current stream: a later replay into that
         slot waits for it."""
-        if self._read_done[slot] is None:
-            self._read_done[slot] = torch.cuda.Event()
-        self._read_done[slot].record(torch.cuda.current_stream(self.device))
+        self._read_done[slot] = self._record(self._read_done[slot],
+                                             torch.cuda.current_stream(self.device))
 
     def close(self) -> None:
         """Drop every graph, the pool and the slots (after the device finished with them)."""
@@ -120,6 +129,13 @@ class GraphedDecodes:
         self._key = None
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _record(recorded: Optional[tuple], stream) -> tuple:
+        """(event, stream): the event (created once, re-recorded) recorded on ``stream``."""
+        event = recorded[0] if recorded is not None else torch.cuda.Event()
+        event.record(stream)
+        return event, stream
+
     def _parameters_key(self) -> tuple:
         pred = self.decoder.pred
         return (tuple((p.data_ptr(), p.dtype, p.device) for p in pred.parameters()), pred.precision,

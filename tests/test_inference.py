@@ -538,15 +538,21 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     state = enable(model)
     log.clear()
     assert torch.equal(run(model, x), expected)
-    # Slots 0, 1, 0, 1 for c0..c3: one capture each; every replay waits for the previous one and,
-    # from the second use of a slot, for the conv that read it; every conv releases its slot.
+    # Slots 0, 1, 0, 1 for c0..c3: one capture each; every replay and every conv (releasing its
+    # slot) records an event; on one stream its order suffices, so nothing waits.
     assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 4
     assert state.stats["decodes"] == 4
-    assert log.count(("wait", "main")) == 1 + 2 + 2 and log.count(("record", "main")) == 4 + 4
+    assert log.count(("wait", "main")) == 0 and log.count(("record", "main")) == 4 + 4
+    # On another stream the first replay waits for the main stream's last replay and for the last
+    # reader of slot 0, the second for the last reader of slot 1; later ones follow the stream.
+    log.clear()
+    with torch.cuda.stream(FakeStream("user", log)):
+        assert torch.equal(run(model, x), expected)
+    assert log.count(("wait", "user")) == 2 + 1 and ("record", "user") in log
     assert state.stats["held_bytes"] == 2 * state.largest_layer_bytes  # the two slots, nothing else
     for grad_mode in ("inference", "no_grad"):
         assert torch.equal(run(model, x, grad_mode), expected)
-    assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 12
+    assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 16
     # A conv called twice: the call order (0, 0, 1, 2, 3) gives layer 0 both slots, captured once each.
     model.twice = True
     pred.detach(model)
