@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     lines = [f"# profile_distill_step: {args.recipe} on ResNet-{args.depth} ({summary['device']})", "",
              "| metric | value |", "|---|---|"]
     for key in ("backend", "gradients", "hidden", "batch_size", "weights_batch_size", "precision",
-                "autocast", "cuda_graphs", "cuda_graphs_captured", "cudnn_benchmark", "step_ms", "step_ms_profiled", "kernels_per_step",
+                "autocast", "cuda_graphs", "cuda_graphs_captured", "cudnn_benchmark", "step_ms",
+                "step_ms_profiled", "kernels_per_step",
                 "aten_ops_per_step", "launching_ops_per_step"):
         value = summary.get(key)
         if value is None and key.endswith("ops_per_step"):

@@ -186,7 +186,7 @@ class Attachment:
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self._events = None  # (ready, done): created at the first prefetch, then re-recorded
         self._decoder = LayerDecoder(pred)
-        # CUDA graphs of the per-layer decodes (nern_fast.inference_graphs): CUDA, decode-at-forward modes.
+        # CUDA graphs of the per-layer decodes (nern_fast.inference_graphs): CUDA, on_demand/cached.
         self._graphed = None
         if graphs and self.device.type == "cuda" and mode != "materialized":
             self._graphed = GraphedDecodes(self._decoder, layout.layers,
@@ -195,7 +195,7 @@ class Attachment:
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the pinned ones
         self._store_bytes = 0
         self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
-        self._pending = None  # (layer, call position, tensor, event, graph slot): a prefetch not yet used
+        self._pending = None  # (layer, position, tensor, event, graph slot): a prefetch not yet used
         self._planned = None  # (layer, call position, event): to prefetch once the running conv is launched
         self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
         self._trace: list[int] = []

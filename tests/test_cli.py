@@ -86,6 +86,10 @@ def test_eval_on_demand(trained, capsys):
     assert b["mode"] == "on_demand"
     assert b["reconstructed_accuracy"] == pytest.approx(a["reconstructed_accuracy"], abs=0.5)
     assert b["original_accuracy"] == a["original_accuracy"]
+    graphed = root / "c.json"  # graphs=True is ignored on the CPU: the same evaluation
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(graphed),
+                 "--on-demand", "--graphs"]) == 0
+    assert json.loads(graphed.read_text())["reconstructed_accuracy"] == b["reconstructed_accuracy"]
 
 
 def test_error_exits(trained, tmp_path, capsys):
@@ -100,6 +104,8 @@ def test_error_exits(trained, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", "--predictor", str(tmp_path / "none.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--graphs"]) == 2
+    assert "add --on-demand" in capsys.readouterr().err
     assert main(["fit", "--config", str(config), "--set", "model.checkpoint=/no/such.pt",
                  "--out", str(tmp_path / "z")]) == 2
     assert "/no/such.pt" in capsys.readouterr().err
