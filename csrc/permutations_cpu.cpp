@@ -234,6 +234,23 @@ inline __attribute__((always_inline)) int64_t first_max(const T* row, const T* p
 // (indices above every lane's) replaces only on a strictly larger value. Same answer as above.
 typedef int32_t LaneIndex8 __attribute__((vector_size(32)));
 
+// The lowest index among the lanes holding the largest value, which goes to *top (n and -inf
+// when every lane is -inf).
+inline __attribute__((always_inline)) int64_t first_of_lanes(const Lanes8& best,
+                                                             const LaneIndex8& where, int64_t n,
+                                                             float* top) {
+  float largest = -std::numeric_limits<float>::infinity();
+  int64_t first = n;
+  for (int u = 0; u < 8; ++u) {
+    if (best[u] > largest || (best[u] == largest && where[u] < first)) {
+      largest = best[u];
+      first = where[u];
+    }
+  }
+  *top = largest;
+  return first;
+}
+
 template <>
 inline __attribute__((always_inline)) int64_t first_max<float>(const float* row, const float* pen,
                                                                int64_t n) {
@@ -271,13 +288,7 @@ inline __attribute__((always_inline)) int64_t first_max<float>(const float* row,
     where = larger ? index : where;
   }
   float top = lowest;
-  int64_t next = n;
-  for (int u = 0; u < 8; ++u) {
-    if (best[u] > top || (best[u] == top && where[u] < next)) {
-      top = best[u];
-      next = where[u];
-    }
-  }
+  int64_t next = first_of_lanes(best, where, n, &top);
   for (; j < n; ++j) {
     const float v = row[j] + pen[j];
     if (v > top) {
@@ -368,14 +379,84 @@ inline __attribute__((always_inline)) void dots_to_four(const float* a, const fl
   }
 }
 
-// Filters [f0, f1) of walk_infilter: normalise the filter's kernels, their cosine matrix, its
-// chain, and its row of `filters` (its normalised kernels in chain order).
+#if defined(__GNUC__) && !defined(__clang__)
+// The chain of n finite unit vectors x (n, d) without their n×n matrix: each step computes the
+// current vector's dot products with every column, 8 lanes at a time (coordinates summed in order:
+// the same values as gram_small), and takes the first maximum among the unvisited ones (penalty 0,
+// or -inf for visited and padding columns) in the same pass, as first_max<float> does. Scratch:
+// coords (d·n8 floats) and penalty (n8), n8 = n rounded up to 8. walk_cosines returns false
+// (nothing written) where it does not apply; the caller then builds the matrix.
+template <int64_t D>
+inline __attribute__((always_inline)) void walk_cosines_fixed(const float* x, int64_t n, int64_t d,
+                                                              int64_t* order, float* coords,
+                                                              float* penalty) {
+  const int64_t dim = D > 0 ? D : d;
+  const int64_t n8 = (n + 7) / 8 * 8;
+  const float lowest = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < dim; ++k) {
+    for (int64_t j = 0; j < n; ++j) coords[k * n8 + j] = x[j * dim + k];
+    for (int64_t j = n; j < n8; ++j) coords[k * n8 + j] = 0.f;
+  }
+  for (int64_t j = 0; j < n8; ++j) penalty[j] = j < n ? 0.f : lowest;
+  penalty[0] = lowest;
+  order[0] = 0;
+  int64_t current = 0;
+  for (int64_t step = 1; step < n; ++step) {
+    const float* q = x + current * dim;
+    Lanes8 qk[D > 0 ? D : 1];
+    if (D > 0)
+      for (int64_t k = 0; k < D; ++k) qk[k] = Lanes8{} + q[k];
+    Lanes8 best = Lanes8{} + lowest;
+    LaneIndex8 where = LaneIndex8{} + static_cast<int32_t>(n);
+    LaneIndex8 index = {0, 1, 2, 3, 4, 5, 6, 7};
+    for (int64_t j = 0; j < n8; j += 8, index += 8) {
+      Lanes8 c, v, p;
+      std::memcpy(&c, coords + j, sizeof(c));
+      v = (D > 0 ? qk[0] : Lanes8{} + q[0]) * c;
+      for (int64_t k = 1; k < dim; ++k) {
+        std::memcpy(&c, coords + k * n8 + j, sizeof(c));
+        v += (D > 0 ? qk[k] : Lanes8{} + q[k]) * c;
+      }
+      std::memcpy(&p, penalty + j, sizeof(p));
+      v += p;
+      const LaneIndex8 larger = v > best;
+      best = larger ? v : best;
+      where = larger ? index : where;
+    }
+    float top = lowest;
+    const int64_t next = first_of_lanes(best, where, n, &top);
+    penalty[next] = lowest;
+    order[step] = next;
+    current = next;
+  }
+}
+
+inline __attribute__((always_inline)) bool walk_cosines(const float* x, int64_t n, int64_t d,
+                                                        int64_t* order, float* coords,
+                                                        float* penalty) {
+  if (n < 1) return false;
+  switch (d) {  // the kernel sizes NeRN represents: 3×3, 2×2, 5×5
+    case 9: walk_cosines_fixed<9>(x, n, d, order, coords, penalty); return true;
+    case 4: walk_cosines_fixed<4>(x, n, d, order, coords, penalty); return true;
+    case 25: walk_cosines_fixed<25>(x, n, d, order, coords, penalty); return true;
+    default: walk_cosines_fixed<0>(x, n, d, order, coords, penalty); return true;
+  }
+}
+#else
+inline bool walk_cosines(const float*, int64_t, int64_t, int64_t*, float*, float*) { return false; }
+#endif
+
+// Filters [f0, f1) of walk_infilter: normalise the filter's kernels, their chain (a cosine walk
+// without the matrix for finite ones, the matrix and np.argmax's rules otherwise), and its row of
+// `filters` (its normalised kernels in chain order).
 NERN_FAST_AVX2_CLONES
 void channel_chains(const float* w, int64_t f0, int64_t f1, int64_t c_in, int64_t d,
                     int64_t* channel_orders, float* filters) {
   const int64_t length = c_in * d;
-  std::vector<float> normed(static_cast<size_t>(length)), coords(static_cast<size_t>(length));
+  const int64_t c_in8 = (c_in + 7) / 8 * 8;
+  std::vector<float> normed(static_cast<size_t>(length)), coords(static_cast<size_t>(c_in8 * d));
   std::vector<float> sim(static_cast<size_t>(c_in) * c_in), penalty;
+  std::vector<float> lane_penalty(static_cast<size_t>(c_in8));
   std::vector<float> block_max((c_in + kBlock - 1) / kBlock);
   std::vector<int64_t> remaining;
   for (int64_t f = f0; f < f1; ++f) {
@@ -392,8 +473,10 @@ void channel_chains(const float* w, int64_t f0, int64_t f1, int64_t c_in, int64_
       }
     }
     int64_t* order = channel_orders + f * c_in;
-    gram_small(normed.data(), c_in, d, coords.data(), block_max.data(), sim.data());
-    walk_matrix(sim.data(), c_in, order, remaining, penalty, finite != 0);
+    if (!finite || !walk_cosines(normed.data(), c_in, d, order, coords.data(), lane_penalty.data())) {
+      gram_small(normed.data(), c_in, d, coords.data(), block_max.data(), sim.data());
+      walk_matrix(sim.data(), c_in, order, remaining, penalty, finite != 0);
+    }
     float* row = filters + f * length;
     for (int64_t c = 0; c < c_in; ++c) std::copy_n(normed.data() + order[c] * d, d, row + c * d);
   }
