@@ -234,6 +234,14 @@ inline __attribute__((always_inline)) int64_t first_max(const T* row, const T* p
 // (indices above every lane's) replaces only on a strictly larger value. Same answer as above.
 typedef int32_t LaneIndex8 __attribute__((vector_size(32)));
 
+// Lane by lane, keep the first maximum: only a strictly larger value (and its index) replaces.
+inline __attribute__((always_inline)) void keep_larger(const Lanes8& v, const LaneIndex8& index,
+                                                       Lanes8& best, LaneIndex8& where) {
+  const LaneIndex8 larger = v > best;
+  best = larger ? v : best;
+  where = larger ? index : where;
+}
+
 // The lowest index among the lanes holding the largest value, which goes to *top (n and -inf
 // when every lane is -inf).
 inline __attribute__((always_inline)) int64_t first_of_lanes(const Lanes8& best,
@@ -268,11 +276,8 @@ inline __attribute__((always_inline)) int64_t first_max<float>(const float* row,
     std::memcpy(&q, pen + j + 8, sizeof(q));
     v += p;
     w += q;
-    const LaneIndex8 larger = v > best, larger_odd = w > best_odd;
-    best = larger ? v : best;
-    where = larger ? index : where;
-    best_odd = larger_odd ? w : best_odd;
-    where_odd = larger_odd ? index + 8 : where_odd;
+    keep_larger(v, index, best, where);
+    keep_larger(w, index + 8, best_odd, where_odd);
   }
   // Lane by lane: the larger value; on a tie the lower index.
   const LaneIndex8 take_odd = (best_odd > best) | ((best_odd == best) & (where_odd < where));
@@ -282,10 +287,7 @@ inline __attribute__((always_inline)) int64_t first_max<float>(const float* row,
     Lanes8 v, p;
     std::memcpy(&v, row + j, sizeof(v));
     std::memcpy(&p, pen + j, sizeof(p));
-    v += p;
-    const LaneIndex8 larger = v > best;
-    best = larger ? v : best;
-    where = larger ? index : where;
+    keep_larger(v + p, index, best, where);
   }
   float top = lowest;
   int64_t next = first_of_lanes(best, where, n, &top);
@@ -418,10 +420,7 @@ inline __attribute__((always_inline)) void walk_cosines_fixed(const float* x, in
         v += (D > 0 ? qk[k] : Lanes8{} + q[k]) * c;
       }
       std::memcpy(&p, penalty + j, sizeof(p));
-      v += p;
-      const LaneIndex8 larger = v > best;
-      best = larger ? v : best;
-      where = larger ? index : where;
+      keep_larger(v + p, index, best, where);
     }
     float top = lowest;
     const int64_t next = first_of_lanes(best, where, n, &top);
