@@ -236,24 +236,40 @@ class CpuDecoder {
     at::Tensor g_filter, g_channel;  // basic: per-filter / per-channel sums of dL/dz1
   };
 
-  int64_t num_groups() const {
-    const int64_t tiles = (p_.num_rows() + tile_ - 1) / tile_;
-    return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  // How the rows are cut: one group of tiles per thread (at least kMinGroupRows rows each), tiles of
+  // at most tile_ rows, equal to within 16 rows, their number a multiple of the groups. With tiles of
+  // tile_ rows and a short last one, a subset of ~1,000 rows (one layer of an on-demand decode) ran
+  // on one thread, or two threads waited for the one with the long tile.
+  struct TilePlan {
+    int64_t groups, tiles, tile;
+  };
+  static constexpr int64_t kMinGroupRows = 128;
+
+  TilePlan tile_plan() const {
+    const int64_t rows = p_.num_rows();
+    const int64_t groups =
+        std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / kMinGroupRows));
+    int64_t tiles = std::max<int64_t>(1, (rows + tile_ - 1) / tile_);
+    tiles = (tiles + groups - 1) / groups * groups;
+    const int64_t tile = std::min<int64_t>(tile_, ((rows + tiles - 1) / tiles + 15) / 16 * 16);
+    return {groups, tiles, tile};
   }
+
+  int64_t num_groups() const { return tile_plan().groups; }
 
   template <typename Fn>
   void for_each_group(bool backward, const Fn& fn) {
     const int64_t rows = p_.num_rows();
     if (rows == 0) return;
-    const int64_t tiles = (rows + tile_ - 1) / tile_;
-    const int64_t groups = num_groups();
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    const TilePlan plan = tile_plan();
+    at::parallel_for(0, plan.groups, 1, [&](int64_t g0, int64_t g1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t g = g0; g < g1; ++g) {
         Scratch s = make_scratch(backward);
-        for (int64_t t = g * tiles / groups; t < (g + 1) * tiles / groups; ++t) {
-          const int64_t begin = t * tile_;
-          fn(s, g, begin, std::min(tile_, rows - begin));
+        for (int64_t t = g * plan.tiles / plan.groups; t < (g + 1) * plan.tiles / plan.groups; ++t) {
+          const int64_t begin = t * plan.tile;
+          if (begin >= rows) break;
+          fn(s, g, begin, std::min(plan.tile, rows - begin));
         }
       }
     });
