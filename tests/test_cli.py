@@ -89,7 +89,8 @@ def test_eval_on_demand(trained, capsys):
     graphed = root / "c.json"  # graphs=True is ignored on the CPU: the same evaluation
     assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(graphed),
                  "--on-demand", "--graphs"]) == 0
-    assert json.loads(graphed.read_text())["reconstructed_accuracy"] == b["reconstructed_accuracy"]
+    c = json.loads(graphed.read_text())
+    assert c["reconstructed_accuracy"] == b["reconstructed_accuracy"] and c["graph_replays"] == 0
 
 
 def test_error_exits(trained, tmp_path, capsys):

@@ -80,15 +80,18 @@ def evaluate(args) -> dict:
                                      cfg.data.max_eval_batches)
     original = layout.flatten(model).to(device).float()
     original_accuracy = accuracy(model, test())
+    graph_replays = 0
     with torch.no_grad():
         decoded = pred.decode_flat().float()
     if args.on_demand:
         if not hasattr(pred, "attach"):
             raise ImportError("--on-demand needs nern_fast.inference (pred.attach), which is not "
                               "part of this installation")
+        from nern_fast.inference import attachment
         pred.attach(model, mode="on_demand", graphs=args.graphs)
         try:
             reconstructed_accuracy = accuracy(model, test())
+            graph_replays = attachment(model).stats["graph_replays"]  # 0: not asked, or CPU
         finally:
             pred.detach(model)  # leaves the decoded weights in the model (not used after this)
     else:
@@ -99,6 +102,7 @@ def evaluate(args) -> dict:
         "predictor": str(args.predictor), "model": cfg.model.arch, "dataset": cfg.data.dataset,
         "device": str(device), "backend": backend_name(pred),
         "mode": "on_demand" if args.on_demand else "materialized",
+        "graph_replays": graph_replays,
         "original_accuracy": original_accuracy, "reconstructed_accuracy": reconstructed_accuracy,
         "accuracy_drop": original_accuracy - reconstructed_accuracy,
         "reconstruction_rmse": rmse(decoded, original),
