@@ -201,6 +201,25 @@ def test_tiles_smaller_than_a_layer(tile, monkeypatch):
     assert_matches(out, ref, grads, ref_grads)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("subset", [False, True])
+def test_rows_split_over_threads(threads, subset, monkeypatch):
+    """The per-call tile plan (one group per thread, equal tiles, their number a multiple of the
+    groups; 3 threads here oversubscribe the 2 cores on purpose) decodes the same values."""
+    monkeypatch.setenv("NERN_FAST_CPU_TILE", "96")
+    pred = random_predictor(mixed_layout(crop="max", permuted=True), hidden=24, num_blocks=4, levels=6)
+    rows = torch.randint(pred.layout.num_kernels, (700,), generator=torch.Generator().manual_seed(4)) \
+        if subset else None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grads = decode_and_grads(pred, "csrc", rows)
+    finally:
+        torch.set_num_threads(previous)
+    ref, ref_grads = decode_and_grads(pred, "eager", rows)
+    assert_matches(out, ref, grads, ref_grads)
+
+
 # --------------------------------------------------------------- activations kept by the forward
 def grads_with_budget(pred, monkeypatch, save_mb, rows=None, precision="fp32", tile=None):
     monkeypatch.setenv("NERN_FAST_CPU_SAVE_MB", str(save_mb))
