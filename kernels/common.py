@@ -123,8 +123,12 @@ def kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED: tl
     c_in = tl.load(meta + 3, mask=valid, other=1).to(tl.int64)
     f = local // c_in
     c = local - f * c_in
-    f_row = tl.load(meta + 6, mask=valid, other=0).to(tl.int64) + f
-    c_row = tl.load(meta + 7, mask=valid, other=0).to(tl.int64) + c
+    # Rows past the end of the call (the last tile's padding) get table row 0: their slot/local are
+    # meaningless (row >= R), and the separable first layer reads T[f_row] / T[c_row] unmasked by
+    # row — left as computed they pointed far past the tables, whose garbage (NaN, inf) then reached
+    # the weight gradients through 0 × garbage in the backward's products.
+    f_row = tl.where(valid, tl.load(meta + 6, mask=valid, other=0).to(tl.int64) + f, 0)
+    c_row = tl.where(valid, tl.load(meta + 7, mask=valid, other=0).to(tl.int64) + c, 0)
     size = tl.load(meta + 4, mask=valid, other=1)
     crop = tl.load(meta + 5, mask=valid, other=0)
     return slot, f_row, c_row, size, crop

@@ -653,3 +653,45 @@ def test_every_tuner_candidate_is_correct_on_gpu(precision):
         grads_w, grads_b = tb.unpack_gradients(flat, weights)
         for g, e, r in zip(grads_w + grads_b, eager_grads, exact_grads):
             assert rel_err(g, r) <= max(BUG_FACTOR * rel_err(e, r), FP32_TOL), config.describe()
+
+
+import triton  # noqa: E402  (after the importorskip above)
+import triton.language as tl  # noqa: E402
+
+from nern_fast.kernels.common import kernel_coords, layer_of, tile_rows  # noqa: E402
+
+
+@triton.jit
+def _coords_kernel(out_ptr, R, koff_ptr, meta_ptr, coord_ptr, num_layers, search_steps,
+                   PERMUTED: tl.constexpr, BM: tl.constexpr):
+    """Per row of every tile: its layer, filter table row and channel table row."""
+    idx, row, valid = tile_rows(tl.program_id(0), R, koff_ptr, False, BM)
+    layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
+    _, f_row, c_row, _, _ = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
+    tl.store(out_ptr + idx * 3 + 0, layer)
+    tl.store(out_ptr + idx * 3 + 1, f_row)
+    tl.store(out_ptr + idx * 3 + 2, c_row)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("permuted", [False, True])
+def test_padding_rows_of_a_tile_point_inside_the_tables(device, permuted):
+    """The rows past the end of a call (a tile's padding) must get valid table rows: the separable
+    first layer reads T[f_row] / T[c_row] without a row mask, and a pointer far past the tables
+    read garbage whose NaN/inf reached the weight gradients through 0 × garbage (seen as NaN float64
+    gradients on triton 3.6's interpreter)."""
+    layout = mixed_layout(3, "local", "center", permuted=permuted)
+    t = layout.tensors(device)
+    bm, tiles = 64, -(-layout.num_kernels // 64) + 1  # a whole tile of padding rows too
+    out = torch.full((tiles * bm, 3), -1, dtype=torch.int64, device=device)
+    steps = max(1, (layout.num_layers - 1).bit_length())
+    coord = t.coord_rows if t.coord_rows is not None else t.kernel_offsets
+    _coords_kernel[(tiles,)](out, layout.num_kernels, t.kernel_offsets, t.meta, coord, layout.num_layers,
+                            steps, PERMUTED=t.coord_rows is not None, BM=bm)
+    out = out.cpu()
+    table_rows = layout.num_layers + t.pos_filter.shape[0] + t.pos_channel.shape[0]
+    padding = out[layout.num_kernels:]
+    assert (padding[:, 0] >= 0).all() and (padding[:, 0] < layout.num_layers).all()
+    assert (padding[:, 1:] == 0).all()
+    valid = out[:layout.num_kernels]
+    assert (valid[:, 1:] >= 0).all() and (valid[:, 1:] < table_rows).all()
