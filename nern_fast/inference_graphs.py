@@ -53,7 +53,6 @@ class GraphedDecodes:
         self.device = device
         self.disabled: Optional[str] = None
         self.captures = 0
-        self.replays = 0
         self._graphs: dict = {}  # (layer, slot) -> captured graph
         self._pool = None  # one memory pool shared by every graph (never two replays at once)
         self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
@@ -91,7 +90,6 @@ class GraphedDecodes:
         graph.replay()
         self._replayed = self._record(self._replayed, stream)
         self._last_slot = slot
-        self.replays += 1
         return weight, slot
 
     def start_forward(self) -> None:
