@@ -3,8 +3,9 @@
 # Installs the package offline (building nern_fast._C with its CUDA ops for sm_90), then runs, each
 # step with its own time limit so one hang cannot eat the session:
 #   tests: csrc tests -> Triton tests -> inference tests                       (about 4.5 min)
-#   bench: benchmark suite (the issue goals) -> on-demand inference benchmark (graphs off/on)
-#          -> distillation-step profile, eager and in CUDA graphs                (about 5.5 min)
+#   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
+#          inference benchmark (graphs off/on) -> distillation-step profile, eager and in CUDA
+#          graphs                                                               (about 6.5 min)
 # (session 2 on an H200: 7.1 min for all of it, before the graphs variants were added). "all"
 # runs both, which may come close to the device tool's 10-minute limit per command: in a session,
 # run "tests" and then "bench" as two calls (the build is kept between them).
@@ -63,7 +64,12 @@ if [ "$WHAT" != bench ]; then
   pytest_step tests_inference 45 tests/test_inference.py  # CUDA-graph captures: +15 s
 fi
 if [ "$WHAT" != tests ]; then
-  step bench_run 200 $PY -m nern_fast bench --device cuda --budget 150 --out "$OUT"
+  # The tuner's log: every timed candidate (kernel times per tile configuration) and the choice.
+  step bench_run 200 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m nern_fast bench --device cuda --budget 150 --out "$OUT"
+  # Host (enqueue) time vs GPU kernel time per decode call, ResNet-20/56 (#3: the Triton backend's
+  # fixed cost on small layouts).
+  step decode_host_time 60 $PY -m bench.decode_host_time --device cuda --repeats 20 \
+    --out "$LOGS/decode_host_time.jsonl"
   step inference_prefetch 50 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"  # with the graphs variants
   step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2

@@ -3,6 +3,7 @@ results file, the README section it generates and the `nern-fast bench` entry po
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import pytest
@@ -265,3 +266,18 @@ def test_report_takes_each_case_from_its_newest_run():
     runs = newest_per_case(rows, "cpu0", lambda r: True)
     assert [[(r["operation"], r["median_s"]) for r in run] for run in runs] == [
         [("decode_forward", "0.25")], [("recon_step", "0.5"), ("distill_step", "0.5")]]
+
+
+def test_decode_host_time_records_each_provider_and_precision(tmp_path):
+    from bench import decode_host_time
+
+    out = tmp_path / "host.jsonl"
+    assert decode_host_time.main(["--device", "cpu", "--cases", "tiny:24", "--providers", "eager,nern_eager",
+                                  "--precisions", "fp32,bf16", "--repeats", "3", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # nern_eager runs at fp32 whatever the case asks: one row
+    assert [(r["provider"], r["precision"]) for r in rows] == [
+        ("eager", "fp32"), ("eager", "bf16"), ("nern_eager", "fp32")]
+    assert all(r["host_ms"] > 0 and r["layout"] == "tiny" and r["device"].startswith("cpu") for r in rows)
+    with pytest.raises(SystemExit):
+        decode_host_time.main(["--cases", "tiny"])  # no hidden size: a usage error naming the case

@@ -1,0 +1,194 @@
+"""Where the time of one decode goes: the host path (Python, checks, packing, launches) vs the GPU.
+
+ResNet-20 decodes in well under a millisecond on a GPU, so a decoder's host path can decide its
+speed there (the H200 run of issue #3 had the Triton backend at 0.69 ms on ResNet-20 against 0.87 ms
+on ResNet-56, three times the kernels: a fixed cost). Per (layout, provider, precision) this records
+
+  event_ms      CUDA events around one call, synchronised per call (what ``bench.suite`` records)
+  host_ms       wall time of the call alone, not synchronised: what the host spends to enqueue it
+  pipelined_ms  calls back to back with one synchronisation at the end, per call
+                (about max(host, GPU): equal to host_ms when the host is the bound)
+  kernel_ms     GPU time of the kernels per call (torch.profiler), and ``kernels`` launched per call
+
+On a CPU (no GPU) ``host_ms`` is the whole call. ``--stub-triton`` also times the Triton backend's
+host path under the interpreter with its kernel launches replaced by no-ops: the Python side of a
+call before any launch (the same code runs on a GPU host; triton's own launch overhead comes on top).
+
+    python -m bench.decode_host_time [--device cuda] [--stub-triton] [--out FILE.jsonl]
+
+Appends one JSON line per (layout, provider, precision).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = "resnet20:180,resnet56:280"  # layout:hidden pairs
+
+
+def _stub_triton_launches() -> None:
+    """Kernel launches of the Triton backend become no-ops (the interpreter must be on)."""
+    from nern_fast.kernels import decode_fwd
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    decode_fwd.decode_fwd_kernel = NoLaunch()
+    decode_fwd.first_layer_tables_kernel = NoLaunch()
+
+
+def _median_ms(samples: list) -> float:
+    return statistics.median(samples) * 1e3
+
+
+def _host_ms(fn, repeats: int, sync) -> float:
+    samples = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    sync()
+    return _median_ms(samples)
+
+
+def _cuda_split(fn, repeats: int) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    pipelined = (time.perf_counter() - begin) / repeats
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    device_us = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in kernels)
+    return {"event_ms": _median_ms(samples), "pipelined_ms": pipelined * 1e3,
+            "kernel_ms": device_us / repeats / 1e3, "kernels": len(kernels) / repeats}
+
+
+def parse_cases(text: str) -> list[tuple[str, int]]:
+    """"resnet20:180,resnet56:280" -> [("resnet20", 180), ("resnet56", 280)]."""
+    cases = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        layout, _, hidden = item.partition(":")
+        if not hidden.isdigit():
+            raise ValueError(f"case '{item}' is not LAYOUT:HIDDEN (e.g. resnet20:180)")
+        cases.append((layout, int(hidden)))
+    return cases
+
+
+def measure(device_name: str, cases: list, providers: list, precisions: list, repeats: int,
+            stub_triton: bool) -> list:
+    import torch
+
+    from nern_fast import ops
+
+    from .providers import decode_providers
+    from .workloads import Workload
+
+    device = torch.device(device_name)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    by_name = {p.name: p for p in decode_providers()}
+    rows = []
+    for layout, hidden in cases:
+        work = Workload(layout, hidden, device)
+        weights, biases = work.weights, work.biases
+        for name in providers:
+            fixed = getattr(by_name.get(name), "fixed_precision", None)
+            for precision in ([fixed] if fixed and not (name == "triton" and stub_triton) else precisions):
+                if name == "triton" and stub_triton:
+                    fn = lambda: ops.decode(weights, biases, work.layout, work.encoding, None, precision,  # noqa: E731
+                                            "triton")
+                    label = "triton (launches stubbed)"
+                elif name in by_name:
+                    provider = by_name[name]
+                    reason = provider.unavailable_reason(work, precision, False, False)
+                    if reason is not None:
+                        print(f"{layout} {name} {precision}: skipped ({reason})", file=sys.stderr)
+                        continue
+                    fn = (lambda f: (lambda: f(weights, biases)))(provider.full(work, precision))
+                    label = name
+                else:
+                    print(f"{name}: no such provider (one of {sorted(by_name)})", file=sys.stderr)
+                    continue
+                with torch.no_grad():
+                    for _ in range(5):
+                        fn()
+                    row = {"layout": layout, "kernels": work.layout.num_kernels, "hidden": hidden,
+                           "provider": label, "precision": precision,
+                           "host_ms": _host_ms(fn, repeats, sync)}
+                    if device.type == "cuda":
+                        row.update(_cuda_split(fn, repeats))
+                rows.append(row)
+                print(json.dumps(row))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument("--cases", default=CASES, help=f"LAYOUT:HIDDEN pairs (default {CASES})")
+    parser.add_argument("--providers", default="nern_eager,eager,triton,csrc")
+    parser.add_argument("--precisions", default="fp32,tf32,bf16")
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--stub-triton", action="store_true",
+                        help="CPU: time the Triton host path with no-op launches (sets TRITON_INTERPRET=1)")
+    parser.add_argument("--out", default=None, help="append JSON lines here")
+    args = parser.parse_args(argv)
+    try:
+        parse_cases(args.cases)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.stub_triton:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (nern_fast imports it)
+    import torch
+
+    if args.stub_triton:
+        _stub_triton_launches()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.stub_triton and device != "cpu":
+        parser.error("--stub-triton runs on the CPU (the interpreter); leave --device out or use cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = measure(device, parse_cases(args.cases), args.providers.split(","), args.precisions.split(","), args.repeats,
+                   args.stub_triton)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    name = torch.cuda.get_device_name() if device == "cuda" else (
+        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
+              "torch": torch.__version__}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({**common, **row}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
