@@ -45,10 +45,6 @@ def _stub_triton_launches() -> None:
     decode_fwd.first_layer_tables_kernel = NoLaunch()
 
 
-def _median_ms(samples: list) -> float:
-    return statistics.median(samples) * 1e3
-
-
 def _host_ms(fn, repeats: int, sync) -> float:
     samples = []
     for _ in range(repeats):
@@ -57,22 +53,17 @@ def _host_ms(fn, repeats: int, sync) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     sync()
-    return _median_ms(samples)
+    return statistics.median(samples) * 1e3
 
 
 def _cuda_split(fn, repeats: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    torch.cuda.synchronize()
+    from .harness import TimerSettings, time_cuda
+
+    events = time_cuda(fn, TimerSettings(warmup=0, min_repeats=repeats, max_repeats=repeats,
+                                         min_seconds=0.0, max_seconds=60.0))
     begin = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -82,9 +73,10 @@ def _cuda_split(fn, repeats: int) -> dict:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    device_us = sum(getattr(e, "device_time", getattr(e, "cuda_time", 0.0)) for e in kernels)
-    return {"event_ms": _median_ms(samples), "pipelined_ms": pipelined * 1e3,
+    # GPU activities (kernels, copies, fills), as bench/profile_distill_step.py reads them
+    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.time_range.end - e.time_range.start for e in kernels)
+    return {"event_ms": events.median * 1e3, "pipelined_ms": pipelined * 1e3,
             "kernel_ms": device_us / repeats / 1e3, "kernels": len(kernels) / repeats}
 
 
