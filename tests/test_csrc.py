@@ -93,7 +93,7 @@ def test_full_decode_matches_reference(encoding, crop, normalization, permuted):
                    grad_rtol=1e-4 if loose else 2e-5)
 
 
-@pytest.mark.parametrize("hidden,num_blocks", [(24, 2), (180, 3), (280, 5)])
+@pytest.mark.parametrize("hidden,num_blocks", [(24, 2), (180, 3), (280, 5), (360, 4), (1256, 3)])
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 def test_hidden_sizes_and_depths(hidden, num_blocks, encoding):
     layout = mixed_layout(crop="max", permuted=True)
@@ -346,11 +346,12 @@ def test_cpu_bf16_in_child_process():
 
 
 @child_only
+@pytest.mark.parametrize("hidden", [180, 1256])
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 @pytest.mark.parametrize("subset", [False, True])
-def test_bf16_error_bounded_by_eager_bf16(encoding, subset):
+def test_bf16_error_bounded_by_eager_bf16(encoding, subset, hidden):
     layout = mixed_layout(crop="average", permuted=True)
-    pred = random_predictor(layout, hidden=180, num_blocks=5, levels=40, encoding=encoding)
+    pred = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40, encoding=encoding)
     rows = torch.randint(0, layout.num_kernels, (200,), generator=torch.Generator().manual_seed(2)) \
         if subset else None
     ours, scales = bf16_errors(pred, "csrc", rows)

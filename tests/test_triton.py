@@ -101,6 +101,7 @@ CASES = [
     ("k5-h24-ffn-max-permuted", 5, 24, 5, 4, "ffn", "local", "max", True, "auto"),
     ("k1-h24-nb2-none", 1, 24, 2, 3, "basic", "none", "center", False, "separable"),
     ("k3-h180-levels40-max", 3, 180, 3, 40, "basic", "local", "max", False, "separable"),
+    ("k3-h360-levels40-average-permuted", 3, 360, 3, 40, "basic", "global", "average", True, "direct"),
 ]
 
 
