@@ -5,7 +5,7 @@
 #   tests: csrc tests -> Triton tests -> inference tests                       (about 4.5 min)
 #   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
 #          inference benchmark (graphs off/on) -> distillation-step profile, eager and in CUDA
-#          graphs                                                               (about 6.5 min)
+#          graphs                                                               (about 7 min)
 # (session 2 on an H200: 7.1 min for all of it, before the graphs variants were added). "all"
 # runs both, which may come close to the device tool's 10-minute limit per command: in a session,
 # run "tests" and then "bench" as two calls (the build is kept between them).
@@ -68,7 +68,7 @@ if [ "$WHAT" != tests ]; then
   step bench_run 200 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m nern_fast bench --device cuda --budget 150 --out "$OUT"
   # Host (enqueue) time vs GPU kernel time per decode call, ResNet-20/56 (#3: the Triton backend's
   # fixed cost on small layouts).
-  step decode_host_time 60 $PY -m bench.decode_host_time --device cuda --repeats 20 \
+  step decode_host_time 90 $PY -m bench.decode_host_time --device cuda --repeats 20 \
     --out "$LOGS/decode_host_time.jsonl"
   step inference_prefetch 50 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"  # with the graphs variants
