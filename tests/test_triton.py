@@ -295,6 +295,50 @@ def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
         check()
 
 
+def padded_tiles_layout(permuted: bool) -> WeightLayout:
+    """110 kernels (not a multiple of any tile or chunk: the last one is partly padding), every
+    crop size, permutations on two layers if ``permuted``."""
+    layout = WeightLayout.from_shapes([(5, 3, 3, 3), (7, 5, 3, 3), (6, 7, 2, 2), (3, 6, 1, 1)],
+                                      kernel_size=3, crop="max")
+    if not permuted:
+        return layout
+    g = torch.Generator().manual_seed(4)
+    return layout.with_permutations([torch.randperm(l.num_kernels, generator=g) if i % 2 == 0 else None
+                                     for i, l in enumerate(layout.layers)])
+
+
+@pytest.mark.parametrize("permuted", [False, True])
+@pytest.mark.parametrize("subset", [False, True])
+@pytest.mark.parametrize("first", ["separable", "direct"])
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+@needs_working_interpreter
+def test_kernels_read_nothing_outside_their_arguments(schedule, first, subset, permuted, first_layer,
+                                                      monkeypatch):
+    """Every float tensor of every launch sits between guards of +inf (then NaN) (tests/oob_guards.py):
+    a read past any of them would reach the outputs or the gradients (the padding rows of the last
+    tile once read the first-layer tables far past their end: these cases fail with that bug put
+    back: the fused schedule's unpermuted full decode with the separable first layer)."""
+    if not tb.INTERPRETED:
+        pytest.skip("the guards wrap the interpreter's launches")
+    from oob_guards import oob_guards
+
+    first_layer(first)
+    monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", schedule)
+    monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "48")
+    layout = padded_tiles_layout(permuted)
+    pred = random_predictor(layout, hidden=24, num_blocks=4, levels=5)
+    rows = torch.randint(0, layout.num_kernels, (45,), generator=torch.Generator().manual_seed(5)) \
+        if subset else None
+    ref, ref_grads = decode_and_grads(pred, "eager", rows)
+    for fill in (float("inf"), float("nan")):
+        with oob_guards(fill):
+            out, grads = decode_and_grads(pred, "triton", rows)
+        for name, x, r in zip(["output"] + [f"gradient {i}" for i in range(len(grads))], [out] + list(grads),
+                              [ref] + list(ref_grads)):
+            assert bool(torch.isfinite(x).all()), f"{name}: non-finite values with {fill} guards"
+            assert rel_err(x, r) <= FP32_TOL, f"{name}: relative error {rel_err(x, r):.2e} ({fill} guards)"
+
+
 @pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @needs_working_interpreter
 def test_float64_gradcheck_under_interpreter(schedule):
