@@ -40,6 +40,13 @@ def round_to_tf32(x):
 
 
 @triton.jit
+def relu(x):
+    """max(x, 0) keeping NaN, as torch.relu does (tl.maximum's default, like a GPU's max
+    instruction, returns the other operand: a diverged predictor would decode to finite weights)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def tf32_operand(x, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     """tf32 tensor cores truncate fp32 operands; values already rounded to nearest make that exact.
     Applied where an operand is produced (scratch stores, register operands), not in the K loops.
@@ -212,7 +219,7 @@ def dense_relu(src, K_S, w_ptr, b_ptr, N, N_S, dst,
                         other=0.0)
             acc = mma(a, w, acc, PRECISION, INTERPRET)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-        h = tl.maximum(acc + bias[None, :], 0.0)
+        h = relu(acc + bias[None, :])
         tl.store(dst + offs_m[:, None] * N_S + offs_n[None, :], to_scratch(h, PRECISION, INTERPRET),
                  mask=(offs_n < N_S)[None, :])
 
@@ -233,7 +240,7 @@ def separable_relu(tab_ptr, layer, f_row, c_row, H_S, dst,
         t = tl.load(tab_ptr + layer[:, None] * H_S + cols, mask=ok, other=0.0)
         t += tl.load(tab_ptr + f_row[:, None] * H_S + cols, mask=ok, other=0.0)
         t += tl.load(tab_ptr + c_row[:, None] * H_S + cols, mask=ok, other=0.0)
-        h = tl.maximum(t, 0.0)
+        h = relu(t)
         tl.store(dst + offs_m[:, None] * H_S + cols, to_scratch(h, PRECISION, INTERPRET), mask=ok)
 
 
@@ -283,7 +290,7 @@ def crop_gather(raw, valid, size, crop, K: tl.constexpr, BM: tl.constexpr, K2P: 
             inside = q_ok & (da < win) & (db < win)
             v = tl.load(base + (a + da) * K + (b + db), mask=inside, other=0.0)
             total += v
-            best = tl.where(inside & (v > best), v, best)
+            best = tl.where(inside & ((v > best) | (v != v)), v, best)  # NaN wins, as in torch
     mean = total / (win * win).to(total.dtype)
     out = tl.where(mode == 0, center, tl.where(mode == 1, mean, best))
     return tl.where(q_ok, out, 0.0)

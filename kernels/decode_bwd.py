@@ -77,7 +77,8 @@ def _backprop_relu(dz, N, N_S, w_ptr, KD_S, x, dst,
 
 @triton.jit
 def _window_argmax(raw, amax, valid, size, K: tl.constexpr, BM: tl.constexpr, K2P: tl.constexpr):
-    """For max-crop rows: window offset da·k + db of the first maximum of each s×s output."""
+    """For max-crop rows: window offset da·k + db of the first maximum of each s×s output (of the
+    last NaN in the window, if any: torch's max_pool2d rule)."""
     offs_m = tl.arange(0, BM)
     q = tl.arange(0, K2P)[None, :]
     s = size[:, None]
@@ -92,7 +93,7 @@ def _window_argmax(raw, amax, valid, size, K: tl.constexpr, BM: tl.constexpr, K2
         for db in tl.static_range(K):
             inside = q_ok & (da < win) & (db < win)
             v = tl.load(base + (a + da) * K + (b + db), mask=inside, other=0.0)
-            better = inside & (v > best)
+            better = inside & ((v > best) | (v != v))  # NaN wins (the last one), as in torch
             best = tl.where(better, v, best)
             arg = tl.where(better, da * K + db, arg)
     tl.store(amax + offs_m[:, None] * K2P + q, arg.to(raw.dtype.element_ty))

@@ -25,7 +25,7 @@ that never reach an output (the output kernels mask them, the weight-gradient ke
 import triton
 import triton.language as tl
 
-from .common import (dense_out, kernel_coords, layer_of, mma, separable_relu, store_encoding,
+from .common import (dense_out, kernel_coords, layer_of, mma, relu, separable_relu, store_encoding,
                      tf32_operand, tile_rows, to_scratch, write_kernels)
 from .decode_bwd import output_gradients
 
@@ -105,7 +105,7 @@ def chunk_matmul_kernel(
     out_ok = (offs_n < N_S)[None, :]
     if EPILOGUE == 0:
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-        y = tl.maximum(acc + bias[None, :], 0.0)
+        y = relu(acc + bias[None, :])
     else:
         h = tl.load(h_ptr + rows[:, None] * N_S + offs_n[None, :], mask=out_ok, other=0.0)
         y = tl.where(h > 0, acc, 0.0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from nern_fast import FastPredictor, WeightLayout
+from nern_fast import FastPredictor, WeightLayout, ops
 
 
 def mixed_layout(kernel_size: int = 3, normalization: str = "local", crop: str = "center",
@@ -36,3 +36,25 @@ def random_predictor(layout: WeightLayout, hidden: int = 24, num_blocks: int = 4
 
 def all_rows(layout: WeightLayout) -> torch.Tensor:
     return torch.arange(layout.num_kernels)
+
+
+def nan_patterns(pred: FastPredictor, backend: str, precision: str, layer: int) -> tuple:
+    """Decode (and differentiate) with one NaN weight in MLP layer ``layer``: which outputs are NaN,
+    and which parameter gradients hold a NaN."""
+    with torch.no_grad():
+        pred.weights()[layer][1, 2] = float("nan")
+    weights, biases = pred.weights(), pred.biases()
+    out = ops.decode(weights, biases, pred.layout, pred.encoding, None, precision, backend)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((out * g.to(out.device, out.dtype)).sum(), weights + biases)
+    return torch.isnan(out), [bool(torch.isnan(x).any()) for x in grads]
+
+
+def assert_nan_like_eager(pred: FastPredictor, backend: str, precision: str, layer: int) -> None:
+    """A NaN weight (a diverged predictor) shows in ``backend``'s decoded weights and gradients as
+    it does in eager's (ReLU and the max crop keep NaN)."""
+    ours, ours_grads = nan_patterns(pred, backend, precision, layer)
+    eager, eager_grads = nan_patterns(pred, "eager", precision, layer)
+    assert bool(eager.any())  # the case means something: eager propagates the NaN
+    assert torch.equal(ours, eager), f"NaN pattern differs: {int(ours.sum())} vs eager {int(eager.sum())}"
+    assert ours_grads == eager_grads

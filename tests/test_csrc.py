@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import mixed_layout, random_predictor
+from helpers import assert_nan_like_eager, mixed_layout, random_predictor
 from nern_fast import BackendUnavailable, WeightLayout, ops, reference_decode
 from nern_fast.ops import csrc_backend
 
@@ -363,36 +363,20 @@ def test_bf16_error_bounded_by_eager_bf16(encoding, subset, hidden):
             f"{'output' if i == 0 else f'gradient {i - 1}'}: {a:.3e} vs eager {e:.3e}"
 
 
-def nan_patterns(pred, backend, precision, layer):
-    """Output and gradients with one NaN weight in MLP layer ``layer``: which entries are NaN."""
-    with torch.no_grad():
-        pred.weights()[layer][1, 2] = float("nan")
-    out, grads = decode_and_grads(pred, backend, precision=precision)
-    return torch.isnan(out), [bool(torch.isnan(g).any()) for g in grads]
-
-
-def assert_nan_like_eager(pred, precision, layer):
-    ours, ours_grads = nan_patterns(pred, "csrc", precision, layer)
-    eager, eager_grads = nan_patterns(pred, "eager", precision, layer)
-    assert bool(eager.any())  # the case means something: eager propagates the NaN
-    assert torch.equal(ours, eager), f"NaN pattern differs: {int(ours.sum())} vs eager {int(eager.sum())}"
-    assert ours_grads == eager_grads
-
-
 @pytest.mark.parametrize("layer", [0, 1, 3])
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 def test_nan_propagates_like_eager(layer, encoding):
     """A NaN weight (a diverged predictor) shows in the decoded weights as it does in eager: ReLU
     keeps NaN (it used to turn hidden-layer NaNs into 0, hiding the divergence)."""
     pred = random_predictor(mixed_layout(crop="max"), hidden=24, num_blocks=4, levels=4, encoding=encoding)
-    assert_nan_like_eager(pred, "fp32", layer)
+    assert_nan_like_eager(pred, "csrc", "fp32", layer)
 
 
 @child_only
 @pytest.mark.parametrize("layer", [0, 2])
 def test_nan_propagates_bf16(layer):
     pred = random_predictor(mixed_layout(), hidden=32, num_blocks=4, levels=4)
-    assert_nan_like_eager(pred, "bf16", layer)
+    assert_nan_like_eager(pred, "csrc", "bf16", layer)
 
 
 def test_bf16_portable_passes_match_avx512(tmp_path):
@@ -757,7 +741,7 @@ def test_cuda_case_nan_propagates(num_blocks, request):
         request.applymarker(pytest.mark.xfail(reason="cuBLASLt's ReLU epilogue may map NaN to 0",
                                               strict=False))
     pred = random_predictor(mixed_layout(crop="max"), hidden=24, num_blocks=num_blocks, levels=4).cuda()
-    assert_nan_like_eager(pred, "fp32", 0)
+    assert_nan_like_eager(pred, "csrc", "fp32", 0)
 
 
 @cuda_case

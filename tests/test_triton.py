@@ -21,7 +21,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import mixed_layout, random_predictor
+from helpers import assert_nan_like_eager, mixed_layout, random_predictor
 from nern_fast import BackendUnavailable, WeightLayout, ops
 from nern_fast.ops import DecodeRequest
 
@@ -293,6 +293,19 @@ def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
         if reuse == "cross-call":
             tb.clear_parameter_cache()  # the documented way to make such a write visible
         check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_nan_propagates_like_eager(layer, schedule, device, monkeypatch):
+    """A NaN weight (a diverged predictor) shows in the decoded weights as in eager: the ReLUs and
+    the max crop keep NaN (triton's tl.maximum drops a NaN operand by default, and so does a GPU's
+    max instruction: a diverged predictor decoded to finite weights)."""
+    monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", schedule)
+    monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "160")
+    pred = random_predictor(mixed_layout(crop="max"), hidden=24, num_blocks=4, levels=4).to(device)
+    assert_nan_like_eager(pred, "triton", "fp32", layer)
 
 
 def padded_tiles_layout(permuted: bool) -> WeightLayout:
