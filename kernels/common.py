@@ -24,19 +24,21 @@ PI = tl.constexpr(3.141592653589793)
 
 @triton.jit
 def round_to_bf16(x):
-    """fp32 -> nearest bf16 value (ties to even), kept as fp32."""
+    """fp32 -> nearest bf16 value (ties to even), kept as fp32. NaN stays NaN (the bit arithmetic
+    alone would carry a full-mantissa NaN such as CUDA's 0x7FFFFFFF into the sign bit: -0.0)."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = bits + 0x7FFF + ((bits >> 16) & 1)
     bits = (bits >> 16) << 16
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def round_to_tf32(x):
-    """fp32 -> nearest tf32 value (10-bit mantissa, ties away from zero: cvt.rna.tf32.f32)."""
+    """fp32 -> nearest tf32 value (10-bit mantissa, ties away from zero: cvt.rna.tf32.f32, which
+    also keeps NaN; see round_to_bf16)."""
     bits = x.to(tl.uint32, bitcast=True)
     bits = ((bits + 0x1000) >> 13) << 13
-    return bits.to(tl.float32, bitcast=True)
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit

@@ -753,3 +753,61 @@ def test_padding_rows_of_a_tile_point_inside_the_tables(device, permuted):
     assert (padding[:, 1:] == 0).all()
     valid = out[:layout.num_kernels]
     assert (valid[:, 1:] >= 0).all() and (valid[:, 1:] < table_rows).all()
+
+
+from nern_fast.kernels.common import round_to_bf16, round_to_tf32  # noqa: E402
+from nern_fast.ops.triton_inputs import _round_to_tf32  # noqa: E402
+
+# NaN bit patterns: torch's, CUDA's canonical one (full mantissa), negative ones, a signalling one.
+NAN_BITS = [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFC00000, 0x7F800001]
+
+
+def _floats_with_nans() -> torch.Tensor:
+    bits = torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in NAN_BITS], dtype=torch.int32)
+    special = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1 + 2 ** -11, -(1 + 2 ** -11),
+                            1 + 2 ** -8 + 2 ** -9, 3.4e38])
+    ordinary = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 100
+    return torch.cat([bits.view(torch.float32), special, ordinary])
+
+
+@triton.jit
+def _rounding_kernel(x_ptr, tf32_ptr, bf16_ptr, N, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + i, mask=i < N)
+    tl.store(tf32_ptr + i, round_to_tf32(x), mask=i < N)
+    tl.store(bf16_ptr + i, round_to_bf16(x), mask=i < N)
+
+
+def _assert_nearest_tf32(rounded: torch.Tensor, x: torch.Tensor) -> None:
+    nan = torch.isnan(x)
+    assert torch.isnan(rounded[nan]).all(), "a NaN was rounded to a number"
+    r, v = rounded[~nan], x[~nan]
+    assert ((r.view(torch.int32) & 8191) == 0).all()  # 10 mantissa bits left
+    finite = torch.isfinite(v) & (v.abs() < 3e38)
+    err = (r[finite].double() - v[finite].double()).abs()
+    assert (err <= v[finite].double().abs() * 2.0 ** -11 + 1e-45).all()  # within half a tf32 ulp
+    assert torch.equal(r[torch.isinf(v)], v[torch.isinf(v)])
+    ties = v == 1 + 2 ** -11  # halfway between 1 and 1 + 2⁻¹⁰: away from zero
+    assert (r[ties] == 1 + 2 ** -10).all() and (r[v == -(1 + 2 ** -11)] == -(1 + 2 ** -10)).all()
+
+
+def test_tf32_rounding_of_the_launcher_keeps_nan():
+    """The launcher's tf32 copies of the weights (tf32 mode on a GPU): nearest tf32 value, ties away
+    from zero (cvt.rna), and NaN stays NaN (CUDA's 0x7FFFFFFF came out as -0.0, 0xFFFFFFFF as +0.0)."""
+    x = _floats_with_nans()
+    _assert_nearest_tf32(_round_to_tf32(x), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernel_rounding_helpers_keep_nan(device):
+    """round_to_tf32 (tf32 operands on a GPU) and round_to_bf16 (bf16 emulation under the
+    interpreter): nearest value, NaN stays NaN whatever its bits."""
+    x = _floats_with_nans().to(device)
+    tf32, bf16 = torch.empty_like(x), torch.empty_like(x)
+    _rounding_kernel[(1,)](x, tf32, bf16, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    x, tf32, bf16 = x.cpu(), tf32.cpu(), bf16.cpu()
+    _assert_nearest_tf32(tf32, x)
+    torch.testing.assert_close(tf32, _round_to_tf32(x), rtol=0, atol=0, equal_nan=True)
+    # bf16: torch's own rounding (nearest, ties to even) as the reference
+    expected = x.to(torch.bfloat16).float()
+    torch.testing.assert_close(bf16, expected, rtol=0, atol=0, equal_nan=True)

@@ -326,8 +326,10 @@ class LaunchInputs:
 
 def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     """A copy rounded to the nearest tf32 values (ties away from zero), as the kernels round their
-    own operands: the tensor cores then truncate nothing."""
-    return ((t.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    own operands: the tensor cores then truncate nothing. NaN stays NaN (the bit arithmetic alone
+    carries a NaN with a full mantissa, such as CUDA's 0x7FFFFFFF, into the sign bit: -0.0)."""
+    rounded = ((t.view(torch.int32) + 0x1000) & -8192).view(torch.float32)
+    return torch.where(torch.isnan(t), t, rounded)
 
 
 def make_launch_inputs(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
