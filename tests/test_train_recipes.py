@@ -172,6 +172,8 @@ def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
+    """A NaN loss (here from a NaN target weight: the predictor itself stays finite) stops the run
+    at the next read; the message names the checkpoint actually on disk."""
     out = tmp_path / "nan"
     stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]
     cfg = _cfg(base_model, stages, logging={**BASE["logging"], "checkpoint_every": 4})
@@ -179,13 +181,37 @@ def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
 
     def poison(stage, step):
         if step == 6:
-            with torch.no_grad():
-                run.predictor.final_linear_layer.bias.fill_(float("nan"))
+            run.original[0] = float("nan")
     run = FitRun(cfg, out, on_step=poison, echo=_quiet)
-    with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*step 6\) is kept"):
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*"
+                                               r"the last checkpoint \(.*checkpoint.pt, stage 0 step 4\) is kept"):
         run.run()
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 4  # written at step 4; step 8 was not written
+    assert all(torch.isfinite(v).all() for v in ckpt["predictor"].values())
+
+
+def test_nan_parameters_stop_even_when_the_decode_hides_them(base_model, tmp_path, monkeypatch):
+    """A decoder whose ReLU maps NaN to 0 (cuBLASLt's epilogue on a GPU) keeps the loss finite after
+    the predictor diverged: the parameters are checked too, and no NaN checkpoint is written."""
+    from nern_fast import ops
+
+    decode = ops.decode
+    monkeypatch.setattr(ops, "decode", lambda *a, **k: torch.nan_to_num(decode(*a, **k), nan=0.0))
+    out = tmp_path / "hidden_nan"
+    stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]
+    cfg = _cfg(base_model, stages, logging={**BASE["logging"], "checkpoint_every": 4})
+    run = None
+
+    def poison(stage, step):
+        if step == 6:
+            with torch.no_grad():
+                run.predictor.weights()[1][0, 0] = float("nan")
+    run = FitRun(cfg, out, on_step=poison, echo=_quiet)
+    with pytest.raises(TrainingDiverged, match=r"loss or the predictor's parameters became NaN"):
+        run.run()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["predictor"].values())
 
 

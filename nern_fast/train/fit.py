@@ -260,7 +260,18 @@ class FitRun:
             eager = DistillationObjective(pred, target, self.model, teacher, stage, names)
             compute = None  # captured lazily, after the loss warm-up
 
+        # What the checkpoint file holds now, as the messages of a stop report it: this stage's
+        # starting point when a file exists (the previous stage's end, or the resumed state).
+        saved = {"step": step if (self.out / CHECKPOINT_NAME).exists() else None}
+
+        def kept() -> str:
+            if saved["step"] is None:
+                return "no checkpoint was written yet"
+            return (f"the last checkpoint ({self.out / CHECKPOINT_NAME}, stage {index} step "
+                    f"{saved['step']}) is kept")
+
         def checkpoint(next_step: int, stage_index: int = index, prev=previous, extra_results=()):
+            saved["step"] = next_step if stage_index == index else None
             save_checkpoint(self.out / CHECKPOINT_NAME, config=to_dict(cfg), stage_index=stage_index,
                             step=next_step, results=list(results) + list(extra_results),
                             original_accuracy=self.original_accuracy,
@@ -309,13 +320,13 @@ class FitRun:
                 at_log = step % log_every == 0 or step == total
                 at_ckpt = step % ckpt_every == 0 and step < total
                 if at_log or at_ckpt:
-                    means, bad = meter.read()
+                    means, bad = meter.read(params)
                     if bad:
                         raise TrainingDiverged(
-                            f"{what}: the loss became NaN or infinite between steps {last_good} and "
-                            f"{step}; stopped. The last good checkpoint ({self.out / CHECKPOINT_NAME}, "
-                            f"stage {index} step {last_good}) is kept. Lower stages.{index}.optim.lr "
-                            f"or set stages.{index}.optim.grad_clip, then --resume or start again")
+                            f"{what}: the loss or the predictor's parameters became NaN or infinite "
+                            f"between steps {last_good} and {step}; stopped, {kept()}. Lower "
+                            f"stages.{index}.optim.lr or set stages.{index}.optim.grad_clip, then "
+                            f"--resume or start again")
                     last_good = step
                     last_loss = means["loss"]
                     if at_log:
@@ -335,15 +346,14 @@ class FitRun:
         except KeyboardInterrupt:
             bar.close()
             if ctrl_c.hard:
-                raise StageInterrupted(f"stopped at once in {what} (second Ctrl-C); the last "
-                                       f"checkpoint (step {last_good}) is kept") from None
-            means, bad = meter.read()
+                raise StageInterrupted(f"stopped at once in {what} (second Ctrl-C); {kept()}") from None
+            means, bad = meter.read(params)
             if not bad:
                 checkpoint(step)
                 raise StageInterrupted(f"interrupted in {what} at step {step}; checkpoint written "
                                        f"to {self.out / CHECKPOINT_NAME}, continue with --resume") from None
-            raise StageInterrupted(f"interrupted in {what}; the loss was not finite, so the last "
-                                   f"good checkpoint (step {last_good}) is kept") from None
+            raise StageInterrupted(f"interrupted in {what}; the loss or the parameters were not finite: "
+                                   f"{kept()}") from None
         finally:
             ctrl_c.remove()
         bar.close()

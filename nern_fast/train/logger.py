@@ -10,7 +10,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -65,9 +65,15 @@ class StepMeter:
         self.nonfinite |= ~torch.isfinite(parts[0])
         self.count += 1
 
-    def read(self) -> tuple[dict, bool]:
-        """(means of the parts since the last read, whether a loss was not finite) — one sync."""
-        values = torch.cat([self.sums, self.nonfinite.to(torch.float64)[None]]).tolist()
+    def read(self, parameters: Sequence[torch.Tensor] = ()) -> tuple[dict, bool]:
+        """(means of the parts since the last read, whether a loss — or one of ``parameters`` — was
+        not finite), in one sync. The parameters are checked because a decode may hide their NaN:
+        a ReLU that maps NaN to 0 (cuBLASLt's epilogue) leaves the loss finite while the predictor is
+        gone (and its checkpoint would be written)."""
+        nonfinite = self.nonfinite
+        if parameters:
+            nonfinite = nonfinite | ~torch.stack([torch.isfinite(p).all() for p in parameters]).all()
+        values = torch.cat([self.sums, nonfinite.to(torch.float64)[None]]).tolist()
         bad = bool(values[-1])
         n = max(self.count, 1)
         seconds = time.perf_counter() - self.started
