@@ -171,24 +171,30 @@ def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
     assert metrics["final_accuracy"] == json.loads((full / "metrics.json").read_text())["final_accuracy"]
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
-    """A NaN loss (here from a NaN target weight: the predictor itself stays finite) stops the run
-    at the next read; the message names the checkpoint actually on disk."""
-    out = tmp_path / "nan"
+def _diverging_run(base_model, out, poison_at_step_6) -> FitRun:
+    """A 20-step reconstruction (checkpoints every 4 steps) whose hook poisons it after step 6."""
     stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]
     cfg = _cfg(base_model, stages, logging={**BASE["logging"], "checkpoint_every": 4})
-    run = None
+    run = FitRun(cfg, out, on_step=lambda stage, step: poison_at_step_6(run) if step == 6 else None,
+                 echo=_quiet)
+    return run
 
-    def poison(stage, step):
-        if step == 6:
-            run.original[0] = float("nan")
-    run = FitRun(cfg, out, on_step=poison, echo=_quiet)
-    with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*"
-                                               r"the last checkpoint \(.*checkpoint.pt, stage 0 step 4\) is kept"):
-        run.run()
+
+def _assert_finite_checkpoint_of_step_4(out) -> None:
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 4  # written at step 4; step 8 was not written
     assert all(torch.isfinite(v).all() for v in ckpt["predictor"].values())
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
+    """A NaN loss (here from a NaN target weight: the predictor itself stays finite) stops the run
+    at the next read; the message names the checkpoint actually on disk."""
+    def poison(run):
+        run.original[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*"
+                                               r"the last checkpoint \(.*checkpoint.pt, stage 0 step 4\) is kept"):
+        _diverging_run(base_model, tmp_path / "nan", poison).run()
+    _assert_finite_checkpoint_of_step_4(tmp_path / "nan")
 
 
 def test_nan_parameters_stop_even_when_the_decode_hides_them(base_model, tmp_path, monkeypatch):
@@ -198,21 +204,13 @@ def test_nan_parameters_stop_even_when_the_decode_hides_them(base_model, tmp_pat
 
     decode = ops.decode
     monkeypatch.setattr(ops, "decode", lambda *a, **k: torch.nan_to_num(decode(*a, **k), nan=0.0))
-    out = tmp_path / "hidden_nan"
-    stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]
-    cfg = _cfg(base_model, stages, logging={**BASE["logging"], "checkpoint_every": 4})
-    run = None
 
-    def poison(stage, step):
-        if step == 6:
-            with torch.no_grad():
-                run.predictor.weights()[1][0, 0] = float("nan")
-    run = FitRun(cfg, out, on_step=poison, echo=_quiet)
+    def poison(run):
+        with torch.no_grad():
+            run.predictor.weights()[1][0, 0] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"loss or the predictor's parameters became NaN"):
-        run.run()
-    ckpt = load_checkpoint(out / "checkpoint.pt")
-    assert ckpt["step"] == 4
-    assert all(torch.isfinite(v).all() for v in ckpt["predictor"].values())
+        _diverging_run(base_model, tmp_path / "hidden_nan", poison).run()
+    _assert_finite_checkpoint_of_step_4(tmp_path / "hidden_nan")
 
 
 def test_fit_errors(base_model, tmp_path):
