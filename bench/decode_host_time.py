@@ -60,7 +60,7 @@ def _cuda_split(fn, repeats: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .harness import TimerSettings, time_cuda
+    from .harness import TimerSettings, gpu_activities, time_cuda
 
     events = time_cuda(fn, TimerSettings(warmup=0, min_repeats=repeats, max_repeats=repeats,
                                          min_seconds=0.0, max_seconds=60.0))
@@ -73,8 +73,7 @@ def _cuda_split(fn, repeats: int) -> dict:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    # GPU activities (kernels, copies, fills), as bench/profile_distill_step.py reads them
-    kernels = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    kernels = gpu_activities(prof.events())
     device_us = sum(e.time_range.end - e.time_range.start for e in kernels)
     return {"event_ms": events.median * 1e3, "pipelined_ms": pipelined * 1e3,
             "kernel_ms": device_us / repeats / 1e3, "kernels": len(kernels) / repeats}

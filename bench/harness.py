@@ -273,6 +273,14 @@ def time_interleaved(fns: Sequence[Callable[[], object]], settings: TimerSetting
 
 
 # ---------------------------------------------------------------------------------- memory
+def gpu_activities(events) -> list:
+    """The GPU work among torch.profiler events: kernels, copies and fills on the device, without
+    the GPU-timeline ranges of ``record_function`` annotations (device events too, spanning a whole
+    step: counted as busy, they hid the gaps between kernels)."""
+    return [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(e, "is_user_annotation", False)]
+
+
 def cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device, baseline: int) -> int:
     """Peak CUDA memory allocated during one call of ``fn`` above ``baseline`` bytes."""
     torch.cuda.synchronize(device)

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.harness import gpu_activities  # noqa: E402
 from nern_fast.config import OptimConfig, StageConfig  # noqa: E402
 from nern_fast.models import cifar_resnet  # noqa: E402
 from nern_fast.predictor import FastPredictor  # noqa: E402
@@ -192,7 +193,7 @@ def main(argv=None) -> int:
     events = prof.events()
     steps = [e for e in events if e.name == "train_step"]
     lo = min(e.time_range.start for e in steps)
-    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    kernels = gpu_activities(events)
     hi = max([e.time_range.end for e in steps] + [e.time_range.end for e in kernels])
     wall_us = hi - lo
     busy_us = merged_busy([(e.time_range.start, e.time_range.end) for e in kernels], lo, hi)

@@ -281,3 +281,16 @@ def test_decode_host_time_records_each_provider_and_precision(tmp_path):
     assert all(r["host_ms"] > 0 and r["layout"] == "tiny" and r["device"].startswith("cpu") for r in rows)
     with pytest.raises(SystemExit):
         decode_host_time.main(["--cases", "tiny"])  # no hidden size: a usage error naming the case
+
+
+def test_gpu_activities_leave_out_annotation_ranges():
+    """A record_function range on the GPU timeline is a device event spanning a whole step: counted
+    as GPU work it hides the idle gaps between kernels (the GPU-busy fraction of a profile)."""
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name="train_step", device_type=cuda, is_user_annotation=True),
+              SimpleNamespace(name="train_step", device_type=cpu, is_user_annotation=True),
+              SimpleNamespace(name="gemm", device_type=cuda, is_user_annotation=False),
+              SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)]
+    assert [e.name for e in harness.gpu_activities(events)] == ["gemm"]
