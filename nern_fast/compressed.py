@@ -216,6 +216,22 @@ def dequantize_int8(entry: dict) -> torch.Tensor:
     return entry["int8"].float() * entry["scale"].float()[:, None]
 
 
+def _check_representable(name: str, tensor: torch.Tensor, predictor_dtype: str) -> None:
+    """Lossy storages must not silently turn values into others: int8 has no NaN or inf (they would
+    become arbitrary integers), fp16 overflows to inf beyond 65504."""
+    if not tensor.is_floating_point() or predictor_dtype in ("fp32", "bf16"):
+        return
+    finite = torch.isfinite(tensor)
+    if predictor_dtype == "int8" and not bool(finite.all()):
+        raise ValueError(f"predictor tensor '{name}' holds {int((~finite).sum())} NaN/inf values, which "
+                         f"int8 storage cannot represent (a diverged predictor?); store it with "
+                         f"predictor_dtype='fp32' or fix the predictor")
+    limit = torch.finfo(torch.float16).max
+    if predictor_dtype == "fp16" and bool((tensor[finite].abs() > limit).any()):
+        raise ValueError(f"predictor tensor '{name}' has values beyond fp16's range (|x| > {limit:.0f}): "
+                         f"they would be stored as inf; use predictor_dtype='bf16' or 'fp32'")
+
+
 def pack_predictor_state(pred: FastPredictor, predictor_dtype: str) -> dict:
     """The predictor's tensors as stored: cast (fp32/fp16/bf16) or int8 per-row quantised."""
     if predictor_dtype not in PREDICTOR_DTYPES:
@@ -223,6 +239,7 @@ def pack_predictor_state(pred: FastPredictor, predictor_dtype: str) -> dict:
     packed = {}
     for name, tensor in pred.state_dict().items():
         tensor = tensor.detach().cpu()
+        _check_representable(name, tensor, predictor_dtype)
         if predictor_dtype == "int8":
             packed[name] = quantize_int8(tensor) if tensor.dim() == 2 else tensor.float().clone()
         else:

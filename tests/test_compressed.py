@@ -188,6 +188,24 @@ def test_int8_quantisation():
     assert torch.equal(entry["int8"].abs().amax(1)[[0, 1, 2, 4, 5, 6]], torch.full((6,), 127, dtype=torch.int8))
 
 
+def test_lossy_storage_refuses_values_it_cannot_hold(tmp_path):
+    """int8 has no NaN/inf (they would become arbitrary integers); fp16 overflows to inf beyond
+    65504. Both are clear errors before anything is written; fp32 keeps such values as they are."""
+    model, pred = trained_like()
+    with torch.no_grad():
+        pred.weights()[1][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"'layers.1.weight' holds 1 NaN/inf values.*predictor_dtype='fp32'"):
+        save_compressed(model, pred, tmp_path / "nan.nfz", predictor_dtype="int8")
+    assert not (tmp_path / "nan.nfz").exists()
+    save_compressed(model, pred, tmp_path / "nan32.nfz", predictor_dtype="fp32")  # stored as it is
+    with torch.no_grad():
+        pred.weights()[1][0, 0] = 7e4
+    with pytest.raises(ValueError, match=r"beyond fp16's range.*'bf16' or 'fp32'"):
+        save_compressed(model, pred, tmp_path / "big.nfz", predictor_dtype="fp16")
+    assert not (tmp_path / "big.nfz").exists()
+    save_compressed(model, pred, tmp_path / "big_bf16.nfz", predictor_dtype="bf16")
+
+
 def test_model_spec():
     assert ModelSpec.parse("resnet56") == ModelSpec("cifar_resnet", {"depth": 56})
     assert ModelSpec.parse("cifar_resnet:depth=20,num_classes=100") == ModelSpec(
