@@ -4,7 +4,8 @@ reads made visible.
 An out-of-bounds read in a kernel goes unnoticed under the interpreter (it reads whatever lies next
 to the tensor) and on a GPU returns garbage or faults. With the guards on, every float tensor
 argument of a launch is copied into the middle of a larger buffer filled with +inf (or NaN), the
-kernel runs on that copy, and the copy is written back afterwards (outputs). A value read past
+kernel runs on that copy, and the copy is written back afterwards (outputs); a write outside the
+copy (a changed guard) is an assertion error naming the argument. A value read past
 either end of a tensor is then infinite and reaches the results: +inf survives the ReLUs (triton's
 ``tl.maximum`` drops a NaN operand, so a NaN guard can vanish at the first ReLU) and turns into NaN
 at the first product with 0 — the way the padding rows' table reads of the first layer once leaked
@@ -57,12 +58,24 @@ def guarded_call(run, args: tuple, kwargs: dict, fill: float = float("inf")):
     def swap(v):
         return copies[id(v)][2] if isinstance(v, torch.Tensor) and id(v) in copies else v
 
-    try:
-        return run(*[swap(a) for a in args], **{k: swap(v) for k, v in kwargs.items()})
-    finally:
-        for original, _, view in copies.values():
-            # through .data: an input written back unchanged keeps its autograd version
-            original.data.copy_(view)
+    result = run(*[swap(a) for a in args], **{k: swap(v) for k, v in kwargs.items()})
+    for position, (original, buffer, view) in enumerate(copies.values()):
+        _assert_untouched_outside(buffer, view, fill, position)
+        # through .data: an input written back unchanged keeps its autograd version
+        original.data.copy_(view)
+    return result
+
+
+def _assert_untouched_outside(buffer: torch.Tensor, view: torch.Tensor, fill: float, position: int) -> None:
+    """Every element of ``buffer`` outside ``view`` still holds ``fill``: nothing was written out of
+    bounds."""
+    outside = torch.ones(buffer.shape, dtype=torch.bool, device=buffer.device)
+    outside.as_strided(view.shape, view.stride(), view.storage_offset()).fill_(False)
+    rest = buffer[outside]
+    same = torch.isnan(rest) if fill != fill else rest == fill
+    if not bool(same.all()):
+        raise AssertionError(f"a kernel wrote {int((~same).sum())} values outside float tensor argument "
+                             f"#{position} (shape {tuple(view.shape)})")
 
 
 @contextlib.contextmanager
