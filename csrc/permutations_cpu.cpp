@@ -14,8 +14,9 @@
 //    filters, each a flattened row of its channel-reordered normalised kernels).
 //  * matrix_chains(similarity (B, n, n) float32/float64) -> orders (B, n) int64: one chain per
 //    precomputed similarity matrix (infilter's rule for 1×1 kernels, which is not a cosine).
-//  * infilter_chains(kernels (C_out, C_in, d) float32, d > 1, C_in > 1) -> (filter_order (C_out),
-//    channel_orders (C_out, C_in)): NeRN's whole infilter permutation of a layer in one call —
+//  * infilter_chains(kernels (C_out, C_in, d) or a conv weight (C_out, C_in, s, s), float32, d > 1,
+//    C_in > 1) -> (filter_order (C_out), channel_orders (C_out, C_in)): NeRN's whole infilter
+//    permutation of a layer in one call —
 //    kernels normalised (a zero kernel to NaN), per filter the C_in×C_in cosine matrix in a small
 //    reused buffer and its chain, then the filters (their normalised kernels in their own channel
 //    order, flattened), their dot-product matrix and its chain. One call instead of seven torch ops
@@ -538,9 +539,14 @@ void walk_infilter(const float* w, int64_t c_out, int64_t c_in, int64_t d, int64
   walk_matrices(filter_sim.data(), 1, c_out, filter_order);
 }
 
-std::tuple<at::Tensor, at::Tensor> infilter_chains(const at::Tensor& kernels_in) {
-  TORCH_CHECK(kernels_in.dim() == 3, "infilter_chains: expected kernels (C_out, C_in, d), got ",
-              kernels_in.sizes());
+std::tuple<at::Tensor, at::Tensor> infilter_chains(const at::Tensor& weight_in) {
+  // A conv weight (C_out, C_in, s, s) is taken as it is (one call from Python: each torch call
+  // there costs ~10 µs when it runs cold), or its kernels (C_out, C_in, d).
+  TORCH_CHECK(weight_in.dim() == 3 || weight_in.dim() == 4,
+              "infilter_chains: expected kernels (C_out, C_in, d) or a conv weight (C_out, C_in, s, s), got ",
+              weight_in.sizes());
+  const at::Tensor kernels_in =
+      weight_in.dim() == 4 ? weight_in.reshape({weight_in.size(0), weight_in.size(1), -1}) : weight_in;
   TORCH_CHECK(kernels_in.scalar_type() == at::kFloat,
               "infilter_chains: expected float32 kernels, got ", kernels_in.scalar_type());
   TORCH_CHECK(kernels_in.device().is_cpu(), "infilter_chains: expected CPU kernels");

@@ -283,10 +283,18 @@ def crossfilter(weight: torch.Tensor) -> torch.Tensor:
 def infilter(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """NeRN infilter permutation of one conv weight: ``(filter_order (C_out,), channel_orders
     (C_out, C_in))`` — per filter the chain of its channels, then the chain of the filters."""
+    ops = compiled_chain_ops()
+    if ops is not None and ops.infilter_chains is not None:
+        # The usual case (a float32 CPU conv weight, C_in > 1, s > 1) as one compiled call on the
+        # weight as it is, which checks it: run cold (after other work), every torch call or tensor
+        # attribute read from Python costs microseconds, together as much as the walk itself.
+        try:
+            return tuple(ops.infilter_chains(weight))
+        except (RuntimeError, TypeError):
+            pass  # another dtype, device or shape: converted below, or NeRN's length-1 rule
     w = _check_weight(weight, "infilter").cpu()
     c_out, c_in = w.shape[0], w.shape[1]
     kernels = w.reshape(c_out, c_in, -1)
-    ops = compiled_chain_ops()
     if ops is not None and ops.infilter_chains is not None and c_in > 1 and kernels.shape[-1] > 1:
         return tuple(ops.infilter_chains(kernels))  # one call; splits the filters over threads
     with _one_thread():
