@@ -9,6 +9,8 @@ on ResNet-56, three times the kernels: a fixed cost). Per (layout, provider, pre
   pipelined_ms  calls back to back with one synchronisation at the end, per call
                 (about max(host, GPU): equal to host_ms when the host is the bound)
   kernel_ms     GPU time of the kernels per call (torch.profiler), and ``kernels`` launched per call
+  graph_replay_ms  the call captured once in a CUDA graph and replayed: its time without the host
+                path (``graph_error`` says why where the call cannot be captured)
 
 On a CPU (no GPU) ``host_ms`` is the whole call. ``--stub-triton`` also times the Triton backend's
 host path under the interpreter with its kernel launches replaced by no-ops: the Python side of a
@@ -76,7 +78,27 @@ def _cuda_split(fn, repeats: int) -> dict:
     kernels = gpu_activities(prof.events())
     device_us = sum(e.time_range.end - e.time_range.start for e in kernels)
     return {"event_ms": events.median * 1e3, "pipelined_ms": pipelined * 1e3,
-            "kernel_ms": device_us / repeats / 1e3, "kernels": len(kernels) / repeats}
+            "kernel_ms": device_us / repeats / 1e3, "kernels": len(kernels) / repeats,
+            **_graph_replay(fn, repeats)}
+
+
+def _graph_replay(fn, repeats: int) -> dict:
+    """The same call captured once in a CUDA graph and replayed (events per replay): what the call
+    costs without its host path — a measurement of where the time goes, not a provider."""
+    import torch
+
+    from .harness import TimerSettings, time_cuda
+
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        replay = time_cuda(graph.replay, TimerSettings(warmup=2, min_repeats=repeats, max_repeats=repeats,
+                                                       min_seconds=0.0, max_seconds=60.0))
+    except Exception as exc:  # a backend whose call cannot be captured (host syncs, checks)
+        torch.cuda.synchronize()
+        return {"graph_replay_ms": None, "graph_error": f"{type(exc).__name__}: {str(exc)[:160]}"}
+    return {"graph_replay_ms": replay.median * 1e3}
 
 
 def parse_cases(text: str) -> list[tuple[str, int]]:
