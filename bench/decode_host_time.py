@@ -129,11 +129,11 @@ def measure(device_name: str, cases: list, providers: list, precisions: list, re
         work = Workload(layout, hidden, device)
         weights, biases = work.weights, work.biases
         for name in providers:
-            fixed = getattr(by_name.get(name), "fixed_precision", None)
-            for precision in ([fixed] if fixed and not (name == "triton" and stub_triton) else precisions):
+            fixed = getattr(by_name.get(name), "fixed_precision", None)  # NeRN's loop: fp32 only
+            for precision in [fixed] if fixed else precisions:
                 if name == "triton" and stub_triton:
-                    fn = lambda: ops.decode(weights, biases, work.layout, work.encoding, None, precision,  # noqa: E731
-                                            "triton")
+                    def fn(p=precision):
+                        return ops.decode(weights, biases, work.layout, work.encoding, None, p, "triton")
                     label = "triton (launches stubbed)"
                 elif name in by_name:
                     provider = by_name[name]
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="append JSON lines here")
     args = parser.parse_args(argv)
     try:
-        parse_cases(args.cases)
+        cases = parse_cases(args.cases)
     except ValueError as exc:
         parser.error(str(exc))
     if args.stub_triton:
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
         parser.error("--stub-triton runs on the CPU (the interpreter); leave --device out or use cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(device, parse_cases(args.cases), args.providers.split(","), args.precisions.split(","), args.repeats,
+    rows = measure(device, cases, args.providers.split(","), args.precisions.split(","), args.repeats,
                    args.stub_triton)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "unknown"

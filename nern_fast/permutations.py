@@ -19,14 +19,14 @@ Speed: NeRN spends O(N) Python list work per chain step. When the compiled exten
 (``csrc/permutations_cpu.cpp``: ``torch.ops.nern_fast_C.point_chains`` / ``matrix_chains`` /
 ``infilter_chains``) the chains are walked in C++: crossfilter takes the dot products of the
 current kernel with every remaining one per step (no N×N matrix); infilter is one call per layer
-(normalisation, per-filter cosine matrices, chains, filter matrix and its chain: on a 64×64 layer
-the per-op overhead of doing that in torch was most of the time), or, for 1×1 kernels and single-
-channel layers (NeRN's length-1 rule), torch-computed matrices walked in C++. Without
-the extension: infilter runs all of a layer's per-filter chains at once (batched numpy ops per
-step), and crossfilter precomputes, in blocks, each row's best candidates with a bound that proves
-when the first unvisited candidate is the exact answer; the walk is a plain Python loop over those
-short lists and only falls back to a full row scan when the bound cannot decide. A large layer on
-a GPU also takes that path (its candidate lists come from GPU matrix products).
+(normalisation, per filter a walk on the cosines without their matrix, the filter matrix and its
+chain: on a 64×64 layer the per-op overhead of doing that in torch was most of the time), or, for
+1×1 kernels and single-channel layers (NeRN's length-1 rule), torch-computed matrices walked in
+C++. Without the extension: infilter runs all of a layer's per-filter chains at once (batched
+numpy ops per step), and crossfilter precomputes, in blocks, each row's best candidates with a
+bound that proves when the first unvisited candidate is the exact answer; the walk is a plain Python
+loop over those short lists and only falls back to a full row scan when the bound cannot decide. A
+large layer on a GPU also takes that path (its candidate lists come from GPU matrix products).
 """
 from __future__ import annotations
 
