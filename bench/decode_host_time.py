@@ -11,10 +11,13 @@ on ResNet-56, three times the kernels: a fixed cost). Per (layout, provider, pre
   kernel_ms     GPU time of the kernels per call (torch.profiler), and ``kernels`` launched per call
   graph_replay_ms  the call captured once in a CUDA graph and replayed: its time without the host
                 path (``graph_error`` says why where the call cannot be captured)
+  launching_ops_per_call  aten ops of one call that launch work (each one or a few kernels on a GPU,
+                and host time everywhere); Triton's own launches are not aten ops (1-2 per call)
 
 On a CPU (no GPU) ``host_ms`` is the whole call. ``--stub-triton`` also times the Triton backend's
 host path under the interpreter with its kernel launches replaced by no-ops: the Python side of a
-call before any launch (the same code runs on a GPU host; triton's own launch overhead comes on top).
+call before any launch (the same code runs on a GPU host, with the tf32/bf16 weight copies a GPU
+call makes; triton's own launch overhead comes on top).
 
     python -m bench.decode_host_time [--device cuda] [--stub-triton] [--out FILE.jsonl]
 
@@ -45,6 +48,8 @@ def _stub_triton_launches() -> None:
 
     decode_fwd.decode_fwd_kernel = NoLaunch()
     decode_fwd.first_layer_tables_kernel = NoLaunch()
+    from nern_fast.ops import triton_inputs
+    triton_inputs.CONVERT_ON_PACK = True  # pack as on a GPU (tf32 rounding, bf16 copies)
 
 
 def _host_ms(fn, repeats: int, sync) -> float:
@@ -118,6 +123,7 @@ def measure(device_name: str, cases: list, providers: list, precisions: list, re
 
     from nern_fast import ops
 
+    from .harness import count_ops
     from .providers import decode_providers
     from .workloads import Workload
 
@@ -149,9 +155,12 @@ def measure(device_name: str, cases: list, providers: list, precisions: list, re
                 with torch.no_grad():
                     for _ in range(5):
                         fn()
+                    ops_count = count_ops(fn, suffix="_per_call")
                     row = {"layout": layout, "kernels": work.layout.num_kernels, "hidden": hidden,
                            "provider": label, "precision": precision,
-                           "host_ms": _host_ms(fn, repeats, sync)}
+                           "host_ms": _host_ms(fn, repeats, sync),
+                           "launching_ops_per_call": ops_count["launching_ops_per_call"],
+                           "top_ops": ops_count["top_ops"]}
                     if device.type == "cuda":
                         row.update(_cuda_split(fn, repeats))
                 rows.append(row)

@@ -11,6 +11,7 @@ import csv
 import ctypes
 import datetime
 import gc
+import collections
 import math
 import os
 import platform
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS_FILE = "bench.csv"
 LOG_FILE = "bench.log"
@@ -279,6 +281,35 @@ def gpu_activities(events) -> list:
     step: counted as busy, they hid the gaps between kernels)."""
     return [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
             and not getattr(e, "is_user_annotation", False)]
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it (views included: they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that return views or metadata, or allocate: no kernel on any device.
+_NO_KERNEL_OPS = {"view", "_unsafe_view", "reshape", "select", "slice", "expand", "unsqueeze",
+                  "squeeze", "t", "transpose", "permute", "as_strided", "detach", "alias", "unbind",
+                  "split", "split_with_sizes", "empty", "empty_strided", "_local_scalar_dense"}
+
+
+def count_ops(step, suffix: str = "_per_step") -> dict:
+    """aten ops of one call of ``step``: all, those that launch work, the most frequent (each
+    launching op is one or a few kernels on a GPU, and its dispatch is host time on every device)."""
+    with _OpCounter() as counter:
+        step()
+    counts = counter.counts
+    launching = sum(v for k, v in counts.items() if k not in _NO_KERNEL_OPS)
+    return {f"aten_ops{suffix}": sum(counts.values()), f"launching_ops{suffix}": launching,
+            "top_ops": dict(counts.most_common(15))}
 
 
 def cuda_peak_extra_bytes(fn: Callable[[], object], device: torch.device, baseline: int) -> int:

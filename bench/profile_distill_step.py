@@ -17,7 +17,6 @@ runs on the CPU and reports CPU timings only (the GPU fraction is then not defin
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import time
@@ -25,13 +24,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import gpu_activities  # noqa: E402
+from bench.harness import count_ops, gpu_activities  # noqa: E402
 from nern_fast.config import OptimConfig, StageConfig  # noqa: E402
 from nern_fast.models import cifar_resnet  # noqa: E402
 from nern_fast.predictor import FastPredictor  # noqa: E402
@@ -121,34 +119,6 @@ def build_step(args, device):
         return parts
 
     return pred, step, gradients, graphs
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it (views included: they launch nothing)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
-# Ops that return views or metadata, or allocate: no kernel on any device.
-_NO_KERNEL_OPS = {"view", "_unsafe_view", "reshape", "select", "slice", "expand", "unsqueeze",
-                  "squeeze", "t", "transpose", "permute", "as_strided", "detach", "alias", "unbind",
-                  "split", "split_with_sizes", "empty", "empty_strided", "_local_scalar_dense"}
-
-
-def count_ops(step) -> dict:
-    """aten ops of one call of ``step``: all, those that launch work, the most frequent."""
-    with _OpCounter() as counter:
-        step()
-    counts = counter.counts
-    launching = sum(v for k, v in counts.items() if k not in _NO_KERNEL_OPS)
-    return {"aten_ops_per_step": sum(counts.values()), "launching_ops_per_step": launching,
-            "top_ops": dict(counts.most_common(15))}
 
 
 def merged_busy(intervals, lo, hi):

@@ -756,7 +756,7 @@ def test_padding_rows_of_a_tile_point_inside_the_tables(device, permuted):
 
 
 from nern_fast.kernels.common import round_to_bf16, round_to_tf32  # noqa: E402
-from nern_fast.ops.triton_inputs import _round_to_tf32  # noqa: E402
+from nern_fast.ops.triton_inputs import _round_to_tf32, pack_parameters  # noqa: E402
 
 # NaN bit patterns: torch's, CUDA's canonical one (full mantissa), negative ones, a signalling one.
 NAN_BITS = [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFC00000, 0x7F800001]
@@ -811,3 +811,37 @@ def test_kernel_rounding_helpers_keep_nan(device):
     # bf16: torch's own rounding (nearest, ties to even) as the reference
     expected = x.to(torch.bfloat16).float()
     torch.testing.assert_close(bf16, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("hidden,levels,num_blocks,k", [(180, 40, 5, 3), (37, 3, 3, 1), (24, 8, 2, 5),
+                                                         (280, 1, 8, 7)])
+@pytest.mark.parametrize("mode", ["fp32", "tf32", "bf16"])
+def test_parameter_packing_matches_per_matrix_construction(hidden, levels, num_blocks, k, mode):
+    """pack_parameters (one concatenation, one rounding pass, one padding) against packing each
+    matrix on its own, in every mode a GPU call uses: the tf32 rounding and bf16 copies run only on
+    accelerators, so the interpreter tests never reach them. NaN weights stay NaN."""
+    gen = torch.Generator().manual_seed(hidden + num_blocks)
+    shapes = ([(hidden, 6 * levels)] + [(hidden, hidden)] * (num_blocks - 2) + [(k * k, hidden)])
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    weights[-1][0, 1] = float("nan")
+    biases = [torch.randn(s[0], generator=gen) for s in shapes]
+    e_s, h_s = -(-6 * levels // 16) * 16, -(-hidden // 16) * 16
+    packed = pack_parameters(weights, biases, e_s, h_s, round_tf32=mode == "tf32", bf16_hidden=mode == "bf16")
+
+    def expected(w, width):
+        w = torch.nn.functional.pad(w, (0, width - w.shape[1]))
+        return _round_to_tf32(w) if mode == "tf32" else w
+    want_w1, want_wl = expected(weights[0], e_s), expected(weights[-1], h_s)
+    w1, b1, wh, bh, wl, bl = packed
+    for got, want in ((w1, want_w1), (wl, want_wl), (b1, biases[0]), (bl, biases[-1])):
+        assert got.is_contiguous() and got.dtype is want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(wl[0, 1])
+    if num_blocks > 2:
+        want_wh = torch.stack([expected(w, h_s) for w in weights[1:-1]])
+        want_wh = want_wh.to(torch.bfloat16) if mode == "bf16" else want_wh
+        assert wh.is_contiguous() and wh.shape == (num_blocks - 2, hidden, h_s)
+        torch.testing.assert_close(wh, want_wh, rtol=0, atol=0)
+        torch.testing.assert_close(bh, torch.stack(biases[1:-1]), rtol=0, atol=0)
+    for t in packed:  # 16-value aligned starts: the kernels' vectorised loads
+        assert t.data_ptr() % 64 == 0

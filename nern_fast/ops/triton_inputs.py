@@ -46,6 +46,11 @@ def _interpreter_problem() -> Optional[str]:
 
 INTERPRETER_PROBLEM = _interpreter_problem()
 
+# Whether packing makes the tf32/bf16 operand copies a GPU call uses. Under the interpreter it does
+# not (the kernels compute in fp32 and emulate bf16 themselves); ``bench.decode_host_time
+# --stub-triton`` turns it on to time a GPU call's host path on the CPU.
+CONVERT_ON_PACK = not INTERPRETED
+
 MAX_HIDDEN = 2048
 MAX_KERNEL_SIZE = 8  # k² <= 64 output columns per row
 # Precision of the kernels' dots. "fp32x3" is the fp32 mode computed with three tf32 tensor-core
@@ -294,34 +299,54 @@ class LaunchInputs:
         return [self.pos_layer, self.pos_filter, self.pos_channel, self.enc_table]
 
     def _pack(self) -> list[torch.Tensor]:
-        """[W1 (H, E_S), b1, W_hidden (NH, H, H_S), b_hidden (NH, H), W_last (k², H_S), b_last].
+        """The kernels' parameter layout (see :func:`pack_parameters`); tf32 and bf16 conversions on
+        accelerators only (the interpreter computes in fp32 and emulates bf16 itself)."""
+        on_device = CONVERT_ON_PACK and not self.shape.f64
+        return pack_parameters(self.weights, self.biases, self.shape.enc_stride, self.shape.hidden_stride,
+                               round_tf32=on_device and self.shape.precision == "tf32",
+                               bf16_hidden=on_device and self.shape.precision == "bf16")
 
-        Rows zero-padded to multiples of 16 values so that the kernels' loads vectorise (and, for
-        bf16, can be staged asynchronously); the hidden layers in one buffer (the kernels loop over
-        them); bf16 precision keeps bf16 copies of the hidden weights (half the memory traffic).
-        """
-        with torch.no_grad():  # cached copies: never part of an autograd graph
-            return self._pack_no_grad()
 
-    def _pack_no_grad(self) -> list[torch.Tensor]:
-        shape = self.shape
-        w1, wl = self.weights[0], self.weights[-1]
-        if shape.enc_stride != shape.enc_size:
-            w1 = torch.nn.functional.pad(w1, (0, shape.enc_stride - shape.enc_size))
-        if shape.hidden_stride != shape.hidden:
-            wl = torch.nn.functional.pad(wl, (0, shape.hidden_stride - shape.hidden))
-        if shape.num_hidden:
-            wh = torch.stack(self.weights[1:-1])
-            if shape.hidden_stride != shape.hidden:
-                wh = torch.nn.functional.pad(wh, (0, shape.hidden_stride - shape.hidden))
-            if shape.precision == "bf16" and not INTERPRETED and not shape.f64:
+def pack_parameters(weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor], enc_stride: int,
+                    hidden_stride: int, round_tf32: bool = False,
+                    bf16_hidden: bool = False) -> list[torch.Tensor]:
+    """[W1 (H, E_S), b1, W_hidden (NH, H, H_S), b_hidden (NH, H), W_last (k², H_S), b_last].
+
+    Rows zero-padded to ``enc_stride`` / ``hidden_stride`` values (multiples of 16) so that the
+    kernels' loads vectorise (and, for bf16, can be staged asynchronously); the hidden layers in one
+    buffer (the kernels loop over them). ``round_tf32``: the weight matrices rounded to the nearest
+    tf32 values (the tensor cores then truncate nothing); ``bf16_hidden``: bf16 copies of the hidden
+    weights (half the memory traffic). b1 and b_last are the parameters themselves.
+
+    Every call pays this on the host, so it is a handful of ops whatever the depth: one concatenation
+    of the H-long rows (hidden and last layers; tf32: of every matrix, for one rounding pass over
+    all of them), one padding, one stack of the hidden biases — fp32 3 ops, bf16 4, tf32 7 (packing
+    matrix by matrix took 4, 5 and 16).
+    """
+    with torch.no_grad():  # fresh copies: never part of an autograd graph
+        w1 = weights[0]
+        hidden, enc = w1.shape
+        num_hidden = len(weights) - 2
+        if round_tf32:  # one rounding pass over every matrix
+            flat = _round_to_tf32(torch.cat([w.reshape(-1) for w in weights]))
+            w1, rows = flat[:hidden * enc].view(hidden, enc), flat[hidden * enc:].view(-1, hidden)
+        else:  # W1 as it is (no copy unless padded)
+            rows = torch.cat(list(weights[1:]))
+        # rows: every hidden layer's rows, then the last layer's (all H long)
+        if enc_stride != enc:
+            w1 = torch.nn.functional.pad(w1, (0, enc_stride - enc))
+        if hidden_stride != hidden:
+            rows = torch.nn.functional.pad(rows, (0, hidden_stride - hidden))
+        n_wh = num_hidden * hidden
+        wl = rows[n_wh:]
+        if num_hidden:
+            wh = rows[:n_wh].view(num_hidden, hidden, hidden_stride)
+            if bf16_hidden:
                 wh = wh.to(torch.bfloat16)
-            bh = torch.stack(self.biases[1:-1])
+            bh = torch.stack(list(biases[1:-1]))
         else:  # num_blocks == 2: never read, any valid pointer
-            wh, bh = w1, self.biases[0]
-        if shape.precision == "tf32" and not INTERPRETED:
-            w1, wh, wl = (_round_to_tf32(w) for w in (w1, wh, wl))
-        return [w1.contiguous(), self.biases[0], wh.contiguous(), bh, wl.contiguous(), self.biases[-1]]
+            wh, bh = w1, biases[0]
+        return [w1.contiguous(), biases[0], wh.contiguous(), bh, wl.contiguous(), biases[-1]]
 
 
 def _round_to_tf32(t: torch.Tensor) -> torch.Tensor:
