@@ -100,6 +100,9 @@ class BatchStream:
     def load_state_dict(self, state: dict) -> None:
         raise NotImplementedError
 
+    def pause(self) -> None:
+        """Stop any background threads and workers; the next batch is the one that was due."""
+
 
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of one epoch: a function of (seed, epoch) only, so resuming is exact."""
@@ -224,6 +227,12 @@ class LoaderStream(BatchStream):
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iter = None
+
+    def pause(self) -> None:
+        """Shut the loader's workers and pin-memory thread down (a CUDA-graph capture in torch's
+        "global" mode fails if another thread allocates pinned memory meanwhile); the next batch
+        restarts the loader at the same position, as a resumed run does."""
         self._iter = None
 
 

@@ -17,6 +17,23 @@ import torch
 ENCODINGS = ("basic", "ffn")
 NUM_INDICES = 3  # (layer, filter, channel)
 
+_DEVICE_CONSTANTS: dict = {}
+
+
+def _constant_on(device, key: tuple, make) -> torch.Tensor:
+    """A constant table, made on the CPU, then copied to ``device`` once per device: a copy from host
+    memory at every call synchronises a GPU stream with the host, and cannot be captured in a CUDA
+    graph. Read-only for callers. Made outside inference mode (an inference tensor cannot be saved
+    for backward); not kept while torch.compile traces (the table would be a fake tensor)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return make().to(device)
+    table = _DEVICE_CONSTANTS.get((key, device))
+    if table is None:
+        with torch.inference_mode(False):
+            table = _DEVICE_CONSTANTS[(key, device)] = make().to(device)
+    return table
+
 
 @dataclass(frozen=True)
 class EncodingSpec:
@@ -49,15 +66,18 @@ class EncodingSpec:
         return self.kind == "basic"
 
     def frequencies(self, device=None) -> torch.Tensor:
-        """basic: base^j for j < levels, float32, as NeRN computes it (float32 pow)."""
-        return (self.base ** torch.arange(self.levels)).to(device=device, dtype=torch.float32)
+        """basic: base^j for j < levels, float32, as NeRN computes it (float32 pow on the CPU)."""
+        return _constant_on(device, ("frequencies", self), lambda: (
+            self.base ** torch.arange(self.levels)).to(torch.float32))
 
     def ffn_matrix(self, device=None) -> torch.Tensor:
         """ffn: B of shape (3·levels, 3), drawn with torch's generator seeded 0, column-scaled."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            b = torch.randn(self.levels * NUM_INDICES, NUM_INDICES)
-        return (b * torch.tensor(self.gauss_scale)).to(device=device, dtype=torch.float32)
+        def draw():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                b = torch.randn(self.levels * NUM_INDICES, NUM_INDICES)
+            return (b * torch.tensor(self.gauss_scale)).to(torch.float32)
+        return _constant_on(device, ("ffn", self), draw)
 
     def encode(self, positions: torch.Tensor) -> torch.Tensor:
         """Encodings of normalised positions ``(N, 3)`` -> ``(N, 6·levels)`` in the positions' dtype."""

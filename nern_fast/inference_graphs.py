@@ -26,8 +26,10 @@ hold the parameters' storage: replacing a parameter (``pred.to(...)``, a new ten
 ``pred.precision`` / ``pred.backend`` is detected at the start of the next forward (checked once
 per forward: ~10 µs of host time) and everything is recaptured;
 in-place updates (optimizer steps, ``load_state_dict``) are seen by the next replay. A capture that
-fails (a backend that synchronises with the host, the eager backend's device-side checks) turns
-the graphs off for this attachment, with a warning naming the error; decodes then run eagerly.
+fails (a backend that synchronises with the host: the eager backend copies its encoding table from
+host memory at every call) turns the graphs off for this attachment, with a warning naming the
+error; decodes then run eagerly. Captures run on the predictor's device and in torch's
+"thread_local" mode (a DataLoader's pin-memory thread cannot break them); see ``cuda_capture``.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from .cuda_capture import CAPTURE_ERROR_MODE, capture_failure, capturing_on
 
 
 class GraphedDecodes:
@@ -55,6 +58,7 @@ class GraphedDecodes:
         self.captures = 0
         self._graphs: dict = {}  # (layer, slot) -> captured graph
         self._pool = None  # one memory pool shared by every graph (never two replays at once)
+        self._capture_stream = None  # on self.device (torch's default one is on the current device)
         self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
         self._read_done: list = [None, None]  # per slot: (event, stream) after its last reader
         self._replayed = None  # (event, stream) after the last replay
@@ -121,6 +125,7 @@ class GraphedDecodes:
             torch.cuda.synchronize(self.device)
         self._graphs.clear()
         self._pool = None
+        self._capture_stream = None
         self._slots.clear()
         self._read_done = [None, None]
         self._replayed = None
@@ -156,14 +161,17 @@ class GraphedDecodes:
     def _capture(self, i: int, weight: torch.Tensor):
         """Capture layer ``i``'s decode into ``weight`` (a slot view); None (graphs off) on failure."""
         try:
-            self._fill(i, weight)  # eager first: compiles and tunes outside the capture
-            graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._fill(i, weight)
+            with capturing_on(self.device):
+                self._fill(i, weight)  # eager first: compiles and tunes outside the capture
+                graph = torch.cuda.CUDAGraph()
+                if self._pool is None:
+                    self._pool = torch.cuda.graph_pool_handle()
+                    self._capture_stream = torch.cuda.Stream(self.device)
+                with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
+                                      capture_error_mode=CAPTURE_ERROR_MODE):
+                    self._fill(i, weight)
         except Exception as exc:  # a host sync or an op that cannot be captured
-            self.disabled = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.disabled = capture_failure(exc)
             try:
                 self.close()
             except Exception:  # the failed capture may leave an error on the device

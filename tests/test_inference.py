@@ -426,8 +426,15 @@ def fake_streams(monkeypatch):
         finally:
             current.pop()
 
+    def set_stream(stream):
+        log.append(("set_stream", stream.name))
+        current[-1] = stream
+
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
     monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.cuda, "set_stream", set_stream)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeStream("capture", log))
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.Tensor, "record_stream",
                         lambda self, stream: log.append(("record_stream", stream.name)))
@@ -631,6 +638,50 @@ def test_graph_capture_failure_falls_back_to_eager(fake_streams, monkeypatch):
     assert "not permitted" in state.graphs_disabled
     assert torch.equal(run(model, x), expected)
     assert state.stats["graph_replays"] == 0 and state.stats["decodes"] == 8
+    pred.detach(model)
+
+
+def test_graph_capture_failure_restores_the_stream_and_names_the_cause(fake_streams, monkeypatch):
+    """torch's graph context ends an invalidated capture before switching back from its side
+    stream, and ending it raises a second error: the fallback restores the current stream and its
+    warning names the first error."""
+    enable, log = fake_streams
+    main = torch.cuda.current_stream()
+
+    class FailingCapture:
+        def __init__(self, graph, pool=None, stream=None, capture_error_mode="global"):
+            self.stream = stream
+            assert capture_error_mode == "thread_local"  # other threads cannot break the capture
+
+        def __enter__(self):
+            torch.cuda.set_stream(self.stream)
+
+        def __exit__(self, *exc):  # like capture_end() after a failed capture; the stream stays
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def host_sync_inside_capture(*args, **kwargs):
+        if torch.cuda.current_stream().name == "capture":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return original_decode(*args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = materialized_output(model, pred, x)
+    pred.attach(model, mode="on_demand")
+    state = attachment(model)
+    state._graphed = graphed_decodes(state)
+    original_decode = state._graphed.decoder.__class__.__call__
+    monkeypatch.setattr(state._graphed.decoder.__class__, "__call__", host_sync_inside_capture)
+    with pytest.warns(RuntimeWarning, match="not permitted when stream is capturing"):
+        assert torch.equal(run(model, x), expected)
+    assert torch.cuda.current_stream() is main
+    assert ("set_stream", "main") in log
+    assert "previous error during capture" in state.graphs_disabled  # both, the cause first
+    assert state.graphs_disabled.index("not permitted") < state.graphs_disabled.index("previous error")
     pred.detach(model)
 
 

@@ -171,6 +171,25 @@ def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
     assert metrics["final_accuracy"] == json.loads((full / "metrics.json").read_text())["final_accuracy"]
 
 
+@pytest.mark.filterwarnings("ignore:.*cuda_graphs needs a CUDA device")
+def test_resume_equals_uninterrupted_with_cuda_graphs_asked(base_model, tmp_path):
+    """Asking for CUDA graphs does not shift the sampler's stream (the capture's sample rows are not
+    drawn from it), so a resumed run still equals an uninterrupted one (here the graphs fall back
+    to eager steps: no GPU; the sample is made before that)."""
+    stages = [{**stage, "cuda_graphs": True} for stage in RESUME_STAGES]
+    full, part = tmp_path / "full", tmp_path / "part"
+    FitRun(_cfg(base_model, stages), full, echo=_quiet).run()
+
+    def interrupt(stage, step):
+        if (stage, step) == (0, 5):
+            raise KeyboardInterrupt
+    with pytest.raises(StageInterrupted):
+        FitRun(_cfg(base_model, stages), part, on_step=interrupt, echo=_quiet).run()
+    FitRun(_cfg(base_model, stages), part, resume=True, echo=_quiet).run()
+    a, b = _params(full), _params(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def _diverging_run(base_model, out, poison_at_step_6) -> FitRun:
     """A 20-step reconstruction (checkpoints every 4 steps) whose hook poisons it after step 6."""
     stages = [{"type": "reconstruct", "steps": 20, "optim": {"name": "adam", "lr": 1e-3}}]

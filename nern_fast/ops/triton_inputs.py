@@ -208,6 +208,8 @@ def cross_call_reuse() -> bool:
 def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
     if not cross_call_reuse() or torch.compiler.is_compiling():
         return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False  # a graph must record the packing: its replays then read the live parameters
     # Inference tensors have no version counter; tensors of a graph being traced are not real.
     return not any(t.is_inference() for t in tensors)
 

@@ -32,6 +32,7 @@ from . import setup
 from .checkpoint import (CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .evaluation import accuracy
+from ..cuda_capture import GRAPHED_CALLABLES_THREAD_LOCAL
 from .graphs import graphed_distillation, maybe_graphed
 from .logger import RunLog, StepMeter, progress_bar
 from .losses import feature_module_names, per_layer_rmse, rmse
@@ -245,7 +246,10 @@ class FitRun:
         what = f"stage {index} ({stage.name})"
         if stage.type == "reconstruct":
             objective = ReconstructionObjective(pred, target, stage.reconstruction_loss)
-            compute = maybe_graphed(objective, (sampler.sample(),), stage.cuda_graphs, what) \
+            # The capture's sample rows need only the right shape: drawing them from the sampler
+            # would shift its stream, and a resumed run would then differ from an uninterrupted one.
+            sample_rows = torch.zeros(sampler.batch_size, dtype=torch.long, device=self.device)
+            compute = maybe_graphed(objective, (sample_rows,), stage.cuda_graphs, what) \
                 if stage.cuda_graphs else objective
             eager = objective
         else:
@@ -307,6 +311,8 @@ class FitRun:
                         if compute is None:
                             dummy = rows if rows is not None else torch.zeros(1, dtype=torch.long,
                                                                               device=self.device)
+                            if self.device.type == "cuda" and not GRAPHED_CALLABLES_THREAD_LOCAL:
+                                stream.pause()  # torch < 2.14: no other thread may use CUDA meanwhile
                             compute = graphed_distillation(eager, (x, dummy), True, what)
                         loss, parts = compute(x, rows if rows is not None else dummy)
                 optimizer_step(loss, params, optimizer, scheduler, stage.optim.grad_clip)
