@@ -53,7 +53,8 @@ def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what:
             raise RuntimeError(f"{what}: the CUDA-graph capture failed ({capture_failure(exc)}) and "
                                f"left the device unusable") from sticky
         warnings.warn(f"{what}: could not capture the step in a CUDA graph ({capture_failure(exc)}); "
-                      f"it runs eagerly. The decode backend must not synchronise with the host", RuntimeWarning, stacklevel=2)
+                      f"it runs eagerly. The decode backend must not synchronise with the host",
+                      RuntimeWarning, stacklevel=2)
         return objective
 
     def step(*args):
