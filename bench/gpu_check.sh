@@ -54,9 +54,28 @@ r=o.make_request([torch.zeros(8,240,device='cuda'),torch.zeros(9,8,device='cuda'
 nern_fast.WeightLayout.from_shapes([(4,4)]), nern_fast.EncodingSpec(), None, 'fp32'); \
 print('backends on cuda:', o.availability(r))" 2>&1 | tee -a "$OUT/env.txt"
 
+{  # the toolchain the extension was built with and the C++ runtime it loads (sessions 1-2: the
+   # CPU ops crashed at the first exception they threw; suspect: a newer g++ than the libstdc++ loaded)
+  echo "== toolchain"
+  ${CXX:-c++} --version 2>&1 | head -1; /usr/bin/g++ --version 2>&1 | head -1
+  ls -l "$(command -v c++ 2>/dev/null)" /opt/gcc/bin/g++ 2>&1 | head -2
+  ldd nern_fast/_C*.so 2>&1 | grep -E "stdc|gcc_s|gomp"
+  $PY -c "import torch; print('torch cxx11 abi', torch._C._GLIBCXX_USE_CXX11_ABI); \
+import ctypes.util; print('libstdc++ found', ctypes.util.find_library('stdc++'))" 2>&1
+  strings nern_fast/_C*.so 2>/dev/null | grep -oE "GLIBCXX_3\.4\.[0-9]+" | sort -uV | tail -1
+} >> "$OUT/env.txt" 2>&1
+
 # Tests first: the code changed since the last GPU session is verified even if the session is cut.
 if [ "$WHAT" != bench ]; then
   pytest_step tests_csrc 60 tests/test_csrc.py
+  if grep -q "raw_op_error) exited with -" "$LOGS/tests_csrc.log"; then
+    # The error-path crash again: rebuild the CPU ops with the system compiler in a copy and rerun
+    # the error tests there (tells a toolchain mismatch from a bug of ours).
+    step csrc_system_gcc 150 bash -c "rm -rf /tmp/sysgcc && cp -r . /tmp/sysgcc && cd /tmp/sysgcc && \
+      CC=/usr/bin/gcc CXX=/usr/bin/g++ NERN_FAST_NO_CUDA=1 $PY setup.py build_ext --inplace -q && \
+      ldd nern_fast/_C*.so | grep -E 'stdc|gcc_s' ; \
+      $PY -m pytest -q -p no:cacheprovider tests/test_csrc.py -k 'raw_op_error or boundary'"
+  fi
   # Default configs only: tuning is measured by the bench step, the tests check correctness. The
   # session-2 run needed more than 75 s (cut after 7 passed): 140 s, slowest tests reported.
   step tests_triton 140 env NERN_FAST_TRITON_AUTOTUNE=0 $PY -m pytest -q --no-header -p no:cacheprovider \
