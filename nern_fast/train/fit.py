@@ -16,6 +16,7 @@ After every stage the reconstructed network is evaluated on the test set. Output
 """
 from __future__ import annotations
 
+import gc
 import math
 import signal
 import threading
@@ -27,12 +28,12 @@ import torch
 
 from .. import ops
 from ..config import Config, ConfigError, dump_yaml, to_dict
+from ..cuda_capture import GRAPHED_CALLABLES_THREAD_LOCAL
 from ..predictor import FastPredictor
 from . import setup
 from .checkpoint import (CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .evaluation import accuracy
-from ..cuda_capture import GRAPHED_CALLABLES_THREAD_LOCAL
 from .graphs import graphed_distillation, maybe_graphed
 from .logger import RunLog, StepMeter, progress_bar
 from .losses import feature_module_names, per_layer_rmse, rmse
@@ -174,6 +175,8 @@ class FitRun:
                                                      elapsed_before=elapsed + time.perf_counter() - started)
             results.append(result)
             state = None
+            if cfg.stages[index].cuda_graphs and self.device.type == "cuda":
+                gc.collect()  # make_graphed_callables leaves a reference cycle: free the graphs' pool now
         if pred is None:  # resumed after the last stage: the final predictor is on disk
             pred = FastPredictor.load(self.out / "predictor.pt", map_location=self.device)
         total = elapsed + time.perf_counter() - started
