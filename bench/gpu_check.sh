@@ -2,7 +2,7 @@
 # The prepared GPU check for a `device` session (H100/H200, torch 2.11 + triton 3.6, offline).
 # Installs the package offline (building nern_fast._C with its CUDA ops for sm_90), then runs, each
 # step with its own time limit so one hang cannot eat the session:
-#   tests: csrc tests -> Triton tests -> inference tests                       (about 4.5 min)
+#   tests: csrc tests -> Triton tests -> inference tests -> graphed training (about 5 min)
 #   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
 #          inference benchmark (graphs off/on) -> distillation-step profile, eager and in CUDA
 #          graphs                                                               (about 7 min)
@@ -81,6 +81,7 @@ if [ "$WHAT" != bench ]; then
   step tests_triton 140 env NERN_FAST_TRITON_AUTOTUNE=0 $PY -m pytest -q --no-header -p no:cacheprovider \
     -rs --maxfail=20 --durations=10 tests/test_triton.py -m gpu
   pytest_step tests_inference 45 tests/test_inference.py  # CUDA-graph captures: +15 s
+  pytest_step tests_train_graphs 60 tests/test_train_recipes.py -m gpu  # captured training steps
 fi
 if [ "$WHAT" != tests ]; then
   # The tuner's log: every timed candidate (kernel times per tile configuration) and the choice.

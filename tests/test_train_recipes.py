@@ -135,6 +135,28 @@ def test_cuda_graphs_fall_back_on_cpu(base_model, tmp_path):
     assert metrics["stages"][0]["steps"] == 4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stage", [
+    {"type": "reconstruct", "steps": 6, "weights_batch_size": 64, "optim": {"name": "adam", "lr": 1e-3}},
+    {"type": "distill", "steps": 6, "reconstruction_weight": 1.0, "kd_weight": 0.1, "fmd_weight": 0.01,
+     "loss_warmup_steps": 2, "weights_batch_size": 64, "optim": {"name": "adam", "lr": 1e-3}}])
+def test_cuda_graphs_train_like_eager_steps(base_model, tmp_path, stage):
+    """On a GPU the captured steps are taken (no fallback warning) and train as the eager ones:
+    the same parameters after the stage, within the reordering of floating-point sums."""
+    outs = {}
+    for graphs in (False, True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, metrics = _fit(base_model, tmp_path / str(graphs), [{**stage, "cuda_graphs": graphs}],
+                                extra={"device": "cuda"})
+        assert not [w for w in caught if "CUDA graph" in str(w.message)], [str(w.message) for w in caught]
+        assert metrics["stages"][0]["steps"] == 6
+        outs[graphs] = _params(out)
+    for k, eager in outs[False].items():
+        torch.testing.assert_close(outs[True][k], eager, rtol=1e-4, atol=1e-5)
+
+
 def _params(out):
     return FastPredictor.load(out / "predictor.pt").state_dict()
 
