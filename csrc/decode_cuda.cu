@@ -11,8 +11,9 @@
 // bf16 keeps the fp32 bias: the epilogue's bias would be rounded to bf16, an error repeated on every
 // row (it doubled the decode error in the first GPU run). Instead every GEMM input carries two
 // constant-one columns and the packed bf16 weight two extra columns with the bias split into
-// hi = bf16(b) and lo = bf16(b - hi), so the fp32 accumulator receives b to ~2^-17 relative; the
-// epilogue adds a zero bias and applies the ReLU. Widths are padded to multiples of 8 (16-byte rows).
+// hi = bf16(b) and lo = bf16(b - hi) (0 if hi is not finite: an infinite bias stays infinite, not
+// NaN), so the fp32 accumulator receives b to ~2^-17 relative; the epilogue adds a zero bias and
+// applies the ReLU. Widths are padded to multiples of 8 (16-byte rows).
 #include "decode.h"
 
 #include <ATen/ATen.h>
@@ -26,11 +27,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace nern_fast {
@@ -382,7 +384,7 @@ __global__ void pack_bf16_kernel(PackList list) {
         v = job.weight[r * job.cols + c];
       } else if (job.bias && c < job.cols + 2) {
         const float hi = __bfloat162float(__float2bfloat16_rn(job.bias[r]));
-        v = c == job.cols ? hi : job.bias[r] - hi;
+        v = c == job.cols ? hi : (isfinite(hi) ? job.bias[r] - hi : 0.f);  // Inf - Inf would be NaN
       }
     } else if (r - job.rows < 2 && c == job.cols + (r - job.rows)) {
       v = 1.f;
@@ -400,29 +402,34 @@ __global__ void pack_bf16_kernel(PackList list) {
   } while (0)
 
 // The layout table on the device, cached by content (one small copy per layout and device, not per
-// call: a copy from pageable memory synchronises the stream). Never freed: tensors must not outlive
-// the CUDA context in static destructors.
+// call: a copy from pageable memory synchronises the stream). Never evicted: freeing a table could
+// hand its block to another stream while queued kernels still read it, and tables are tiny (32 bytes
+// per conv layer). Never destroyed: tensors must not outlive the CUDA context in static destructors.
 at::Tensor device_meta(const DecodeProblem& p, const at::Device& device) {
-  struct Entry {
-    int device;
-    std::vector<int32_t> meta;
-    at::Tensor on_device;
-  };
+  using Key = std::pair<int, std::vector<int32_t>>;
   static std::mutex* mutex = new std::mutex();
-  static std::vector<Entry>* cache = new std::vector<Entry>();
+  static std::map<Key, at::Tensor>* cache = new std::map<Key, at::Tensor>();
   const int32_t* m = p.meta.data_ptr<int32_t>();
-  std::vector<int32_t> key(m, m + p.meta.numel());
+  Key key(device.index(), std::vector<int32_t>(m, m + p.meta.numel()));
   std::lock_guard<std::mutex> lock(*mutex);
-  for (const Entry& e : *cache)
-    if (e.device == device.index() && e.meta == key) return e.on_device;
-  if (cache->size() >= 32) cache->erase(cache->begin());
-  cache->push_back({device.index(), key, p.meta.to(device)});
-  return cache->back().on_device;
+  auto it = cache->find(key);
+  if (it == cache->end()) it = cache->emplace(std::move(key), p.meta.to(device)).first;
+  return it->second;
+}
+
+// True while `stream` is being captured into a CUDA graph, or when that cannot be told.
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess) return status != cudaStreamCaptureStatusNone;
+  (void)cudaGetLastError();
+  return true;
 }
 
 // Rows per tile from a memory budget for the tile's buffers: NERN_FAST_CUDA_WORKSPACE_MB, else 1 GiB,
-// but at most half of the device's free memory for large problems (never fewer than 1024 rows).
-int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
+// but at most half of the device's free memory for large problems (never fewer than 1024 rows). Not
+// while capturing a CUDA graph (capture may forbid the query, and free memory now says nothing about
+// the replays): the 1 GiB default then.
+int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row, cudaStream_t stream) {
   int64_t budget = kDefaultWorkspace;
   bool explicit_budget = false;
   if (const char* env = std::getenv("NERN_FAST_CUDA_WORKSPACE_MB")) {
@@ -432,7 +439,7 @@ int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
       explicit_budget = true;
     }
   }
-  if (!explicit_budget && total_rows * bytes_per_row > (int64_t(256) << 20)) {
+  if (!explicit_budget && total_rows * bytes_per_row > (int64_t(256) << 20) && !capturing(stream)) {
     size_t free_bytes = 0, total_bytes = 0;
     if (cudaMemGetInfo(&free_bytes, &total_bytes) == cudaSuccess) {
       budget = std::min<int64_t>(budget, std::max<int64_t>(int64_t(256) << 20, int64_t(free_bytes / 2)));
@@ -448,19 +455,22 @@ int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row) {
 inline int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
 // acc (fp32) += m1 @ m2 for bf16 m1, m2 with every product exact and fp32 accumulation (what a bf16
-// GEMM with an fp32 output computes: per-tile products are never rounded to bf16). Three ways, the
-// first that this torch provides and accepts (each refusal is remembered):
-//  1. aten::addmm.dtype_out with acc as cuBLAS's fp32 C (newer torch: `self` may be fp32);
-//  2. aten::mm.dtype_out into an fp32 product, added to acc (torch 2.8-2.11 demand a bf16 `self`
-//     from addmm.dtype_out, which would round acc);
+// GEMM with an fp32 output computes: per-tile products are never rounded to bf16). Three ways, chosen
+// up front from what this torch registers, never by trying one and catching its refusal (the catch
+// also swallowed real CUDA errors, and on the GPU host the extension crashed at its first throw):
+//  1. aten::addmm.dtype_out with acc as cuBLAS's fp32 C: only when NERN_FAST_CUDA_BF16_WGRAD=addmm
+//     forces it (older torch refuses an fp32 `self` there; from which version it is accepted is not
+//     established, so it is never chosen by default);
+//  2. aten::mm.dtype_out into an fp32 product, added to acc (the default; torch >= 2.8);
 //  3. an IEEE fp32 GEMM of the operands cast to fp32: a product of two bf16 values (8-bit
 //     significands) is exact in fp32 — the same numerics at fp32-GEMM speed.
-// NERN_FAST_CUDA_BF16_WGRAD=addmm|mm|fp32 starts the chain at that way (tests run every way).
+// NERN_FAST_CUDA_BF16_WGRAD=addmm|mm|fp32 starts at that way and goes down to the first that exists
+// (tests run every way).
 enum class WgradWay : int { kAddmm = 0, kMm = 1, kFp32 = 2 };
 
 WgradWay first_wgrad_way() {
   const char* env = std::getenv("NERN_FAST_CUDA_BF16_WGRAD");
-  if (env == nullptr) return WgradWay::kAddmm;
+  if (env == nullptr) return WgradWay::kMm;
   const std::string way(env);
   if (way == "mm") return WgradWay::kMm;
   if (way == "fp32") return WgradWay::kFp32;
@@ -469,45 +479,62 @@ WgradWay first_wgrad_way() {
   return WgradWay::kAddmm;
 }
 
-// Calls a dtype_out overload (addmm: self, m1, m2; mm: m1, m2) boxed; false if it does not exist
-// here or refuses these arguments.
-bool call_dtype_out(const char* name, std::vector<c10::IValue> args, const at::Tensor& out) {
-  const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({name, "dtype_out"});
-  if (!op.has_value()) return false;
-  try {
-    torch::jit::Stack stack(std::move(args));
-    stack.emplace_back(at::kFloat);
-    if (std::string(name) == "aten::addmm") {
-      stack.emplace_back(at::Scalar(1));
-      stack.emplace_back(at::Scalar(1));
-    }
-    stack.emplace_back(out);
-    op->callBoxed(&stack);
-    return true;
-  } catch (const c10::Error&) {
-    return false;
+// Calls a dtype_out overload (addmm: self, m1, m2; mm: m1, m2) boxed, with an fp32 out_dtype.
+void call_dtype_out(const c10::OperatorHandle& op, bool addmm, std::vector<c10::IValue> args,
+                    const at::Tensor& out) {
+  torch::jit::Stack stack(std::move(args));
+  stack.emplace_back(at::kFloat);
+  if (addmm) {
+    stack.emplace_back(at::Scalar(1));
+    stack.emplace_back(at::Scalar(1));
   }
+  stack.emplace_back(out);
+  op.callBoxed(&stack);
 }
 
 void add_bf16_product(at::Tensor& acc, const at::Tensor& m1, const at::Tensor& m2) {
-  static std::atomic<bool> addmm_refused{false}, mm_refused{false};
+  static const std::optional<c10::OperatorHandle> addmm_op =
+      c10::Dispatcher::singleton().findSchema({"aten::addmm", "dtype_out"});
+  static const std::optional<c10::OperatorHandle> mm_op =
+      c10::Dispatcher::singleton().findSchema({"aten::mm", "dtype_out"});
   const WgradWay first = first_wgrad_way();
-  if (first == WgradWay::kAddmm && !addmm_refused.load()) {
-    if (call_dtype_out("aten::addmm", {acc, m1, m2}, acc)) return;
-    addmm_refused = true;
-  }
-  if (first != WgradWay::kFp32 && !mm_refused.load()) {
+  if (first == WgradWay::kAddmm && addmm_op.has_value()) {
+    call_dtype_out(*addmm_op, /*addmm=*/true, {acc, m1, m2}, acc);
+  } else if (first != WgradWay::kFp32 && mm_op.has_value()) {
     at::Tensor product = at::empty(acc.sizes(), acc.options());
-    if (call_dtype_out("aten::mm", {m1, m2}, product)) {
-      acc.add_(product);
-      return;
-    }
-    mm_refused = true;
+    call_dtype_out(*mm_op, /*addmm=*/false, {m1, m2}, product);
+    acc.add_(product);
+  } else {
+    at::NoTF32Guard ieee;  // IEEE fp32: exact products of the bf16 values, fp32 accumulation
+    acc.addmm_(m1.to(at::kFloat), m2.to(at::kFloat));
   }
-  at::NoTF32Guard ieee;  // IEEE fp32: exact products of the bf16 values, fp32 accumulation
-  acc.addmm_(m1.to(at::kFloat), m2.to(at::kFloat));
 }
+
+// ATen's cuBLASLt GEMMs (the hidden layers' bias + ReLU epilogue) take TF32 or not from the global CUDA
+// matmul precision only; at::NoTF32Guard reaches the cuBLAS-handle GEMMs alone. So each call sets the
+// global switch to its mode (fp32/bf16: IEEE, tf32: TF32) and restores it after, as the Python wrapper
+// does, for callers that bypass the wrapper (raw op, torch.compile'd code). It is process-wide: other
+// threads' matmuls during the call see it too. Only flipped when it differs from the mode.
+class MatmulPrecisionGuard {
+ public:
+  explicit MatmulPrecisionGuard(bool tf32)
+      : previous_(at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL)),
+        changed_((previous_ == at::Float32Precision::TF32) != tf32) {
+    if (changed_) set(tf32 ? at::Float32Precision::TF32 : at::Float32Precision::IEEE);
+  }
+  ~MatmulPrecisionGuard() {
+    if (changed_) set(previous_);
+  }
+  MatmulPrecisionGuard(const MatmulPrecisionGuard&) = delete;
+  MatmulPrecisionGuard& operator=(const MatmulPrecisionGuard&) = delete;
+
+ private:
+  static void set(at::Float32Precision p) {
+    at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL, p);
+  }
+  const at::Float32Precision previous_;
+  const bool changed_;
+};
 
 class CudaDecoder {
  public:
@@ -529,7 +556,7 @@ class CudaDecoder {
     const int64_t per_row =
         backward ? last_ * act_ld_ * cbytes_ + 2 * hidden_ * cbytes_ + enc_ld_ * cbytes_ + k2 * (cbytes_ + 4 + 2)
                  : 2 * act_ld_ * cbytes_ + (keep_enc ? enc_ld_ * cbytes_ : 0) + k2 * cbytes_;
-    tile_ = tile_rows(p.num_rows(), per_row);
+    tile_ = tile_rows(p.num_rows(), per_row, stream_);
     if (p.num_rows() == 0) return;
     meta_ = device_meta(p, device_);
     prepare_weights();
@@ -813,8 +840,7 @@ at::Tensor decode_forward_cuda(at::TensorList weights, at::TensorList biases, co
                                  rows, encoding_table, encoding, kernel_size, num_kernels, num_weights,
                                  precision);
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
-  std::optional<at::NoTF32Guard> ieee;  // fp32 means IEEE fp32 whatever the global TF32 switch says
-  if (p.precision != Precision::kTf32) ieee.emplace();
+  const MatmulPrecisionGuard matmul_precision(p.precision == Precision::kTf32);
   return CudaDecoder(p, /*backward=*/false).forward();
 }
 
@@ -831,8 +857,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cud
   TORCH_CHECK(!(saved.has_value() && saved->defined()), "nern_fast: the CUDA decoder recomputes "
               "activations in backward; pass saved=None (decode_forward_saving is CPU-only)");
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
-  std::optional<at::NoTF32Guard> ieee;
-  if (p.precision != Precision::kTf32) ieee.emplace();
+  const MatmulPrecisionGuard matmul_precision(p.precision == Precision::kTf32);
   return CudaDecoder(p, /*backward=*/true).backward(grad);
 }
 

@@ -4,6 +4,7 @@ Forward output and every gradient, odd sizes, both encodings, all normalisations
 permutations, subsets, kernel sizes 1..7; bf16 bounded against fp64; errors at the C++ boundary;
 the backend's selection; torch.library registrations. CUDA tests run where a GPU is visible.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -720,12 +721,25 @@ def test_cuda_case_reduced_precision_bounded(precision, encoding, layout_name, h
     assert_within_eager_error(pred, precision, max_factor=4.0)
 
 
+def addmm_dtype_out_takes_fp32_self():
+    """Whether this torch's addmm.dtype_out takes an fp32 `self` (and out) with bf16 matrices."""
+    m = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+    acc = torch.ones(2, 2, device="cuda")
+    try:
+        torch.ops.aten.addmm.dtype_out(acc, m, m, torch.float32, out=acc)
+    except (AttributeError, RuntimeError):  # no such overload, or it refuses an fp32 self
+        return False
+    return True
+
+
 @cuda_case
 @pytest.mark.parametrize("way", ["addmm", "mm", "fp32"])
 def test_cuda_case_bf16_weight_gradient_ways(way, monkeypatch):
-    """Each way of accumulating bf16 weight gradients in fp32 (addmm.dtype_out where this torch
-    accepts an fp32 C, mm.dtype_out, an IEEE fp32 GEMM of the bf16 values) is as accurate as eager
-    bf16; forced 1,024-row tiles make many per-tile products."""
+    """Each way of accumulating bf16 weight gradients in fp32 (mm.dtype_out, the default;
+    addmm.dtype_out with the fp32 gradient as C, used only when forced; an IEEE fp32 GEMM of the bf16
+    values) is as accurate as eager bf16; forced 1,024-row tiles make many per-tile products."""
+    if way == "addmm" and not addmm_dtype_out_takes_fp32_self():
+        pytest.skip("this torch's addmm.dtype_out refuses an fp32 self: forcing it would raise")
     monkeypatch.setenv("NERN_FAST_CUDA_WORKSPACE_MB", "1")
     monkeypatch.setenv("NERN_FAST_CUDA_BF16_WGRAD", way)
     pred = random_predictor(tiled_layout(), hidden=37, num_blocks=5, levels=40).cuda()
@@ -745,7 +759,12 @@ def test_cuda_case_nan_propagates(num_blocks, request):
 
 
 @cuda_case
-def test_cuda_case_fp32_ignores_global_tf32_switch():
+@pytest.mark.parametrize("wrapper_switch", [True, False])
+def test_cuda_case_fp32_ignores_global_tf32_switch(wrapper_switch, monkeypatch):
+    """fp32 is IEEE under a global TF32 switch, also without the wrapper's switching (as for raw-op
+    callers and torch.compile'd code): the op sets the switch for the call and restores it."""
+    if not wrapper_switch:
+        monkeypatch.setattr(csrc_backend, "matmul_precision", lambda *a: contextlib.nullcontext())
     pred = random_predictor(mixed_layout(), hidden=280, num_blocks=5, levels=40).cuda()
     ref, _ = decode_and_grads(pred, "eager")
     matmul = torch.backends.cuda.matmul  # the switch the reference uses, new API where there is one
@@ -755,6 +774,7 @@ def test_cuda_case_fp32_ignores_global_tf32_switch():
     try:
         out = ops.decode(pred.weights(), pred.biases(), pred.layout, pred.encoding, None, "fp32",
                          "csrc").detach()
+        assert getattr(matmul, name) == on
     finally:
         setattr(matmul, name, previous)
     torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())
