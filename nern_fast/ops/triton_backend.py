@@ -424,6 +424,9 @@ class TritonBackend:
         tensors = (rows, koff, woff, meta, coord, pos_l, pos_f, pos_c, table)
         if torch.compiler.is_compiling():
             return triton_decode(list(weights), list(biases), *tensors, *static, *settings)
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*weights, *biases)):
+            # Nothing to differentiate: the autograd.Function's machinery is ~8 µs of host time.
+            return _decode_impl(list(weights), list(biases), *tensors, *static, *settings)[0]
         return _DecodeFunction.apply(tensors, static + settings, *weights, *biases)
 
 

@@ -177,10 +177,16 @@ def num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
+_DEVICE_NAMES: dict[int, str] = {}
+
+
 def device_key(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
-    return torch.cuda.get_device_name(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_NAMES:  # a query per call costs a few µs of host time
+        _DEVICE_NAMES[index] = torch.cuda.get_device_name(index)
+    return _DEVICE_NAMES[index]
 
 
 def tuning_enabled(device: torch.device) -> bool:
@@ -274,6 +280,14 @@ def _log(message: str) -> None:
         print(f"[nern_fast.triton] {message}", file=sys.stderr)
 
 
+@lru_cache(maxsize=256)
+def _tune_key(kind: str, device: str, shape: DecodeShape, first_layer: str, schedule: str) -> tuple:
+    """A decision's key: the call shape with its rows bucketed by powers of 4 (cached: the
+    dataclass copy costs µs of host time per call)."""
+    rows_bucket = max(0, round(math.log2(max(shape.rows, 1)) / 2))
+    return kind, device, replace(shape, rows=rows_bucket), first_layer, schedule
+
+
 def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_layer: str,
                   run: Callable[[LaunchConfig], None], tune: Optional[bool] = None,
                   timer: Optional[Callable[[Callable[[], None]], float]] = None,
@@ -288,8 +302,7 @@ def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_lay
     try_direct = tune and first_layer == "auto" and candidates[0].separable
     if not tune or (len(candidates) == 1 and not try_direct):
         return candidates[0]
-    rows_bucket = max(0, round(math.log2(max(shape.rows, 1)) / 2))  # powers of 4
-    key = (kind, device_key(device), replace(shape, rows=rows_bucket), first_layer, schedule)
+    key = _tune_key(kind, device_key(device), shape, first_layer, schedule)
     if key in _TUNED:
         return _TUNED[key]
     allowed = list(candidates) + [replace(c, separable=False) for c in candidates] if try_direct else list(
