@@ -163,6 +163,11 @@ def measure(device_name: str, cases: list, providers: list, precisions: list, re
                            "top_ops": ops_count["top_ops"]}
                     if device.type == "cuda":
                         row.update(_cuda_split(fn, repeats))
+                    if name == "triton":  # the launch configurations the tuner chose (schedule, tiles)
+                        from nern_fast.ops.triton_tuner import tuned_configs
+                        row["triton_configs"] = sorted({f"{key[0]} H={key[2].hidden} {key[2].precision}: "
+                                                        f"{config.describe()}"
+                                                        for key, config in tuned_configs().items()})
                 rows.append(row)
                 print(json.dumps(row))
     return rows
