@@ -113,7 +113,9 @@ def _grad_of_outputs(gbase, valid, size, crop, amax, CROP: tl.constexpr, HAS_MAX
     p_ok = (p < K * K) & valid[:, None]
     if CROP:
         s = size[:, None]
-        mode = crop[:, None]
+        # A k×k layer is not cropped whatever its mode: as centre (the identity). Its mode may be max
+        # where HAS_MAX is off (only cropped layers set it), which would drop its gradients.
+        mode = tl.where(s == K, 0, crop[:, None])
         y = p // K
         x = p % K
         win = K - s + 1

@@ -146,6 +146,29 @@ def test_chunked_schedule_matches_reference(case, device, first_layer, chunked):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("schedule", ["fused", "chunked"])
+@pytest.mark.parametrize("modes", [("max", "center"), ("max", "average"), ("average", "max")])
+def test_crop_modes_mixed_across_layers(modes, schedule, device, chunked):
+    """Full-size layers whose crop mode differs from the cropped layers' (a k×k layer set to "max"
+    is not cropped): the backward took a full-size "max" row for a max crop, which the kernels
+    skip when no cropped layer uses max — its gradients came out 0."""
+    if schedule == "chunked":
+        chunked()
+    full_mode, cropped_mode = modes
+    layout = WeightLayout([("full", (8, 8, 3, 3), full_mode), ("also_full", (16, 8, 3, 3), cropped_mode),
+                           ("cropped", (8, 16, 2, 2), cropped_mode), ("pointwise", (8, 8, 1, 1), cropped_mode)],
+                          kernel_size=3)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    rows = torch.arange(0, layout.num_kernels, 7, device=device)
+    for subset in (None, rows):
+        out, grads = decode_and_grads(pred, "triton", subset)
+        ref, ref_grads = decode_and_grads(pred, "eager", subset)
+        assert rel_err(out, ref) <= FP32_TOL
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            assert rel_err(g, r) <= FP32_TOL, f"gradient {i}: relative error {rel_err(g, r):.2e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 def test_subset_equals_full_and_its_gradients_match(schedule, device, chunked):
     if schedule == "chunked":
         chunked(64)  # 152 rows: chunks of 64, 64 and 24
