@@ -97,6 +97,16 @@ def _fused_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     return [(128, 64, 64, 8, 2, 1), (64, 64, 64, 4, 2, 2)]
 
 
+def _fused_row_cap(kind: str, shape: DecodeShape) -> int:
+    """Most rows per fused tile for k² outputs padded to K2P: the crop's gathers unroll k² window
+    positions over BM × K2P values, which spill for large k (sm_90 compiles, triton 3.8, backward
+    at H = 280 with the max crop: k = 7 spilled 2.1–2.4 KB per thread at BM = 64–128, 56–120 B at
+    BM = 16; k = 5 0.5–0.7 KB at BM = 64–128, 40–96 B at BM = 32)."""
+    if shape.k2_pad < 32 or INTERPRETED:
+        return 1 << 30
+    return max(16, (1024 if kind == "bwd" else 2048) // shape.k2_pad)
+
+
 def _chunked_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     """(BM, BN, BK, warps, stages, 1) of the chunked schedule's GEMM launches, the default first:
     the usual tensor-core GEMM tiles (sm_90 compiles in kernels/README.md)."""
@@ -157,7 +167,7 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
         tiles = _fused_tiles(kind, shape) if sched == "fused" else _chunked_tiles(kind, shape)
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
-                bm = min(bm, cap_m)
+                bm = min(bm, cap_m, _fused_row_cap(kind, shape))
             config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched)
             if config not in out:
                 out.append(config)
