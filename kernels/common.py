@@ -267,6 +267,17 @@ def dense_out(src, K_S, w_ptr, b_ptr, K2,
 
 
 @triton.jit
+def exact_div(x, y, F64: tl.constexpr):
+    """x / y correctly rounded, as torch divides (on a GPU `/` compiles to div.full.f32: 2 ulp). Used
+    by the forward's average crop; the backward keeps `/` (inside its unrolled window loops div_rn
+    raised the max-crop backward's spills from 128 to 528 B per thread for 1-2 ulp)."""
+    if F64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
 def crop_gather(raw, valid, size, crop, K: tl.constexpr, BM: tl.constexpr, K2P: tl.constexpr,
                 F64: tl.constexpr):
     """NeRN's s×s sampling of the k×k outputs held in scratch ``raw`` (BM × K2P, row-major k×k).
@@ -293,7 +304,7 @@ def crop_gather(raw, valid, size, crop, K: tl.constexpr, BM: tl.constexpr, K2P: 
             v = tl.load(base + (a + da) * K + (b + db), mask=inside, other=0.0)
             total += v
             best = tl.where(inside & ((v > best) | (v != v)), v, best)  # NaN wins, as in torch
-    mean = total / (win * win).to(total.dtype)
+    mean = exact_div(total, (win * win).to(total.dtype), F64)
     out = tl.where(mode == 0, center, tl.where(mode == 1, mean, best))
     return tl.where(q_ok, out, 0.0)
 
