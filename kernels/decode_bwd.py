@@ -55,7 +55,7 @@ def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first,
 def _backprop_relu(dz, N, N_S, w_ptr, KD_S, x, dst,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """dst = (dz @ W) · (x > 0): the gradient before the ReLU that produced x.
+    """dst = (dz @ W) · (x > 0): the gradient before the ReLU that produced x (NaN x passes, as torch).
 
     dz: (BM, N_S); W: (N, KD_S) zero-padded rows; x, dst: (BM, KD_S).
     """
@@ -72,7 +72,7 @@ def _backprop_relu(dz, N, N_S, w_ptr, KD_S, x, dst,
             acc = mma(a, w, acc, PRECISION, INTERPRET)
         h = tl.load(x + offs_m[:, None] * KD_S + offs_n[None, :], mask=n_ok[None, :], other=0.0)
         tl.store(dst + offs_m[:, None] * KD_S + offs_n[None, :],
-                 to_scratch(tl.where(h > 0, acc, 0.0), PRECISION, INTERPRET), mask=n_ok[None, :])
+                 to_scratch(tl.where(h <= 0, 0.0, acc), PRECISION, INTERPRET), mask=n_ok[None, :])
 
 
 @triton.jit
@@ -257,7 +257,7 @@ def decode_bwd_kernel(
             dh = mma(g, w, tl.zeros((BM, BN), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             h = tl.load(last + offs_m[:, None] * H_S + offs_n[None, :], mask=n_ok[None, :], other=0.0)
             tl.store(dz0 + offs_m[:, None] * H_S + offs_n[None, :],
-                     to_scratch(tl.where(h > 0, dh, 0.0), PRECISION, INTERPRET), mask=n_ok[None, :])
+                     to_scratch(tl.where(h <= 0, 0.0, dh), PRECISION, INTERPRET), mask=n_ok[None, :])
         tl.debug_barrier()
         # ---- hidden layers, last to first: layer i maps acts[i] -> acts[i+1] with W_hidden[i]
         for j in range(num_hidden):

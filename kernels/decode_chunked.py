@@ -76,7 +76,8 @@ def chunk_matmul_kernel(
     padded weight rows, stride_wk = 1; input gradient: the same weights untransposed,
     stride_wn = 1); y and h: (·, N_S).
     EPILOGUE 0: relu(acc + b[n]) (b[n] = 0 for n >= N_W, so padding columns come out 0);
-    EPILOGUE 1: acc where h[m, n] > 0, else 0 (backward through the ReLU that produced h).
+    EPILOGUE 1: acc unless h[m, n] <= 0 (backward through the ReLU that produced h; a NaN h passes,
+    as in torch).
     ROUND_A: round fp32 A operands to tf32 in registers (the output gradient, stored unrounded).
     Grid: cdiv(M, BM) · cdiv(N_S, BN) programs in groups of GROUP_M row tiles (L2 reuse of B).
     """
@@ -108,7 +109,7 @@ def chunk_matmul_kernel(
         y = relu(acc + bias[None, :])
     else:
         h = tl.load(h_ptr + rows[:, None] * N_S + offs_n[None, :], mask=out_ok, other=0.0)
-        y = tl.where(h > 0, acc, 0.0)
+        y = tl.where(h <= 0, 0.0, acc)
     tl.store(y_ptr + rows[:, None] * N_S + offs_n[None, :], to_scratch(y, PRECISION, INTERPRET),
              mask=out_ok)
 
