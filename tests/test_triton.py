@@ -636,6 +636,11 @@ def test_launch_inputs_are_checked(device):
     bad[10] = table[:-1]  # the encoding table disagrees with W1's width
     with pytest.raises(ValueError, match="MLP layer 0"):
         tb.triton_decode(*bad)
+    bad = list(args)
+    bad[0], bad[1], bad[16] = [x.double() for x in w], [x.double() for x in b], "tf32"
+    with pytest.raises(ValueError, match="float64 parameters decode in fp32 mode only" if device == "cpu"
+                       else "needs float32 parameters"):
+        tb.triton_decode(*bad)
 
 
 # ----------------------------------------------------------------------------- larger layouts (GPU)

@@ -380,6 +380,9 @@ def make_launch_inputs(weights: Sequence[torch.Tensor], biases: Sequence[torch.T
     if dtype is not torch.float32 and not (INTERPRETED and dtype is torch.float64):
         raise ValueError(f"the Triton decoder needs float32 parameters, got {dtype}"
                          + ("" if INTERPRETED else " (float64 only under the interpreter)"))
+    if dtype is torch.float64 and precision != "fp32":
+        raise ValueError(f"float64 parameters decode in fp32 mode only (got precision '{precision}'): "
+                         f"they exist for gradient checks")
     hidden = w0.shape[0]
     levels = enc_table.shape[0] // 3 if ffn else enc_table.shape[0]
     enc_size = 6 * levels
