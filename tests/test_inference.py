@@ -622,17 +622,24 @@ def test_graph_decodes_follow_new_parameters_and_skip_autograd(fake_graphs):
     pred.detach(model)
 
 
-def test_graph_capture_failure_falls_back_to_eager(fake_streams, monkeypatch):
-    def refuse():
-        raise RuntimeError("operation not permitted when stream is capturing")
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # the real _capture, refused
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+def _on_demand_with_graph_decodes():
+    """An on-demand attachment decoding through GraphedDecodes (what graphs=True makes on CUDA),
+    its input and the materialized output."""
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
     expected = materialized_output(model, pred, x)
     pred.attach(model, mode="on_demand")
     state = attachment(model)
     state._graphed = graphed_decodes(state)
+    return model, pred, x, expected, state
+
+
+def test_graph_capture_failure_falls_back_to_eager(fake_streams, monkeypatch):
+    def refuse():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", refuse)  # the real _capture, refused
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    model, pred, x, expected, state = _on_demand_with_graph_decodes()
     with pytest.warns(RuntimeWarning, match="cannot be captured in CUDA graphs"):
         assert torch.equal(run(model, x), expected)
     assert "not permitted" in state.graphs_disabled
@@ -668,12 +675,7 @@ def test_graph_capture_failure_restores_the_stream_and_names_the_cause(fake_stre
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    model, pred = make()
-    x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x)
-    pred.attach(model, mode="on_demand")
-    state = attachment(model)
-    state._graphed = graphed_decodes(state)
+    model, pred, x, expected, state = _on_demand_with_graph_decodes()
     original_decode = state._graphed.decoder.__class__.__call__
     monkeypatch.setattr(state._graphed.decoder.__class__, "__call__", host_sync_inside_capture)
     with pytest.warns(RuntimeWarning, match="not permitted when stream is capturing"):
