@@ -40,10 +40,11 @@ CALLS = [
     ("bwd-h1256-bf16", "bwd", 1256, "bf16", 3, False, False, False, False, False),
     ("bwd-h280-tf32-maxcrop", "bwd", 280, "tf32", 3, True, True, True, False, False),
     ("bwd-h180-fp32", "bwd", 180, "fp32", 3, False, False, False, False, False),
-    # large kernels: the tuner caps the fused tiles' rows (k = 5: BM 32; k = 7: BM 16 in the backward)
+    # large kernels: capped forward tiles (k = 5: 64 rows, k = 7: 32), 16-row backward tiles over 8 warps
     ("fwd-h280-tf32-k7-maxcrop", "fwd", 280, "tf32", 7, True, True, True, False, False),
     ("bwd-h280-tf32-k5-maxcrop", "bwd", 280, "tf32", 5, True, True, True, False, False),
     ("bwd-h280-bf16-k7-maxcrop", "bwd", 280, "bf16", 7, True, True, True, False, False),
+    ("bwd-h280-fp32-k5-maxcrop", "bwd", 280, "fp32", 5, True, True, True, False, False),
     ("bwd-h180-fp32-k7-maxcrop-subset", "bwd", 180, "fp32", 7, True, True, True, True, False),
 ]
 

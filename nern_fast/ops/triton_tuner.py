@@ -74,6 +74,8 @@ def _fused_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     """
     if INTERPRETED:
         return [(64, 64, 64, 4, 1, 1)]
+    if kind == "bwd" and shape.k2_pad >= 32:
+        return _large_kernel_bwd_tiles(shape)
     big = shape.hidden >= 768
     p = shape.precision
     if p == "fp32":  # IEEE fp32: FMA dots, no tensor cores; operands live in registers
@@ -98,13 +100,20 @@ def _fused_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
 
 
 def _fused_row_cap(kind: str, shape: DecodeShape) -> int:
-    """Most rows per fused tile for k² outputs padded to K2P: the crop's gathers unroll k² window
-    positions over BM × K2P values, which spill for large k (sm_90 compiles, triton 3.8, backward
-    at H = 280 with the max crop: k = 7 spilled 2.1–2.4 KB per thread at BM = 64–128, 56–120 B at
-    BM = 16; k = 5 0.5–0.7 KB at BM = 64–128, 40–96 B at BM = 32)."""
-    if shape.k2_pad < 32 or INTERPRETED:
+    """Most rows per fused forward tile for k² outputs padded to K2P (the crop's gathers unroll k²
+    window positions over BM × K2P values): k = 5 at 64, k = 7/8 at 32 (sm_90 compiles)."""
+    if shape.k2_pad < 32 or INTERPRETED or kind != "fwd":
         return 1 << 30
-    return max(16, (1024 if kind == "bwd" else 2048) // shape.k2_pad)
+    return max(16, 2048 // shape.k2_pad)
+
+
+def _large_kernel_bwd_tiles(shape: DecodeShape) -> list[tuple]:
+    """The fused backward for k >= 5 (K2P >= 32): 16-row tiles over 8 warps. Larger tiles spilled
+    kilobytes per thread (sm_90 compiles, H = 280, max crop: triton 3.6 k = 5 tf32 at 32 rows and 4
+    warps 1.5 KB, k = 7 fp32 at 32 rows and 8 warps 4.9 KB, fp32 with BK = 16 up to 5.3 KB; triton
+    3.8 k = 7 2.1-2.4 KB at 64-128 rows); 16 rows, 8 warps and BK >= 32 stay under 100 B in both."""
+    bk = 64 if shape.precision == "bf16" else 32
+    return [(16, 64, bk, 8, 1 if shape.precision == "fp32" else 2, 2)]
 
 
 def _chunked_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
