@@ -98,11 +98,12 @@ if [ "$WHAT" != bench ]; then
 fi
 if [ "$WHAT" != tests ]; then
   # The tuner's log: every timed candidate (kernel times per tile configuration) and the choice.
-  step bench_run 190 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m nern_fast bench --device cuda --budget 140 --out "$OUT"
+  step bench_run 190 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m nern_fast bench --device cuda --budget 140 \
+    --out "$OUT"
   # Host (enqueue) time vs GPU kernel time per decode call, ResNet-20/56 (#3: the Triton backend's
   # fixed cost on small layouts).
-  step decode_host_time 75 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m bench.decode_host_time --device cuda --repeats 20 \
-    --out "$LOGS/decode_host_time.jsonl"
+  step decode_host_time 75 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m bench.decode_host_time --device cuda \
+    --repeats 20 --out "$LOGS/decode_host_time.jsonl"
   step inference_prefetch 45 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"  # with the graphs variants
   step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2

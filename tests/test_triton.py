@@ -155,8 +155,8 @@ def test_crop_modes_mixed_across_layers(modes, schedule, device, chunked):
         chunked()
     full_mode, cropped_mode = modes
     layout = WeightLayout([("full", (8, 8, 3, 3), full_mode), ("also_full", (16, 8, 3, 3), cropped_mode),
-                           ("cropped", (8, 16, 2, 2), cropped_mode), ("pointwise", (8, 8, 1, 1), cropped_mode)],
-                          kernel_size=3)
+                           ("cropped", (8, 16, 2, 2), cropped_mode),
+                           ("pointwise", (8, 8, 1, 1), cropped_mode)], kernel_size=3)
     pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
     rows = torch.arange(0, layout.num_kernels, 7, device=device)
     for subset in (None, rows):
