@@ -21,12 +21,13 @@ _DEVICE_CONSTANTS: dict = {}
 
 
 def _constant_on(device, key: tuple, make) -> torch.Tensor:
-    """A constant table, made on the CPU, then copied to ``device`` once per device: a copy from host
-    memory at every call synchronises a GPU stream with the host, and cannot be captured in a CUDA
-    graph. Read-only for callers. Made outside inference mode (an inference tensor cannot be saved
-    for backward); not kept while torch.compile traces (the table would be a fake tensor)."""
+    """A constant table, made on the CPU, then kept per device (the one cache of every decoder's
+    tables): a copy from host memory at every call synchronises a GPU stream with the host, and
+    cannot be captured in a CUDA graph. Read-only for callers. Made outside inference mode (an
+    inference tensor cannot be saved for backward); not kept while torch.compile traces (the table
+    would be a fake tensor)."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    if device.type == "cpu" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():
         return make().to(device)
     table = _DEVICE_CONSTANTS.get((key, device))
     if table is None:
@@ -78,6 +79,10 @@ class EncodingSpec:
                 b = torch.randn(self.levels * NUM_INDICES, NUM_INDICES)
             return (b * torch.tensor(self.gauss_scale)).to(torch.float32)
         return _constant_on(device, ("ffn", self), draw)
+
+    def kernel_table(self, device=None) -> torch.Tensor:
+        """What the compiled decoders take: basic, the frequencies (levels,); ffn, B (3·levels, 3)."""
+        return self.frequencies(device) if self.kind == "basic" else self.ffn_matrix(device)
 
     def encode(self, positions: torch.Tensor) -> torch.Tensor:
         """Encodings of normalised positions ``(N, 3)`` -> ``(N, 6·levels)`` in the positions' dtype."""

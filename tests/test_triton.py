@@ -383,7 +383,7 @@ def test_float64_gradcheck_under_interpreter(schedule):
     layout = WeightLayout.from_shapes([(2, 3, 3, 3), (3, 2, 1, 1)], kernel_size=3, crop="average")
     pred = random_predictor(layout, hidden=16, num_blocks=3, levels=1).double()
     t = layout.tensors("cpu")
-    table = tb.encoding_table(pred.encoding, torch.device("cpu"))
+    table = pred.encoding.kernel_table("cpu")
     n = pred.num_blocks
 
     def decode(*params):
@@ -624,7 +624,7 @@ def test_launch_inputs_are_checked(device):
     with pytest.raises(ValueError, match="not contiguous"):
         ops.decode(w[:1] + [strided] + w[2:], b, layout, pred.encoding, backend="triton")
     t = layout.tensors(device)
-    table = tb.encoding_table(pred.encoding, torch.device(device))
+    table = pred.encoding.kernel_table(device)
     args = [w, b, None, t.kernel_offsets, t.weight_offsets, t.meta, t.coord_rows, t.pos_layer,
             t.pos_filter, t.pos_channel, table, 3, layout.num_kernels, layout.num_weights, 0, False, "fp32",
             "auto", "auto", False, 1 << 30, 1 << 28]

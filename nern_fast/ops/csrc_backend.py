@@ -24,7 +24,6 @@ from typing import Optional
 
 import torch
 
-from ..encoding import EncodingSpec
 from ..reference import matmul_precision
 from .dispatch import DecodeRequest, record_load_error, register_backend
 
@@ -151,24 +150,6 @@ if _EXT is not None:
 
 
 # ---------------------------------------------------------------------------- the backend
-_TABLES: dict = {}
-
-
-def _encoding_table(encoding: EncodingSpec, device: torch.device) -> torch.Tensor:
-    """basic: the frequencies (levels,); ffn: B (3·levels, 3); float32, cached per device (not
-    while torch.compile traces: there the table is part of the graph)."""
-    def make():
-        table = encoding.frequencies(device) if encoding.kind == "basic" else encoding.ffn_matrix(device)
-        return table.contiguous()
-
-    if torch.compiler.is_compiling():
-        return make()
-    key = (encoding, str(device))
-    if key not in _TABLES:
-        _TABLES[key] = make()
-    return _TABLES[key]
-
-
 def save_budget_bytes() -> int:
     """Bytes of hidden activations one differentiated CPU decode may keep (NERN_FAST_CPU_SAVE_MB)."""
     raw = os.environ.get("NERN_FAST_CPU_SAVE_MB", str(DEFAULT_SAVE_MB))
@@ -227,7 +208,7 @@ class CsrcBackend:
             rows = rows.to(torch.long).contiguous()
         args = ([w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
                 tensors.pos_layer, tensors.pos_filter, tensors.pos_channel, tensors.coord_rows, rows,
-                _encoding_table(encoding, device), ENCODING_IDS[encoding.kind],
+                encoding.kernel_table(device), ENCODING_IDS[encoding.kind],
                 layout.kernel_size, layout.num_kernels, layout.num_weights, precision)
         keep = 0
         if device.type == "cpu" and len(weights) >= 3 and torch.is_grad_enabled() and \

@@ -55,7 +55,7 @@ from .triton_tuner import (FIRST_LAYER_MODES, SCHEDULES, TUNE_ROWS, LaunchConfig
 
 __all__ = ["TritonBackend", "INTERPRETER_PROBLEM", "register", "triton_decode", "triton_decode_backward", "forward", "backward",
            "DecodeShape", "LaunchConfig", "candidate_configs", "choose_config", "tuned_configs",
-           "clear_parameter_cache", "encoding_table", "crop_flags", "INTERPRETED"]
+           "clear_parameter_cache", "crop_flags", "INTERPRETED"]
 
 BACKEND_NAME = "triton"
 PRIORITY = 10
@@ -299,21 +299,6 @@ def crop_flags(layout: WeightLayout) -> int:
     return (1 if cropped else 0) | (2 if any(l.crop == "max" for l in cropped) else 0)
 
 
-_ENC_TABLES: dict[tuple, torch.Tensor] = {}
-
-
-def encoding_table(encoding, device: torch.device) -> torch.Tensor:
-    """basic: the frequencies (levels,); ffn: B (3·levels, 3) — float32, cached per device."""
-    make = (lambda: encoding.ffn_matrix(device).contiguous()) if encoding.kind == "ffn" else (
-        lambda: encoding.frequencies(device).contiguous())
-    if torch.compiler.is_compiling():
-        return make()
-    key = (encoding.kind, encoding.levels, encoding.base, tuple(encoding.gauss_scale), str(device))
-    if key not in _ENC_TABLES:
-        _ENC_TABLES[key] = make()
-    return _ENC_TABLES[key]
-
-
 class TritonBackend:
     """Triton decoder (forward and backward). See the module docstring for its settings."""
 
@@ -409,7 +394,7 @@ class TritonBackend:
     def _build_layout_arguments(layout: WeightLayout, encoding, device: torch.device) -> tuple:
         t = layout.tensors(device)
         return ((t.kernel_offsets, t.weight_offsets, t.meta, t.coord_rows, t.pos_layer, t.pos_filter,
-                 t.pos_channel, encoding_table(encoding, device)),
+                 t.pos_channel, encoding.kernel_table(device)),
                 (layout.kernel_size, layout.num_kernels, layout.num_weights, crop_flags(layout),
                  encoding.kind == "ffn"))
 

@@ -74,8 +74,8 @@ def _fused_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     """
     if INTERPRETED:
         return [(64, 64, 64, 4, 1, 1)]
-    if kind == "bwd" and shape.k2_pad >= 32:
-        return _large_kernel_bwd_tiles(shape)
+    if shape.k2_pad >= 32:  # k >= 5: the crop's gathers hold BM × K2P values per window position
+        return _large_kernel_tiles(kind, shape)
     big = shape.hidden >= 768
     p = shape.precision
     if p == "fp32":  # IEEE fp32: FMA dots, no tensor cores; operands live in registers
@@ -99,19 +99,15 @@ def _fused_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     return [(128, 64, 64, 8, 2, 1), (64, 64, 64, 4, 2, 2)]
 
 
-def _fused_row_cap(kind: str, shape: DecodeShape) -> int:
-    """Most rows per fused forward tile for k² outputs padded to K2P (the crop's gathers unroll k²
-    window positions over BM × K2P values): k = 5 at 64, k = 7/8 at 32 (sm_90 compiles)."""
-    if shape.k2_pad < 32 or INTERPRETED or kind != "fwd":
-        return 1 << 30
-    return max(16, 2048 // shape.k2_pad)
-
-
-def _large_kernel_bwd_tiles(shape: DecodeShape) -> list[tuple]:
-    """The fused backward for k >= 5 (K2P >= 32): 16-row tiles over 8 warps. Larger tiles spilled
-    kilobytes per thread (sm_90 compiles, H = 280, max crop: triton 3.6 k = 5 tf32 at 32 rows and 4
-    warps 1.5 KB, k = 7 fp32 at 32 rows and 8 warps 4.9 KB, fp32 with BK = 16 up to 5.3 KB; triton
-    3.8 k = 7 2.1-2.4 KB at 64-128 rows); 16 rows, 8 warps and BK >= 32 stay under 100 B in both."""
+def _large_kernel_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
+    """Fused tiles for k >= 5 (K2P >= 32): the usual forward tiles with at most 2048 / K2P rows (64
+    for k = 5, 32 for k = 7/8); in the backward 16-row tiles over 8 warps. Larger tiles spilled
+    kilobytes per thread (sm_90 compiles, H = 280, max crop: triton 3.6 k = 5 tf32 backward at 32
+    rows and 4 warps 1.5 KB, k = 7 fp32 at 32 rows and 8 warps 4.9 KB, fp32 with BK = 16 up to
+    5.3 KB; triton 3.8 k = 7 backward 2.1-2.4 KB at 64-128 rows); these stay at or under 112 B."""
+    if kind == "fwd":
+        small = replace(shape, kernel_size=3)  # the k = 3 candidates, rows capped
+        return [(min(bm, 2048 // shape.k2_pad), *rest) for bm, *rest in _fused_tiles("fwd", small)]
     bk = 64 if shape.precision == "bf16" else 32
     return [(16, 64, bk, 8, 1 if shape.precision == "fp32" else 2, 2)]
 
@@ -176,7 +172,7 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
         tiles = _fused_tiles(kind, shape) if sched == "fused" else _chunked_tiles(kind, shape)
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
-                bm = min(bm, cap_m, _fused_row_cap(kind, shape))
+                bm = min(bm, cap_m)
             config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched)
             if config not in out:
                 out.append(config)
