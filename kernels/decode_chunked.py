@@ -16,6 +16,14 @@ of the k×k outputs through the crop), then per layer ``chunk_matmul_kernel`` fo
 dW and db, added into S fixed row segments' partial slots (each program owns its tile of one
 segment's slot: deterministic by construction; the launcher reduces the S slots in fixed order).
 
+K-major operands (tf32 backward): Hopper's tf32 tensor-core instructions (wgmma) read both operands
+from shared memory only in K-major order. The input gradient's weights (dz @ W: W's rows are the
+reduction) and both operands of dW = dzᵀ @ x (the chunk's rows are the reduction) are not, and
+triton then stages them element by element (4-byte cp.async into transposed shared memory, where
+K-major tiles take 16-byte copies). With ``k_major`` the launcher passes transposed weight copies,
+the input-gradient GEMM also stores dzᵀ (``STORE_T``), ``chunk_transpose_kernel`` writes xᵀ, and
+the weight-gradient GEMM reads both transposed (``TRANSPOSED``). bf16 wgmma reads either order.
+
 Chunk buffers are row-major with padded widths (E_S, H_S multiples of 16); row r of a chunk is
 position ``r0 + r`` of the call's row list. Buffers hold ``C`` rows, C a multiple of every row
 tile, so GEMMs run over whole tiles without row masks: rows past the call's end hold stale values
@@ -65,8 +73,8 @@ def chunk_encoding_kernel(
 
 @triton.jit
 def chunk_matmul_kernel(
-        a_ptr, M, K, w_ptr, stride_wk, stride_wn, K_W, N_W, b_ptr, h_ptr, y_ptr, N_S,
-        EPILOGUE: tl.constexpr, ROUND_A: tl.constexpr, PRECISION: tl.constexpr,
+        a_ptr, M, K, w_ptr, stride_wk, stride_wn, K_W, N_W, b_ptr, h_ptr, y_ptr, N_S, yt_ptr, LDT,
+        EPILOGUE: tl.constexpr, ROUND_A: tl.constexpr, STORE_T: tl.constexpr, PRECISION: tl.constexpr,
         INTERPRET: tl.constexpr, F64: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """y[m, n] = epilogue(Σ_k a[m, k] · B[k, n]) over the chunk's first M rows (whole BM tiles).
@@ -79,6 +87,8 @@ def chunk_matmul_kernel(
     EPILOGUE 1: acc unless h[m, n] <= 0 (backward through the ReLU that produced h; a NaN h passes,
     as in torch).
     ROUND_A: round fp32 A operands to tf32 in registers (the output gradient, stored unrounded).
+    STORE_T: also store yᵀ into yt (N_S rows of LDT, the chunk's row count): the weight gradient's
+    K-major operand.
     Grid: cdiv(M, BM) · cdiv(N_S, BN) programs in groups of GROUP_M row tiles (L2 reuse of B).
     """
     pid = tl.program_id(0)
@@ -110,14 +120,17 @@ def chunk_matmul_kernel(
     else:
         h = tl.load(h_ptr + rows[:, None] * N_S + offs_n[None, :], mask=out_ok, other=0.0)
         y = tl.where(h <= 0, 0.0, acc)
-    tl.store(y_ptr + rows[:, None] * N_S + offs_n[None, :], to_scratch(y, PRECISION, INTERPRET),
-             mask=out_ok)
+    y = to_scratch(y, PRECISION, INTERPRET)
+    tl.store(y_ptr + rows[:, None] * N_S + offs_n[None, :], y, mask=out_ok)
+    if STORE_T:
+        tl.store(yt_ptr + offs_n[None, :].to(tl.int64) * LDT + rows[:, None], y, mask=out_ok)
 
 
 @triton.jit
 def chunk_weight_grad_kernel(
-        d_ptr, N_S, x_ptr, K_X, M, seg_rows, N_W, part_ptr, slot_size, w_off, b_off,
-        ROUND_D: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
+        d_ptr, N_S, x_ptr, K_X, M, seg_rows, N_W, part_ptr, slot_size, w_off, b_off, LD,
+        ROUND_D: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,
+        INTERPRET: tl.constexpr, F64: tl.constexpr,
         BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
     """One segment's share of a layer's weight and bias gradients, added into its partial slot.
 
@@ -127,6 +140,8 @@ def chunk_weight_grad_kernel(
     Grid: (cdiv(N_W, BN) · cdiv(K_X, BK), S). Each program owns its tile of one slot: no atomics.
     ROUND_D: the bias sum uses d as stored, the product its tf32 rounding (d is the unrounded
     output gradient there).
+    TRANSPOSED: d and x are given as dᵀ (N_S rows) and xᵀ (K_X rows), each row LD values (the chunk's
+    rows): both operands K-major.
     """
     pid = tl.program_id(0)
     seg = tl.program_id(1)
@@ -141,15 +156,26 @@ def chunk_weight_grad_kernel(
     r_hi = tl.minimum(r_lo + seg_rows, M)
     acc = tl.zeros((BN, BK), tl.float64 if F64 else tl.float32)
     bsum = tl.zeros((BN,), tl.float64 if F64 else tl.float32)
+    n64 = offs_n.to(tl.int64)
+    k64 = offs_k.to(tl.int64)
     for r0 in range(r_lo, r_hi, BR):
         r = (r0 + tl.arange(0, BR)).to(tl.int64)
         r_ok = (r < r_hi)[:, None]
-        d = tl.load(d_ptr + r[:, None] * N_S + offs_n[None, :], mask=r_ok & n_in, other=0.0)
-        bsum += tl.sum(d.to(bsum.dtype), axis=0)
-        if ROUND_D:
-            d = tf32_operand(d, PRECISION, INTERPRET)
-        x = tl.load(x_ptr + r[:, None] * K_X + offs_k[None, :], mask=r_ok & k_in, other=0.0)
-        acc = mma(tl.trans(d), x, acc, PRECISION, INTERPRET)
+        if TRANSPOSED:
+            dT = tl.load(d_ptr + n64[:, None] * LD + r[None, :],
+                         mask=(offs_n < N_S)[:, None] & (r < r_hi)[None, :], other=0.0)
+            bsum += tl.sum(dT.to(bsum.dtype), axis=1)
+            if ROUND_D:
+                dT = tf32_operand(dT, PRECISION, INTERPRET)
+            x = tl.load(x_ptr + k64[None, :] * LD + r[:, None], mask=r_ok & k_in, other=0.0)
+        else:
+            d = tl.load(d_ptr + r[:, None] * N_S + offs_n[None, :], mask=r_ok & n_in, other=0.0)
+            bsum += tl.sum(d.to(bsum.dtype), axis=0)
+            if ROUND_D:
+                d = tf32_operand(d, PRECISION, INTERPRET)
+            x = tl.load(x_ptr + r[:, None] * K_X + offs_k[None, :], mask=r_ok & k_in, other=0.0)
+            dT = tl.trans(d)
+        acc = mma(dT, x, acc, PRECISION, INTERPRET)
     slot = part_ptr + seg.to(tl.int64) * slot_size
     n_ok = offs_n < N_W
     w = slot + w_off + offs_n[:, None] * K_X + offs_k[None, :]
@@ -158,6 +184,18 @@ def chunk_weight_grad_kernel(
     if pid_k == 0:
         b = slot + b_off + offs_n
         tl.store(b, tl.load(b, mask=n_ok, other=0.0) + bsum, mask=n_ok)
+
+
+@triton.jit
+def chunk_transpose_kernel(src_ptr, M, N_S, dst_ptr, LD, BM: tl.constexpr, BN: tl.constexpr):
+    """dst[n, m] = src[m, n] for the chunk's first M rows: src (·, N_S) row-major, dst (N_S, LD).
+    Grid: (cdiv(M, BM), cdiv(N_S, BN)); triton stages the tile through shared memory so that both
+    the loads and the stores are coalesced."""
+    rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+    cols = (tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
+    ok = (rows < M)[:, None] & (cols < N_S)[None, :]
+    x = tl.load(src_ptr + rows[:, None] * N_S + cols[None, :], mask=ok)
+    tl.store(dst_ptr + cols[None, :] * LD + rows[:, None], x, mask=ok)
 
 
 @triton.jit

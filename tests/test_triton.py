@@ -16,6 +16,7 @@ Tolerances:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -269,6 +270,59 @@ def test_chunked_tiles_wider_than_the_hidden_size(device):
     grads_w, grads_b = tb.unpack_gradients(tb._run_backward(inputs, grad, config, False, 1 << 20), weights)
     for g, r in zip(grads_w + grads_b, ref_grads):
         assert rel_err(g, r) <= FP32_TOL
+
+
+# (id, kernel_size, hidden, num_blocks, crop, permuted, subset rows)
+K_MAJOR_CASES = [
+    ("k3-h40-nb4-max-permuted", 3, 40, 4, "max", True, None),
+    ("k3-h33-nb3-average-subset", 3, 33, 3, "average", False, 7),
+    ("k1-h24-nb2", 1, 24, 2, "center", False, None),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k_major", [True, False], ids=["k-major", "as-stored"])
+@pytest.mark.parametrize("case", K_MAJOR_CASES, ids=[c[0] for c in K_MAJOR_CASES])
+def test_chunked_tf32_backward_in_both_operand_orders(case, k_major, device, monkeypatch):
+    """The tf32 chunked backward with K-major operands (transposed weights, dzᵀ stored by the
+    input-gradient GEMM, xᵀ and gᵀ by the transpose kernel) and with the operands as stored (the
+    tuner times both) give the eager decoder's gradients: to fp32 accuracy under the interpreter
+    (whose tf32 dots are fp32), within twice eager tf32's own error on a GPU; several chunks of 64
+    rows, the last one partial."""
+    _, k, hidden, num_blocks, crop, permuted, every = case
+    monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "64")
+    layout = mixed_layout(k, "local", crop, permuted)
+    pred = random_predictor(layout, hidden=hidden, num_blocks=num_blocks, levels=4).to(device)
+    rows = None if every is None else torch.arange(0, layout.num_kernels, every, device=device)
+    ref, ref_grads = decode_and_grads(pred, "eager", rows, precision="fp32")
+    if HAS_CUDA and device == "cuda":  # the rule of the reduced-precision test: float64 is the truth
+        eager_tf32 = decode_and_grads(pred, "eager", rows, precision="tf32")[1]
+        ref_grads = decode_and_grads(copy.deepcopy(pred).double(), "eager", rows, precision="fp32")[1]
+        bounds = [max(2 * rel_err(e, r), FP32_TOL) for e, r in zip(eager_tf32, ref_grads)]
+    else:
+        bounds = [FP32_TOL] * len(ref_grads)
+    weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
+    tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
+    inputs = tb.make_launch_inputs(weights, biases, rows, *tensors, *static, "tf32")
+    config = dataclasses.replace(tb.candidate_configs("bwd", inputs.shape, "auto", "chunked")[0], k_major=k_major)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)  # as decode_and_grads
+    grads_w, grads_b = tb.unpack_gradients(tb._run_backward(inputs, grad, config, False, 1 << 20), weights)
+    assert len(grads_w + grads_b) == len(ref_grads)
+    for i, (g, r, bound) in enumerate(zip(grads_w + grads_b, ref_grads, bounds)):
+        assert rel_err(g, r) <= bound, f"gradient {i}: relative error {rel_err(g, r):.2e} > {bound:.2e}"
+
+
+def test_chunked_tf32_backward_candidates_try_k_major_operands_first():
+    shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
+                           kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
+                           precision="tf32", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
+    chunked_bwd = [c for c in tb.candidate_configs("bwd", shape, "auto", "chunked")]
+    assert chunked_bwd[0].k_major and any(not c.k_major for c in chunked_bwd)
+    assert "k_major" in chunked_bwd[0].describe()
+    for kind, precision in (("fwd", "tf32"), ("bwd", "bf16"), ("bwd", "fp32")):
+        other = dataclasses.replace(shape, precision=precision)
+        assert not any(c.k_major for c in tb.candidate_configs(kind, other, "auto", "chunked"))
+    assert not any(c.k_major for c in tb.candidate_configs("bwd", shape, "auto", "fused"))
 
 
 def test_chunk_plans_follow_the_memory_budget():

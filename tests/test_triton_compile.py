@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,8 @@ POINTER_TYPES = {"out_ptr": "fp32", "grad_ptr": "fp32", "rows_ptr": "i64", "koff
                  "woff_ptr": "i64", "meta_ptr": "i32", "coord_ptr": "i64", "pos_l_ptr": "fp32",
                  "pos_f_ptr": "fp32", "pos_c_ptr": "fp32", "enc_ptr": "fp32", "w1_ptr": "fp32",
                  "b1_ptr": "fp32", "wh_ptr": "fp32", "bh_ptr": "fp32", "wl_ptr": "fp32", "bl_ptr": "fp32",
-                 "tab_ptr": "fp32", "scr_ptr": "fp32", "scr32_ptr": "fp32", "part_ptr": "fp32"}
+                 "tab_ptr": "fp32", "scr_ptr": "fp32", "scr32_ptr": "fp32", "part_ptr": "fp32",
+                 "yt_ptr": "fp32", "src_ptr": "fp32", "dst_ptr": "fp32"}
 BF16_POINTERS = ("wh_ptr", "scr_ptr")
 MULTIPLES_OF_16 = ("E_S", "H_S", "slot_size")  # the launcher pads these; triton specialises on it
 
@@ -89,9 +91,12 @@ def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: i
                                text=True, check=True).stdout
     fields = dict(item.split(":") for item in usage.split() if item.count(":") == 1 and item[0].isupper())
     ptx = compiled.asm["ptx"]
+    # 4-byte asynchronous copies: operands staged element by element (a tf32 operand that is not
+    # K-major goes into transposed shared memory that way)
+    narrow = len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x4\b", ptx))
     return {"registers": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("STACK", -1)),
             "shared_bytes": int(compiled.metadata.shared), "wgmma": "wgmma.mma_async" in ptx,
-            "async_copy": "cp.async" in ptx}
+            "async_copy": "cp.async" in ptx, "narrow_copies": narrow}
 
 
 def _shape(tb, hidden: int, precision: str, **kw):
@@ -129,25 +134,35 @@ def _chunked_report(tb) -> list[dict]:
                          ("first-direct", {**fp32, "a_ptr": act, "y_ptr": act},
                           dict(EPILOGUE=0, ROUND_A=False, BK=config.bk), "stride_wk", fwd_div)]
                 if kind == "bwd":
-                    bwd_div = ("M", "K", "N_W", "N_S", "stride_wk")
-                    roles = [("input-grad", {**fp32, "a_ptr": act, "w_ptr": act, "h_ptr": act, "y_ptr": act},
-                              dict(EPILOGUE=1, ROUND_A=False, BK=config.bk), "stride_wn", bwd_div),
-                             ("last-input-grad", {**fp32, "h_ptr": act, "y_ptr": act},
-                              dict(EPILOGUE=1, ROUND_A=True, BK=16), "stride_wn", bwd_div)]
+                    # as stored: W's rows are the reduction (unit stride_wn); K-major: Wᵀ (unit
+                    # stride_wk), and dzᵀ stored too
+                    km = config.k_major
+                    bwd_div = ("M", "K", "N_W", "N_S", "stride_wn" if km else "stride_wk", "LDT") + (
+                        ("K_W",) if km else ())  # K-major: the transposed weights' padded K
+                    unit = "stride_wk" if km else "stride_wn"
+                    roles = [("input-grad", {**fp32, "a_ptr": act, "w_ptr": act, "h_ptr": act, "y_ptr": act,
+                                             "yt_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=False, STORE_T=km, BK=config.bk), unit, bwd_div),
+                             ("last-input-grad", {**fp32, "h_ptr": act, "y_ptr": act, "yt_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=True, STORE_T=km, BK=16), unit, bwd_div)]
+                else:
+                    roles = [(role, types, {**extra, "STORE_T": False}, unit, div)
+                             for role, types, extra, unit, div in roles]
+                suffix = "-kmajor" if config.k_major else ""
                 for role, types, extra, unit, div in roles:
                     usage = _compile(kc.chunk_matmul_kernel, {**tiles, **extra}, False, *launch,
                                      pointer_types=types, ones=(unit,), divisible=div)
-                    rows.append({"call": f"chunk-matmul-{role}-{precision}", "config": config.describe(),
-                                 **usage})
+                    rows.append({"call": f"chunk-matmul-{role}-{precision}{suffix}",
+                                 "config": config.describe(), **usage})
                 if kind == "bwd":
                     bn, bk, br = tc.weight_grad_tiles(config)
                     for role, d_type, x_type, n in (("hidden", act, act, bn), ("last", "fp32", act, 16)):
                         usage = _compile(kc.chunk_weight_grad_kernel,
-                                         dict(ROUND_D=role == "last", PRECISION=code, INTERPRET=False,
-                                              F64=False, BN=n, BK=bk, BR=br), False, *launch,
+                                         dict(ROUND_D=role == "last", TRANSPOSED=config.k_major, PRECISION=code,
+                                              INTERPRET=False, F64=False, BN=n, BK=bk, BR=br), False, *launch,
                                          pointer_types={"d_ptr": d_type, "x_ptr": x_type, "part_ptr": "fp32"},
-                                         divisible=("N_S", "K_X", "M", "seg_rows", "w_off", "b_off"))
-                        rows.append({"call": f"chunk-weight-grad-{role}-{precision}",
+                                         divisible=("N_S", "K_X", "M", "seg_rows", "w_off", "b_off", "LD"))
+                        rows.append({"call": f"chunk-weight-grad-{role}-{precision}{suffix}",
                                      "config": f"BN={n} BK={bk} BR={br} warps={launch[0]} stages={launch[1]}",
                                      **usage})
     # The row kernels (4 warps, one configuration each), bf16 activations, every option on.
@@ -161,6 +176,10 @@ def _chunked_report(tb) -> list[dict]:
         usage = _compile(kernel, {**row, **extra}, False, 4, 2, pointer_types=bf16_x,
                          divisible=("tile0", "R"))
         rows.append({"call": name, "config": f"BM={tc.row_tile()} warps=4", **usage})
+    for dtype in ("fp32", "bf16"):
+        usage = _compile(kc.chunk_transpose_kernel, dict(BM=64, BN=64), False, 4, 2,
+                         pointer_types={"src_ptr": dtype, "dst_ptr": dtype}, divisible=("N_S", "LD"))
+        rows.append({"call": f"chunk-transpose-{dtype}", "config": "BM=64 BN=64 warps=4", **usage})
     return rows
 
 
@@ -209,6 +228,14 @@ def test_kernels_compile_for_sm90_within_limits():
         if row["call"].startswith("chunk-matmul-hidden-") and not row["call"].endswith(("-fp32", "-fp32x3")):
             # the large-H schedule's reason to exist: Hopper tensor-core GEMMs with staged operands
             assert row["wgmma"] and row["async_copy"], row
+        if row["call"].endswith("-kmajor") or row["call"].startswith("chunk-matmul-hidden-"):
+            # K-major operands: staged with wide copies, none element by element
+            assert row["narrow_copies"] == 0, row
+    kmajor = [r for r in rows if r["call"].endswith("-kmajor")]
+    assert {r["call"] for r in kmajor} >= {"chunk-weight-grad-hidden-tf32-kmajor",
+                                           "chunk-matmul-input-grad-tf32-kmajor"}
+    assert any(r["narrow_copies"] > 0 for r in rows if r["call"] == "chunk-weight-grad-hidden-tf32"), \
+        "the operands as stored no longer take 4-byte copies: the K-major variant may be unnecessary"
 
 
 if __name__ == "__main__":
@@ -218,5 +245,6 @@ if __name__ == "__main__":
     else:
         for r in result:
             flags = ("wgmma " if r["wgmma"] else "") + ("cp.async" if r["async_copy"] else "")
-            print(f"{r['call']:<36} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
-                  f"shared {r['shared_bytes'] / 1024:6.1f} KiB  {flags:<15} {r['config']}")
+            narrow = f"4-byte copies {r['narrow_copies']:>3}" if r["narrow_copies"] else ""
+            print(f"{r['call']:<44} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
+                  f"shared {r['shared_bytes'] / 1024:6.1f} KiB  {flags:<15} {narrow:<18} {r['config']}")

@@ -5,7 +5,8 @@ one launch per MLP layer — a tensor-core GEMM over the whole chunk with bias +
 epilogue — between a first-layer launch (separable gather, or encoding + GEMM) and an output launch
 (last layer, crop, scatter). The backward recomputes each chunk's activations, keeps them for the
 chunk, and runs per layer one GEMM for the input gradient and one for dW/db, whose S row segments
-add into S partial slots reduced in fixed order at the end (deterministic).
+add into S partial slots reduced in fixed order at the end (deterministic). A ``k_major``
+configuration (tf32) gives those GEMMs transposed operands (kernels/decode_chunked.py says why).
 """
 from __future__ import annotations
 
@@ -67,11 +68,14 @@ def forward_row_bytes(shape: DecodeShape, config: LaunchConfig) -> int:
     return 2 * shape.hidden_stride * act + enc + raw
 
 
-def backward_row_bytes(shape: DecodeShape) -> int:
+def backward_row_bytes(shape: DecodeShape, k_major: bool = False) -> int:
     act = shape.scratch_dtype.itemsize
     acc = shape.acc_dtype.itemsize
-    return ((shape.num_hidden + 3) * shape.hidden_stride + shape.enc_stride) * act + shape.k2_pad * acc * (
+    row = ((shape.num_hidden + 3) * shape.hidden_stride + shape.enc_stride) * act + shape.k2_pad * acc * (
         3 if shape.has_max else 1)
+    if k_major:  # dzᵀ, xᵀ (the widest layer input) and gᵀ
+        row += (shape.hidden_stride + max(shape.hidden_stride, shape.enc_stride)) * act + shape.k2_pad * acc
+    return row
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def backward_plan(shape: DecodeShape, config: LaunchConfig, device: torch.device
     segments = max(1, min(MAX_SEGMENTS, cdiv(2 * num_sms(device), tiles),
                           memory_budget // 4 // max(1, slot_bytes)))
     rest = memory_budget - (segments + 1) * slot_bytes
-    rows = _chunk_rows(shape, config, backward_row_bytes(shape), max(0, rest))
+    rows = _chunk_rows(shape, config, backward_row_bytes(shape, config.k_major), max(0, rest))
     segments = min(segments, cdiv(rows, br))
     return BackwardPlan(rows, segments, cdiv(cdiv(rows, segments), br) * br)
 
@@ -130,17 +134,25 @@ class _Launcher:
 
     def matmul(self, a: torch.Tensor, m: int, k: int, w: torch.Tensor, stride_wk: int, stride_wn: int,
                k_w: int, n_w: int, y: torch.Tensor, n_s: int, bias: Optional[torch.Tensor] = None,
-               h: Optional[torch.Tensor] = None, round_a: bool = False, bk: Optional[int] = None) -> None:
-        """y = relu(a @ B + bias) (bias given) or (a @ B)·(h > 0) (h given); see the kernel."""
+               h: Optional[torch.Tensor] = None, round_a: bool = False, bk: Optional[int] = None,
+               yt: Optional[torch.Tensor] = None) -> None:
+        """y = relu(a @ B + bias) (bias given) or (a @ B)·(h > 0) (h given), and yᵀ into ``yt``
+        (N_S rows of the chunk's row count) when given; see the kernel."""
         c, s = self.config, self.shape
         bk = min(bk or c.bk, next_power_of_2(k))  # k is a multiple of 16: tl.dot needs K >= 16
         grid = (cdiv(m, c.bm) * cdiv(n_s, c.bn),)
         dummy = self.inputs.pos_layer
         kc.chunk_matmul_kernel[grid](
             a, m, k, w, stride_wk, stride_wn, k_w, n_w, bias if bias is not None else dummy,
-            h if h is not None else dummy, y, n_s, EPILOGUE=0 if h is None else 1, ROUND_A=round_a,
-            PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64, BM=c.bm, BN=c.bn, BK=bk,
-            GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages)
+            h if h is not None else dummy, y, n_s, yt if yt is not None else dummy,
+            yt.shape[-1] if yt is not None else 0, EPILOGUE=0 if h is None else 1, ROUND_A=round_a,
+            STORE_T=yt is not None, PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
+            BM=c.bm, BN=c.bn, BK=bk, GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages)
+
+    def transpose(self, src: torch.Tensor, m: int, n_s: int, dst: torch.Tensor) -> None:
+        """dst[:n_s, :m] = src[:m, :n_s]ᵀ (dst rows of the chunk's row count)."""
+        kc.chunk_transpose_kernel[(cdiv(m, 64), cdiv(n_s, 64))](src, m, n_s, dst, dst.shape[-1], BM=64, BN=64,
+                                                                  num_warps=4)
 
     def output(self, out: torch.Tensor, x: torch.Tensor, raw: torch.Tensor, r0: int, m: int,
                wl: torch.Tensor, bl: torch.Tensor) -> None:
@@ -162,14 +174,17 @@ class _Launcher:
 
     def weight_grad(self, d: torch.Tensor, n_s: int, x: torch.Tensor, k_x: int, m: int, n_w: int,
                     plan: BackwardPlan, partials: torch.Tensor, w_off: int, b_off: int,
-                    round_d: bool = False) -> None:
+                    round_d: bool = False, transposed: bool = False) -> None:
+        """dW += dᵀ x, db += Σ d over the chunk's m rows; ``transposed``: d and x given as dᵀ (n_s rows)
+        and xᵀ (k_x rows) of the chunk's row count."""
         c, s = self.config, self.shape
         bn, bk, br = weight_grad_tiles(c)
         bn = min(bn, next_power_of_2(n_s))  # tl.arange needs powers of two (n_s: 16·j)
         grid = (cdiv(n_w, bn) * cdiv(k_x, bk), plan.segments)
         kc.chunk_weight_grad_kernel[grid](
             d, n_s, x, k_x, m, plan.segment_rows, n_w, partials, s.slot_size, w_off, b_off,
-            ROUND_D=round_d, PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
+            d.shape[-1] if transposed else 0, ROUND_D=round_d, TRANSPOSED=transposed,
+            PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
             BN=bn, BK=bk, BR=br, num_warps=c.num_warps, num_stages=c.num_stages)
 
 
@@ -235,6 +250,7 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
     g = torch.empty((rows, k2p), device=dev, dtype=acc_dtype)
     raw = torch.empty((rows, 2 * k2p) if shape.has_max else (1,), device=dev, dtype=acc_dtype)
     partials = torch.zeros((plan.segments, slot_size), device=dev, dtype=acc_dtype)
+    transposed = _KMajorOperands(shape, wh, wl, rows) if config.k_major else None
     for r0 in range(0, shape.rows, rows):
         m = min(rows, shape.rows - r0)
         # ---- recompute and keep the chunk's activations (and its encodings, for dW1)
@@ -244,15 +260,57 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
             _hidden_forward(launch, params, i, acts[i], acts[i + 1], m)
         # ---- last layer: gradient of its k² outputs, dW_last / db_last, gradient before its input ReLU
         launch.output_grad(grad, acts[nh], g, raw, r0, m, wl, bl)
-        launch.weight_grad(g, k2p, acts[nh], h_s, m, shape.k2, plan, partials, o_wl, o_bl, round_d=True)
-        launch.matmul(g, m, k2p, wl, h_s, 1, shape.k2, h_s, dz[0], h_s, h=acts[nh], round_a=True, bk=16)
+        if transposed is None:
+            launch.weight_grad(g, k2p, acts[nh], h_s, m, shape.k2, plan, partials, o_wl, o_bl, round_d=True)
+            launch.matmul(g, m, k2p, wl, h_s, 1, shape.k2, h_s, dz[0], h_s, h=acts[nh], round_a=True, bk=16)
+        else:
+            launch.transpose(g, m, k2p, transposed.g)
+            launch.weight_grad(transposed.g, k2p, transposed.x_of(launch, acts[nh], m, h_s), h_s, m, shape.k2,
+                               plan, partials, o_wl, o_bl, round_d=True, transposed=True)
+            # K_W padded: the transposed copies' padding is zero, and a reduction mask at a multiple
+            # of 16 keeps the loads 16 bytes wide (at H = 1256 or k² = 9 triton copies 4 bytes at a time)
+            launch.matmul(g, m, k2p, transposed.wl, 1, k2p, k2p, h_s, dz[0], h_s, h=acts[nh],
+                          round_a=True, bk=16, yt=transposed.dz)
         # ---- hidden layers, last to first: layer i maps acts[i] -> acts[i+1]
         for j in range(nh):
             i = nh - 1 - j
             cur, nxt = dz[j % 2], dz[(j + 1) % 2]
-            launch.weight_grad(cur, h_s, acts[i], h_s, m, h, plan, partials, o_wh + i * h * h_s,
-                               o_bh + i * h_s)
-            launch.matmul(cur, m, h_s, wh[i], h_s, 1, h, h_s, nxt, h_s, h=acts[i])
+            if transposed is None:
+                launch.weight_grad(cur, h_s, acts[i], h_s, m, h, plan, partials, o_wh + i * h * h_s,
+                                   o_bh + i * h_s)
+                launch.matmul(cur, m, h_s, wh[i], h_s, 1, h, h_s, nxt, h_s, h=acts[i])
+            else:  # dzᵀ of this layer came with the previous input gradient
+                launch.weight_grad(transposed.dz, h_s, transposed.x_of(launch, acts[i], m, h_s), h_s, m, h,
+                                   plan, partials, o_wh + i * h * h_s, o_bh + i * h_s, transposed=True)
+                launch.matmul(cur, m, h_s, transposed.wh[i], 1, h_s, h_s, h_s, nxt, h_s, h=acts[i],
+                              yt=transposed.dz)
         # ---- first layer: W1 against the encodings
-        launch.weight_grad(dz[nh % 2], h_s, enc, e_s, m, h, plan, partials, 0, o_b1)
+        if transposed is None:
+            launch.weight_grad(dz[nh % 2], h_s, enc, e_s, m, h, plan, partials, 0, o_b1)
+        else:
+            launch.weight_grad(transposed.dz, h_s, transposed.x_of(launch, enc, m, e_s), e_s, m, h, plan,
+                               partials, 0, o_b1, transposed=True)
     return reduce_partials(partials.view(-1), plan.segments, slot_size)
+
+
+class _KMajorOperands:
+    """The transposed operands of a ``k_major`` backward: the hidden and last weights transposed
+    (rows padded to multiples of 16, zero padding), and chunk buffers for dzᵀ, xᵀ and gᵀ."""
+
+    def __init__(self, shape: DecodeShape, wh: torch.Tensor, wl: torch.Tensor, rows: int):
+        h, h_s, k2p, nh = shape.hidden, shape.hidden_stride, shape.k2_pad, shape.num_hidden
+        act_dtype, dev = shape.scratch_dtype, wl.device
+        # W_hidden (NH, H, H_S) -> (NH, H_S, H_S) with [i, n, k] = W[i, k, n]; W_last (k², H_S) -> (H_S, K2P)
+        self.wh = wh.new_zeros((nh, h_s, h_s)) if nh else wh
+        if nh:
+            self.wh[:, :, :h] = wh.transpose(1, 2)
+        self.wl = wl.new_zeros((h_s, k2p))
+        self.wl[:, :shape.k2] = wl.t()
+        self.dz = torch.empty((h_s, rows), device=dev, dtype=act_dtype)
+        self.x = torch.empty((max(h_s, shape.enc_stride), rows), device=dev, dtype=act_dtype)
+        self.g = torch.empty((k2p, rows), device=dev, dtype=shape.acc_dtype)
+
+    def x_of(self, launch: _Launcher, x: torch.Tensor, m: int, width: int) -> torch.Tensor:
+        """xᵀ of a layer's input (the chunk's first m rows, ``width`` columns)."""
+        launch.transpose(x, m, width, self.x)
+        return self.x

@@ -45,7 +45,8 @@ _INTERPRETER_PROGRAMS = 3  # "SMs" under the interpreter: several programs, seve
 class LaunchConfig:
     """Tile sizes of one call. Fused: BM rows per tile, BN output / BK reduction columns per chunk,
     programs per SM of the persistent grid. Chunked: the GEMM tiles (BM × BN × BK) of every layer
-    launch (programs_per_sm unused)."""
+    launch (programs_per_sm unused); ``k_major``: the backward's tf32 GEMMs read K-major operands
+    (transposed copies, see ``kernels/decode_chunked.py``)."""
 
     bm: int
     bn: int
@@ -55,12 +56,14 @@ class LaunchConfig:
     programs_per_sm: int
     separable: bool
     schedule: str = "fused"
+    k_major: bool = False
 
     def describe(self) -> str:
         grid = f" programs/SM={self.programs_per_sm}" if self.schedule == "fused" else ""
         return (f"{self.schedule} BM={self.bm} BN={self.bn} BK={self.bk} warps={self.num_warps} "
                 f"stages={self.num_stages}{grid} "
-                f"first_layer={'separable' if self.separable else 'direct'}")
+                f"first_layer={'separable' if self.separable else 'direct'}"
+                f"{' k_major' if self.k_major else ''}")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -131,6 +134,18 @@ def _chunked_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
     return [(128, 128, 64, 8, 3, 1)]
 
 
+# Precisions whose tensor-core products are tf32 instructions: K-major operands only (see LaunchConfig).
+K_MAJOR_PRECISIONS = ("tf32", "fp32x3")
+
+
+def _k_major_variants(kind: str, sched: str, shape: DecodeShape) -> tuple[bool, ...]:
+    """The chunked tf32 backward is tried with K-major operands first, then as before (the gain is
+    not measured on a GPU yet: the tuner times both), every other call as it is."""
+    if sched == "chunked" and kind == "bwd" and shape.precision in K_MAJOR_PRECISIONS:
+        return (True, False)
+    return (False,)
+
+
 def default_schedule(shape: DecodeShape) -> str:
     return "chunked" if shape.hidden >= CHUNKED_MIN_HIDDEN else "fused"
 
@@ -173,9 +188,11 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
                 bm = min(bm, cap_m)
-            config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched)
-            if config not in out:
-                out.append(config)
+            for k_major in _k_major_variants(kind, sched, shape):
+                config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched,
+                                      k_major)
+                if config not in out:
+                    out.append(config)
     return tuple(out)
 
 
