@@ -9,6 +9,13 @@ fixed order. Atomic mode (opt-in): all programs ``atomic_add`` into one zeroed s
 Slot layout = the parameters in order with padded rows (so that accesses vectorise): W1 (H, E_S),
 W_hidden (NH, H, H_S), W_last (k², H_S), b1 (H_S), b_hidden (NH, H_S), b_last (K2P); the launcher
 cuts the padding off.
+
+K_MAJOR (tf32): Hopper's tf32 wgmma reads shared-memory operands only K-major, and the weight
+gradient dzᵀ @ x reduces over the tile's rows while the input gradient dz @ W reduces over W's
+rows; as stored, triton stages those operands 4 bytes at a time. With K_MAJOR the program also keeps
+transposed copies of its scratch (encodings, activations, the current gradient: (width, BM) each)
+and the launcher passes transposed hidden and last weights (``wht_ptr``: (NH, H_S, H_S),
+``wlt_ptr``: (H_S, K2P), zero padding), so every operand is K-major.
 """
 import triton
 import triton.language as tl
@@ -27,25 +34,47 @@ def _accumulate(ptr, val, mask, not_first, ATOMIC: tl.constexpr):
 
 
 @triton.jit
-def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first,
-                 ATOMIC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-                 F64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _transpose_tile(src, N_S, dst_t, BM: tl.constexpr, BN: tl.constexpr):
+    """dst_t (N_S, BM) = src (BM, N_S)ᵀ: a scratch buffer's K-major copy for the weight gradient.
+    Called with 16 columns at a time: 64-column passes raised the tf32 max-crop backward's spills
+    from 208 to 608 B per thread (sm_90, BM = 64, 4 warps)."""
+    offs_m = tl.arange(0, BM)
+    for n0 in range(0, N_S, BN):
+        cols = n0 + tl.arange(0, BN)
+        ok = (cols < N_S)[None, :]
+        v = tl.load(src + offs_m[:, None] * N_S + cols[None, :], mask=ok, other=0.0)
+        tl.store(dst_t + cols[None, :] * BM + offs_m[:, None], v, mask=ok)
+
+
+@triton.jit
+def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first, dz_t, x_t,
+                 ATOMIC: tl.constexpr, K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
+                 INTERPRET: tl.constexpr, F64: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Slot of W (N rows of KD_S) += dzᵀ @ x; slot of b += Σ_rows dz.
 
-    dz: (BM, N_S) scratch, x: (BM, KD_S) scratch (both zero in their padding columns).
+    dz: (BM, N_S) scratch, x: (BM, KD_S) scratch (both zero in their padding columns); K_MAJOR:
+    read from their transposed copies dz_t (N_S, BM) and x_t (KD_S, BM) instead.
     """
     offs_m = tl.arange(0, BM)
     for n0 in range(0, N_S, BN):
         offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < N
-        d = tl.load(dz + offs_m[:, None] * N_S + offs_n[None, :], mask=(offs_n < N_S)[None, :], other=0.0)
-        dT = tl.trans(d)
-        _accumulate(b_slot + offs_n, tl.sum(d.to(tl.float64 if F64 else tl.float32), axis=0), n_ok,
-                    not_first, ATOMIC)
+        if K_MAJOR:
+            dT = tl.load(dz_t + offs_n[:, None] * BM + offs_m[None, :], mask=(offs_n < N_S)[:, None], other=0.0)
+            bsum = tl.sum(dT.to(tl.float64 if F64 else tl.float32), axis=1)
+        else:
+            d = tl.load(dz + offs_m[:, None] * N_S + offs_n[None, :], mask=(offs_n < N_S)[None, :], other=0.0)
+            dT = tl.trans(d)
+            bsum = tl.sum(d.to(tl.float64 if F64 else tl.float32), axis=0)
+        _accumulate(b_slot + offs_n, bsum, n_ok, not_first, ATOMIC)
         for k0 in range(0, KD_S, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < KD_S
-            xk = tl.load(x + offs_m[:, None] * KD_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            if K_MAJOR:
+                xk = tl.load(x_t + offs_k[None, :] * BM + offs_m[:, None], mask=k_ok[None, :], other=0.0)
+            else:
+                xk = tl.load(x + offs_m[:, None] * KD_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             part = mma(dT, xk, tl.zeros((BN, BK), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             _accumulate(w_slot + offs_n[:, None] * KD_S + offs_k[None, :], part,
                         n_ok[:, None] & k_ok[None, :], not_first, ATOMIC)
@@ -53,11 +82,12 @@ def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first,
 
 @triton.jit
 def _backprop_relu(dz, N, N_S, w_ptr, KD_S, x, dst,
-                   PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   K_MAJOR: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+                   F64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """dst = (dz @ W) · (x > 0): the gradient before the ReLU that produced x (NaN x passes, as torch).
 
-    dz: (BM, N_S); W: (N, KD_S) zero-padded rows; x, dst: (BM, KD_S).
+    dz: (BM, N_S); W: (N, KD_S) zero-padded rows, or with K_MAJOR Wᵀ (KD_S, N_S) zero-padded;
+    x, dst: (BM, KD_S).
     """
     offs_m = tl.arange(0, BM)
     for n0 in range(0, KD_S, BN):
@@ -67,8 +97,12 @@ def _backprop_relu(dz, N, N_S, w_ptr, KD_S, x, dst,
         for k0 in range(0, N_S, BK):
             offs_k = k0 + tl.arange(0, BK)
             a = tl.load(dz + offs_m[:, None] * N_S + offs_k[None, :], mask=(offs_k < N_S)[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_k[:, None] * KD_S + offs_n[None, :],
-                        mask=(offs_k < N)[:, None] & n_ok[None, :], other=0.0)
+            if K_MAJOR:
+                w = tl.load(w_ptr + offs_n[None, :] * N_S + offs_k[:, None],
+                            mask=(offs_k < N_S)[:, None] & n_ok[None, :], other=0.0)
+            else:
+                w = tl.load(w_ptr + offs_k[:, None] * KD_S + offs_n[None, :],
+                            mask=(offs_k < N)[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, w, acc, PRECISION, INTERPRET)
         h = tl.load(x + offs_m[:, None] * KD_S + offs_n[None, :], mask=n_ok[None, :], other=0.0)
         tl.store(dst + offs_m[:, None] * KD_S + offs_n[None, :],
@@ -173,23 +207,31 @@ def decode_bwd_kernel(
         w1_ptr, b1_ptr, wh_ptr, bh_ptr, wl_ptr, bl_ptr, H, num_hidden,
         tab_ptr, tab_f_base, tab_c_base,
         scr_ptr, scr32_ptr, E_S, H_S,
-        part_ptr, slot_size,
+        part_ptr, slot_size, wht_ptr, wlt_ptr,
         K: tl.constexpr, K2P: tl.constexpr, SUBSET: tl.constexpr, PERMUTED: tl.constexpr,
         FFN: tl.constexpr, SEPARABLE: tl.constexpr, CROP: tl.constexpr, HAS_MAX: tl.constexpr,
-        ATOMIC: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
+        ATOMIC: tl.constexpr, K_MAJOR: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+        F64: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr):
     """Per tile: recompute encoding and activations into scratch, then walk the layers backwards.
 
     Scratch per program: encoding (BM × E_S), activations of the NH+1 hidden outputs
     ((NH+1) × BM × H_S), two gradient buffers (2 × BM × H_S); fp32 scratch: the k×k outputs and the
     max-crop argmax (2 × BM × K2P). ``grad_ptr`` holds the gradient of the decode's output (flat
-    buffer, or (R, k²) rows for a subset). Weights are padded as in the forward kernel.
+    buffer, or (R, k²) rows for a subset). Weights are padded as in the forward kernel. K_MAJOR
+    adds the transposed copies to the scratch: encoding, activations, one gradient buffer
+    ((E_S + (NH+2)·H_S) × BM).
     """
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    enc_s = scr_ptr + pid.to(tl.int64) * (BM * (E_S + (num_hidden + 3) * H_S))
+    per_program = E_S + (num_hidden + 3) * H_S
+    if K_MAJOR:
+        per_program += E_S + (num_hidden + 2) * H_S
+    enc_s = scr_ptr + pid.to(tl.int64) * (BM * per_program)
     acts = enc_s + BM * E_S
     dz0 = acts + (num_hidden + 1) * (BM * H_S)
+    enc_t = dz0 + 2 * (BM * H_S)  # K_MAJOR only: (E_S, BM), then (NH+1) × (H_S, BM), then (H_S, BM)
+    acts_t = enc_t + BM * E_S
+    dz_t = acts_t + (num_hidden + 1) * (BM * H_S)
     raw = scr32_ptr + pid.to(tl.int64) * (2 * BM * K2P)
     amax = raw + BM * K2P
     if ATOMIC:
@@ -229,6 +271,12 @@ def decode_bwd_kernel(
                        acts + (i + 1) * (BM * H_S), PRECISION, INTERPRET, F64, BM, BN, BK)
             tl.debug_barrier()
         last = acts + num_hidden * (BM * H_S)
+        last_t = acts_t + num_hidden * (BM * H_S)
+        if K_MAJOR:
+            _transpose_tile(enc_s, E_S, enc_t, BM, 16)
+            for i in range(num_hidden + 1):
+                _transpose_tile(acts + i * (BM * H_S), H_S, acts_t + i * (BM * H_S), BM, 16)
+            tl.debug_barrier()
         # Row data again (cheap) rather than kept in registers through the layers above.
         idx, row, valid = tile_rows(tile, R, rows_ptr, SUBSET, BM)
         layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
@@ -245,20 +293,29 @@ def decode_bwd_kernel(
         for k0 in range(0, H_S, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < H_S
-            xk = tl.load(last + offs_m[:, None] * H_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            if K_MAJOR:
+                xk = tl.load(last_t + offs_k[None, :] * BM + offs_m[:, None], mask=k_ok[None, :], other=0.0)
+            else:
+                xk = tl.load(last + offs_m[:, None] * H_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             part = mma(gT, xk, tl.zeros((K2P, BK), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             _accumulate(slot + o_wl + q[:, None] * H_S + offs_k[None, :], part,
                         q_ok[:, None] & k_ok[None, :], not_first, ATOMIC)
         for n0 in range(0, H_S, BN):
             offs_n = n0 + tl.arange(0, BN)
             n_ok = offs_n < H_S
-            w = tl.load(wl_ptr + q[:, None] * H_S + offs_n[None, :], mask=q_ok[:, None] & n_ok[None, :],
-                        other=0.0)
+            if K_MAJOR:  # Wlᵀ (H_S, K2P), zero padding
+                w = tl.load(wlt_ptr + offs_n[None, :] * K2P + q[:, None], mask=n_ok[None, :], other=0.0)
+            else:
+                w = tl.load(wl_ptr + q[:, None] * H_S + offs_n[None, :], mask=q_ok[:, None] & n_ok[None, :],
+                            other=0.0)
             dh = mma(g, w, tl.zeros((BM, BN), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             h = tl.load(last + offs_m[:, None] * H_S + offs_n[None, :], mask=n_ok[None, :], other=0.0)
             tl.store(dz0 + offs_m[:, None] * H_S + offs_n[None, :],
                      to_scratch(tl.where(h <= 0, 0.0, dh), PRECISION, INTERPRET), mask=n_ok[None, :])
         tl.debug_barrier()
+        if K_MAJOR:  # one dzᵀ buffer: rewritten only after the barrier that ends its readers' layer
+            _transpose_tile(dz0, H_S, dz_t, BM, 16)
+            tl.debug_barrier()
         # ---- hidden layers, last to first: layer i maps acts[i] -> acts[i+1] with W_hidden[i]
         for j in range(num_hidden):
             i = num_hidden - 1 - j
@@ -266,13 +323,20 @@ def decode_bwd_kernel(
             nxt = dz0 + ((j + 1) % 2) * (BM * H_S)
             x = acts + i * (BM * H_S)
             _weight_grad(cur, H, H_S, x, H_S, slot + o_wh + i * H * H_S, slot + o_bh + i * H_S,
-                         not_first, ATOMIC, PRECISION, INTERPRET, F64, BM, BN, BK)
-            _backprop_relu(cur, H, H_S, wh_ptr + i * H * H_S, H_S, x, nxt,
-                           PRECISION, INTERPRET, F64, BM, BN, BK)
+                         not_first, dz_t, acts_t + i * (BM * H_S), ATOMIC, K_MAJOR, PRECISION, INTERPRET,
+                         F64, BM, BN, BK)
+            if K_MAJOR:
+                w_i = wht_ptr + i * H_S * H_S
+            else:
+                w_i = wh_ptr + i * H * H_S
+            _backprop_relu(cur, H, H_S, w_i, H_S, x, nxt, K_MAJOR, PRECISION, INTERPRET, F64, BM, BN, BK)
             tl.debug_barrier()
+            if K_MAJOR:
+                _transpose_tile(nxt, H_S, dz_t, BM, 16)
+                tl.debug_barrier()
         # ---- first layer: W1 (H, E) against the encoding
         _weight_grad(dz0 + (num_hidden % 2) * (BM * H_S), H, H_S, enc_s, E_S, slot, slot + o_b1,
-                     not_first, ATOMIC, PRECISION, INTERPRET, F64, BM, BN, BK)
+                     not_first, dz_t, enc_t, ATOMIC, K_MAJOR, PRECISION, INTERPRET, F64, BM, BN, BK)
 
 
 @triton.jit

@@ -281,14 +281,15 @@ K_MAJOR_CASES = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("k_major", [True, False], ids=["k-major", "as-stored"])
 @pytest.mark.parametrize("case", K_MAJOR_CASES, ids=[c[0] for c in K_MAJOR_CASES])
-def test_chunked_tf32_backward_in_both_operand_orders(case, k_major, device, monkeypatch):
-    """The tf32 chunked backward with K-major operands (transposed weights, dzᵀ stored by the
-    input-gradient GEMM, xᵀ and gᵀ by the transpose kernel) and with the operands as stored (the
-    tuner times both) give the eager decoder's gradients: to fp32 accuracy under the interpreter
-    (whose tf32 dots are fp32), within twice eager tf32's own error on a GPU; several chunks of 64
-    rows, the last one partial."""
+def test_tf32_backward_in_both_operand_orders(case, k_major, schedule, device, monkeypatch):
+    """The tf32 backward with K-major operands (transposed weights; chunked: dzᵀ stored by the
+    input-gradient GEMM, xᵀ and gᵀ by the transpose kernel; fused: transposed copies of the
+    program's scratch) and with the operands as stored (the tuner times both) give the eager
+    decoder's gradients: to fp32 accuracy under the interpreter (whose tf32 dots are fp32), within
+    twice eager tf32's own error on a GPU; chunked: several chunks of 64 rows, the last one partial."""
     _, k, hidden, num_blocks, crop, permuted, every = case
     monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "64")
     layout = mixed_layout(k, "local", crop, permuted)
@@ -304,7 +305,7 @@ def test_chunked_tf32_backward_in_both_operand_orders(case, k_major, device, mon
     weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
     tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
     inputs = tb.make_launch_inputs(weights, biases, rows, *tensors, *static, "tf32")
-    config = dataclasses.replace(tb.candidate_configs("bwd", inputs.shape, "auto", "chunked")[0], k_major=k_major)
+    config = dataclasses.replace(tb.candidate_configs("bwd", inputs.shape, "auto", schedule)[0], k_major=k_major)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(ref)  # as decode_and_grads
     grads_w, grads_b = tb.unpack_gradients(tb._run_backward(inputs, grad, config, False, 1 << 20), weights)
     assert len(grads_w + grads_b) == len(ref_grads)
@@ -312,17 +313,17 @@ def test_chunked_tf32_backward_in_both_operand_orders(case, k_major, device, mon
         assert rel_err(g, r) <= bound, f"gradient {i}: relative error {rel_err(g, r):.2e} > {bound:.2e}"
 
 
-def test_chunked_tf32_backward_candidates_try_k_major_operands_first():
+def test_tf32_backward_candidates_try_k_major_operands_first():
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
                            kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
                            precision="tf32", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
-    chunked_bwd = [c for c in tb.candidate_configs("bwd", shape, "auto", "chunked")]
-    assert chunked_bwd[0].k_major and any(not c.k_major for c in chunked_bwd)
-    assert "k_major" in chunked_bwd[0].describe()
-    for kind, precision in (("fwd", "tf32"), ("bwd", "bf16"), ("bwd", "fp32")):
-        other = dataclasses.replace(shape, precision=precision)
-        assert not any(c.k_major for c in tb.candidate_configs(kind, other, "auto", "chunked"))
-    assert not any(c.k_major for c in tb.candidate_configs("bwd", shape, "auto", "fused"))
+    for schedule in ("chunked", "fused"):
+        bwd = tb.candidate_configs("bwd", shape, "auto", schedule)
+        assert bwd[0].k_major and any(not c.k_major for c in bwd)
+        assert "k_major" in bwd[0].describe()
+        for kind, precision in (("fwd", "tf32"), ("bwd", "bf16"), ("bwd", "fp32")):
+            other = dataclasses.replace(shape, precision=precision)
+            assert not any(c.k_major for c in tb.candidate_configs(kind, other, "auto", schedule))
 
 
 def test_chunk_plans_follow_the_memory_budget():

@@ -29,7 +29,7 @@ POINTER_TYPES = {"out_ptr": "fp32", "grad_ptr": "fp32", "rows_ptr": "i64", "koff
                  "pos_f_ptr": "fp32", "pos_c_ptr": "fp32", "enc_ptr": "fp32", "w1_ptr": "fp32",
                  "b1_ptr": "fp32", "wh_ptr": "fp32", "bh_ptr": "fp32", "wl_ptr": "fp32", "bl_ptr": "fp32",
                  "tab_ptr": "fp32", "scr_ptr": "fp32", "scr32_ptr": "fp32", "part_ptr": "fp32",
-                 "yt_ptr": "fp32", "src_ptr": "fp32", "dst_ptr": "fp32"}
+                 "yt_ptr": "fp32", "src_ptr": "fp32", "dst_ptr": "fp32", "wht_ptr": "fp32", "wlt_ptr": "fp32"}
 BF16_POINTERS = ("wh_ptr", "scr_ptr")
 MULTIPLES_OF_16 = ("E_S", "H_S", "slot_size")  # the launcher pads these; triton specialises on it
 
@@ -195,13 +195,20 @@ def report() -> list[dict]:
                                levels=40, kernel_size=k, ffn=ffn, permuted=permuted, crop=crop,
                                has_max=has_max, precision=precision, f64=False, num_layers=16,
                                num_filters=4800, num_channels=4800)
-        config = tb.candidate_configs(kind, shape, "auto", "fused")[0]
-        meta = tb_fused.constexprs(shape, config)
-        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-        kernel = decode_fwd.decode_fwd_kernel if kind == "fwd" else decode_bwd.decode_bwd_kernel
-        meta.update(HAS_MAX=has_max, ATOMIC=False)
-        usage = _compile(kernel, meta, precision == "bf16", warps, stages)
-        rows.append({"call": name, "config": config.describe(), **usage})
+        configs = tb.candidate_configs(kind, shape, "auto", "fused")
+        # the default; for the tf32 backward (K-major by default) also its as-stored variant
+        variants = [configs[0]] + [c for c in configs[1:2] if c.k_major != configs[0].k_major]
+        for config in variants:
+            meta = tb_fused.constexprs(shape, config)
+            warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+            if kind == "fwd":
+                kernel = decode_fwd.decode_fwd_kernel
+            else:
+                kernel = decode_bwd.decode_bwd_kernel
+                meta.update(HAS_MAX=has_max, ATOMIC=False, K_MAJOR=config.k_major)
+            usage = _compile(kernel, meta, precision == "bf16", warps, stages)
+            suffix = "-kmajor" if config.k_major else ("-as-stored" if config is not configs[0] else "")
+            rows.append({"call": name + suffix, "config": config.describe(), **usage})
     table_meta = dict(PRECISION=2, INTERPRET=False, F64=False, BT=64, BN=64, BK=32)
     rows.append({"call": "first_layer_tables", "config": "bf16",
                  **_compile(decode_fwd.first_layer_tables_kernel, table_meta, False, 4, 2)})

@@ -18,7 +18,7 @@ import torch
 
 from nern_fast.kernels import decode_chunked as kc
 
-from .triton_fused import first_layer_tables, reduce_partials
+from .triton_fused import first_layer_tables, reduce_partials, transposed_weights
 from .triton_inputs import INTERPRETED, DecodeShape, LaunchInputs, cdiv, next_power_of_2, slot_layout
 from .triton_tuner import LaunchConfig, num_sms
 
@@ -298,14 +298,9 @@ class _KMajorOperands:
     (rows padded to multiples of 16, zero padding), and chunk buffers for dzᵀ, xᵀ and gᵀ."""
 
     def __init__(self, shape: DecodeShape, wh: torch.Tensor, wl: torch.Tensor, rows: int):
-        h, h_s, k2p, nh = shape.hidden, shape.hidden_stride, shape.k2_pad, shape.num_hidden
+        h_s, k2p = shape.hidden_stride, shape.k2_pad
         act_dtype, dev = shape.scratch_dtype, wl.device
-        # W_hidden (NH, H, H_S) -> (NH, H_S, H_S) with [i, n, k] = W[i, k, n]; W_last (k², H_S) -> (H_S, K2P)
-        self.wh = wh.new_zeros((nh, h_s, h_s)) if nh else wh
-        if nh:
-            self.wh[:, :, :h] = wh.transpose(1, 2)
-        self.wl = wl.new_zeros((h_s, k2p))
-        self.wl[:, :shape.k2] = wl.t()
+        self.wh, self.wl = transposed_weights(shape, wh, wl)
         self.dz = torch.empty((h_s, rows), device=dev, dtype=act_dtype)
         self.x = torch.empty((max(h_s, shape.enc_stride), rows), device=dev, dtype=act_dtype)
         self.g = torch.empty((k2p, rows), device=dev, dtype=shape.acc_dtype)

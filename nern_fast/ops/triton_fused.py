@@ -92,13 +92,33 @@ def run_forward(inputs: LaunchInputs, config: LaunchConfig, out: torch.Tensor) -
         **constexprs(shape, config))
 
 
+def transposed_weights(shape: DecodeShape, wh: torch.Tensor, wl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-major backward's weights: W_hidden (NH, H, H_S) as (NH, H_S, H_S) with [i, n, k] = W[i, k, n]
+    and W_last (k², H_S) as (H_S, K2P), zero padding (a network without hidden layers passes ``wh``
+    through: never read)."""
+    h, h_s, nh = shape.hidden, shape.hidden_stride, shape.num_hidden
+    wh_t = wh
+    if nh:
+        wh_t = wh.new_zeros((nh, h_s, h_s))
+        wh_t[:, :, :h] = wh.transpose(1, 2)
+    wl_t = wl.new_zeros((h_s, shape.k2_pad))
+    wl_t[:, :shape.k2] = wl.t()
+    return wh_t, wl_t
+
+
+def backward_scratch_per_row(shape: DecodeShape, k_major: bool) -> int:
+    """Scratch values per tile row of a backward program (K-major: plus the transposed copies)."""
+    e_s, h_s = shape.enc_stride, shape.hidden_stride
+    values = e_s + (shape.num_hidden + 3) * h_s
+    return values + (e_s + (shape.num_hidden + 2) * h_s if k_major else 0)
+
+
 def backward_programs(shape: DecodeShape, config: LaunchConfig, device: torch.device, atomic: bool,
                       memory_budget: int) -> int:
     """As many programs as the device runs at once, fewer if their partials + scratch would exceed
     ``memory_budget`` bytes (partials: one slot per program in deterministic mode)."""
     grid = programs(shape, config, device)
-    e_s, h_s = shape.enc_stride, shape.hidden_stride
-    scratch = config.bm * (e_s + (shape.num_hidden + 3) * h_s) * shape.scratch_dtype.itemsize
+    scratch = config.bm * backward_scratch_per_row(shape, config.k_major) * shape.scratch_dtype.itemsize
     slot = 0 if atomic else shape.slot_size * shape.acc_dtype.itemsize
     fits = max(1, memory_budget // max(1, scratch + slot))
     return max(1, min(grid, fits))
@@ -126,8 +146,10 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
     tables = first_layer_tables(inputs, packed) if config.separable else None
     grid = backward_programs(shape, config, inputs.device, atomic, memory_budget)
     e_s, h_s = shape.enc_stride, shape.hidden_stride
-    scratch = torch.empty(grid * config.bm * (e_s + (shape.num_hidden + 3) * h_s),
+    scratch = torch.empty(grid * config.bm * backward_scratch_per_row(shape, config.k_major),
                           device=inputs.device, dtype=shape.scratch_dtype)
+    params = packed.params
+    wh_t, wl_t = transposed_weights(shape, params[2], params[4]) if config.k_major else (params[2], params[4])
     scratch32 = torch.empty(grid * 2 * config.bm * shape.k2_pad if shape.has_max else 1,
                             device=inputs.device, dtype=shape.acc_dtype)
     if atomic:
@@ -135,6 +157,7 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
     else:
         partials = torch.empty(grid * slot_size, device=inputs.device, dtype=shape.acc_dtype)
     decode_bwd.decode_bwd_kernel[(grid,)](
-        grad, *common_args(inputs, packed.params, tables), scratch, scratch32, e_s, h_s, partials,
-        slot_size, HAS_MAX=shape.has_max, ATOMIC=atomic, **constexprs(shape, config))
+        grad, *common_args(inputs, params, tables), scratch, scratch32, e_s, h_s, partials,
+        slot_size, wh_t, wl_t, HAS_MAX=shape.has_max, ATOMIC=atomic, K_MAJOR=config.k_major,
+        **constexprs(shape, config))
     return partials if atomic else reduce_partials(partials, grid, slot_size)

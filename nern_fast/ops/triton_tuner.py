@@ -45,8 +45,8 @@ _INTERPRETER_PROGRAMS = 3  # "SMs" under the interpreter: several programs, seve
 class LaunchConfig:
     """Tile sizes of one call. Fused: BM rows per tile, BN output / BK reduction columns per chunk,
     programs per SM of the persistent grid. Chunked: the GEMM tiles (BM × BN × BK) of every layer
-    launch (programs_per_sm unused); ``k_major``: the backward's tf32 GEMMs read K-major operands
-    (transposed copies, see ``kernels/decode_chunked.py``)."""
+    launch (programs_per_sm unused). ``k_major``: the backward's tf32 products read K-major operands
+    (transposed copies; ``kernels/decode_bwd.py`` and ``decode_chunked.py`` say why)."""
 
     bm: int
     bn: int
@@ -138,10 +138,10 @@ def _chunked_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
 K_MAJOR_PRECISIONS = ("tf32", "fp32x3")
 
 
-def _k_major_variants(kind: str, sched: str, shape: DecodeShape) -> tuple[bool, ...]:
-    """The chunked tf32 backward is tried with K-major operands first, then as before (the gain is
-    not measured on a GPU yet: the tuner times both), every other call as it is."""
-    if sched == "chunked" and kind == "bwd" and shape.precision in K_MAJOR_PRECISIONS:
+def _k_major_variants(kind: str, shape: DecodeShape) -> tuple[bool, ...]:
+    """The tf32 backward (both schedules) is tried with K-major operands first, then as before (the
+    gain is not measured on a GPU yet: the tuner times both); every other call as it is."""
+    if kind == "bwd" and shape.precision in K_MAJOR_PRECISIONS:
         return (True, False)
     return (False,)
 
@@ -188,7 +188,7 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
                 bm = min(bm, cap_m)
-            for k_major in _k_major_variants(kind, sched, shape):
+            for k_major in _k_major_variants(kind, shape):
                 config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched,
                                       k_major)
                 if config not in out:
