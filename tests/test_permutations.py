@@ -108,9 +108,10 @@ def test_infilter_equals_nern_loop(name, weight, chain_walk):
     assert channel_orders.tolist() == [list(c) for c in channels]
 
 
-@pytest.mark.parametrize("shape", [(7, 37, 3), (37, 17, 2), (9, 70, 3), (3, 2, 5)])
+@pytest.mark.parametrize("shape", [(7, 37, 3), (37, 17, 2), (9, 70, 3), (3, 2, 5), (6, 128, 3), (5, 131, 3)])
 def test_infilter_odd_widths(shape, chain_walk):
-    # Widths around the compiled walk's 8- and 16-column groups, with exact ties and a zero kernel.
+    # Widths around the compiled walk's 8- and 16-column groups, with exact ties and a zero kernel;
+    # filters of up to 128 channels are walked four at a time from their matrices, wider ones not.
     c_out, c_in, s = shape
     w = torch.randn(c_out, c_in, s, s, generator=torch.Generator().manual_seed(sum(shape)))
     w[1, c_in - 1] = w[0, 0]
