@@ -261,13 +261,17 @@ inline __attribute__((always_inline)) int64_t first_of_lanes(const Lanes8& best,
   return first;
 }
 
-template <>
-inline __attribute__((always_inline)) int64_t first_max<float>(const float* row, const float* pen,
-                                                               int64_t n) {
+// Lane by lane, the first maximum of row[j] + pen[j] over the whole groups of 8 in [0, n): two
+// independent compare-select chains (alternate groups of 8), merged lane by lane (the larger value;
+// on a tie the lower index). `where` starts at n. Returns where the whole groups end.
+inline __attribute__((always_inline)) int64_t lane_first_maxima(const float* row, const float* pen,
+                                                                int64_t n, Lanes8& best,
+                                                                LaneIndex8& where) {
   const float lowest = -std::numeric_limits<float>::infinity();
-  // Two sets of lanes (alternate groups of 8: two independent compare-select chains), merged.
-  Lanes8 best = Lanes8{} + lowest, best_odd = best;
-  LaneIndex8 where = LaneIndex8{} + static_cast<int32_t>(n), where_odd = where;
+  Lanes8 best_odd = Lanes8{} + lowest;
+  LaneIndex8 where_odd = LaneIndex8{} + static_cast<int32_t>(n);
+  best = best_odd;
+  where = where_odd;
   LaneIndex8 index = {0, 1, 2, 3, 4, 5, 6, 7};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16, index += 16) {
@@ -276,24 +280,31 @@ inline __attribute__((always_inline)) int64_t first_max<float>(const float* row,
     std::memcpy(&p, pen + j, sizeof(p));
     std::memcpy(&w, row + j + 8, sizeof(w));
     std::memcpy(&q, pen + j + 8, sizeof(q));
-    v += p;
-    w += q;
-    keep_larger(v, index, best, where);
-    keep_larger(w, index + 8, best_odd, where_odd);
+    keep_larger(v + p, index, best, where);
+    keep_larger(w + q, index + 8, best_odd, where_odd);
   }
-  // Lane by lane: the larger value; on a tie the lower index.
   const LaneIndex8 take_odd = (best_odd > best) | ((best_odd == best) & (where_odd < where));
   best = take_odd ? best_odd : best;
   where = take_odd ? where_odd : where;
-  for (; j + 8 <= n; j += 8, index += 8) {
+  if (j + 8 <= n) {
     Lanes8 v, p;
     std::memcpy(&v, row + j, sizeof(v));
     std::memcpy(&p, pen + j, sizeof(p));
     keep_larger(v + p, index, best, where);
+    j += 8;
   }
-  float top = lowest;
+  return j;
+}
+
+template <>
+inline __attribute__((always_inline)) int64_t first_max<float>(const float* row, const float* pen,
+                                                               int64_t n) {
+  Lanes8 best;
+  LaneIndex8 where;
+  int64_t j = lane_first_maxima(row, pen, n, best, where);
+  float top = -std::numeric_limits<float>::infinity();
   int64_t next = first_of_lanes(best, where, n, &top);
-  for (; j < n; ++j) {
+  for (; j < n; ++j) {  // the tail: indices above every lane's, so only a larger value replaces
     const float v = row[j] + pen[j];
     if (v > top) {
       top = v;
@@ -534,29 +545,9 @@ inline __attribute__((always_inline)) void walk_interleaved(const float* const* 
       if (c >= count) break;
       const float* row = sims[c] + current[c] * n8;
       float* pen = penalties + c * n8;
-      // two compare-select chains (alternate groups of 8), merged lane by lane
-      Lanes8 best = Lanes8{} + lowest, best_odd = best;
-      LaneIndex8 where = LaneIndex8{} + static_cast<int32_t>(n), where_odd = where;
-      LaneIndex8 index = {0, 1, 2, 3, 4, 5, 6, 7};
-      int64_t j = 0;
-      for (; j + 16 <= n8; j += 16, index += 16) {
-        Lanes8 v, p, w, q;
-        std::memcpy(&v, row + j, sizeof(v));
-        std::memcpy(&p, pen + j, sizeof(p));
-        std::memcpy(&w, row + j + 8, sizeof(w));
-        std::memcpy(&q, pen + j + 8, sizeof(q));
-        keep_larger(v + p, index, best, where);
-        keep_larger(w + q, index + 8, best_odd, where_odd);
-      }
-      if (j < n8) {
-        Lanes8 v, p;
-        std::memcpy(&v, row + j, sizeof(v));
-        std::memcpy(&p, pen + j, sizeof(p));
-        keep_larger(v + p, index, best, where);
-      }
-      const LaneIndex8 take_odd = (best_odd > best) | ((best_odd == best) & (where_odd < where));
-      best = take_odd ? best_odd : best;
-      where = take_odd ? where_odd : where;
+      Lanes8 best;
+      LaneIndex8 where;
+      lane_first_maxima(row, pen, n8, best, where);  // n8: whole groups only
       const int64_t next = first_of_lanes_branchless(best, where, n);
       pen[next] = lowest;
       orders[c][step] = next;
