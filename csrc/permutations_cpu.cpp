@@ -17,9 +17,10 @@
 //  * infilter_chains(kernels (C_out, C_in, d) or a conv weight (C_out, C_in, s, s), float32, d > 1,
 //    C_in > 1) -> (filter_order (C_out), channel_orders (C_out, C_in)): NeRN's whole infilter
 //    permutation of a layer in one call —
-//    kernels normalised (a zero kernel to NaN), per filter the C_in×C_in cosine matrix in a small
-//    reused buffer and its chain, then the filters (their normalised kernels in their own channel
-//    order, flattened), their dot-product matrix and its chain. One call instead of seven torch ops
+//    kernels normalised (a zero kernel to NaN), per filter its chain (up to 128 channels: the
+//    C_in×C_in cosine matrices of four filters, their chains walked side by side; wider filters: a
+//    walk that computes the cosines as it goes), then the filters (their normalised kernels in
+//    their own channel order, flattened), their dot-product matrix and its chain. One call instead of seven torch ops
 //    and two chain calls: on a 64×64 layer that is most of the time (many tiny ops).
 //
 // Dot products are summed over the coordinates in order, the same way for every candidate, so

@@ -19,8 +19,10 @@ Speed: NeRN spends O(N) Python list work per chain step. When the compiled exten
 (``csrc/permutations_cpu.cpp``: ``torch.ops.nern_fast_C.point_chains`` / ``matrix_chains`` /
 ``infilter_chains``) the chains are walked in C++: crossfilter takes the dot products of the
 current kernel with every remaining one per step (no N×N matrix); infilter is one call per layer
-(normalisation, per filter a walk on the cosines without their matrix, the filter matrix and its
-chain: on a 64×64 layer the per-op overhead of doing that in torch was most of the time), or, for
+(normalisation; per filter its chain — up to 128 channels from their cosine matrices, four chains
+walked side by side, wider filters by a walk that computes the cosines as it goes; then the filter
+matrix and its chain: on a 64×64 layer the per-op overhead of doing that in torch was most of the
+time), or, for
 1×1 kernels and single-channel layers (NeRN's length-1 rule), torch-computed matrices walked in
 C++. Without the extension: infilter runs all of a layer's per-filter chains at once (batched
 numpy ops per step), and crossfilter precomputes, in blocks, each row's best candidates with a
