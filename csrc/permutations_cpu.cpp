@@ -457,7 +457,9 @@ inline __attribute__((always_inline)) bool walk_cosines(const float* x, int64_t 
 }
 // Gram matrix of n finite unit vectors x (n, d) into sim (n rows of n8 = n rounded up to 8 floats;
 // columns >= n hold 0): each entry summed over the coordinates in order — the values walk_cosines
-// computes — the upper triangle in blocks of 8 columns, mirrored below. coords: d·n8 floats.
+// computes; products commute, so the matrix is exactly symmetric. Every row is computed whole
+// (mirroring the upper triangle element by element was slower: 128×128 layer 1.65 vs 1.32–1.48 ms on
+// one thread). coords: d·n8 floats.
 template <int64_t D>
 inline __attribute__((always_inline)) void gram_lanes_fixed(const float* x, int64_t n, int64_t d,
                                                             float* coords, float* sim) {
@@ -472,7 +474,7 @@ inline __attribute__((always_inline)) void gram_lanes_fixed(const float* x, int6
     Lanes8 qk[D > 0 ? D : 1];
     if (D > 0)
       for (int64_t k = 0; k < D; ++k) qk[k] = Lanes8{} + q[k];
-    for (int64_t j = i / 8 * 8; j < n8; j += 8) {
+    for (int64_t j = 0; j < n8; j += 8) {
       Lanes8 c, v;
       std::memcpy(&c, coords + j, sizeof(c));
       v = (D > 0 ? qk[0] : Lanes8{} + q[0]) * c;
@@ -482,7 +484,6 @@ inline __attribute__((always_inline)) void gram_lanes_fixed(const float* x, int6
       }
       std::memcpy(sim + i * n8 + j, &v, sizeof(v));
     }
-    for (int64_t j = 0; j < i / 8 * 8; ++j) sim[i * n8 + j] = sim[j * n8 + i];
   }
 }
 
@@ -614,9 +615,10 @@ void channel_chains(const float* w, int64_t f0, int64_t f1, int64_t c_in, int64_
     return;
   }
   // Small filters: the finite ones' Gram matrices, then kInterleaved chains walked side by side (a
-  // walk is a chain of c_in dependent arg-max steps, latency-bound alone). A 64×64 layer: 0.26 →
-  // 0.17 ms on 2 threads, 0.23 → 0.21 ms on one (EPYC); above 128 channels the matrices leave the
-  // cache and the walk above is faster (512×512: 88 vs 210 ms on one thread).
+  // walk is a chain of c_in dependent arg-max steps, latency-bound alone). Warm, 2-core EPYC: 64×64
+  // layer 0.26 → 0.12–0.13 ms on 2 threads, 0.23 → 0.20–0.21 ms on one; 128×128 1.31 → 0.66–0.73
+  // ms on 2. Above 128 channels the walk above is as fast or faster (256×256 on 2 threads: 6.1 vs
+  // 6.9 ms; with the triangle mirrored, 512×512 took 210 ms against 88 on one thread).
   std::vector<float> grams(static_cast<size_t>(kInterleaved * c_in * c_in8));
   std::vector<float> penalties(static_cast<size_t>(kInterleaved * c_in8));
   for (int64_t g0 = f0; g0 < f1; g0 += kInterleaved) {
