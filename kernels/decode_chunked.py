@@ -127,6 +127,34 @@ def chunk_matmul_kernel(
 
 
 @triton.jit
+def chunk_matmul_tma_kernel(
+        a_desc, w_desc, b_ptr, y_desc, M, K, N_W, N_S,
+        PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+    """The forward layer of ``chunk_matmul_kernel`` (EPILOGUE 0: y = relu(a @ Wᵀ + b)) with its tiles
+    moved by the tensor memory accelerator: descriptors of a (·, K), W (N_W, K) and y (·, N_S) whose
+    loads past their shapes read zeros and whose stores past them write nothing (the masks of the
+    pointer version). A tuner candidate on Hopper; same grid and tile order."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N_S, BN)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    acc = tl.zeros((BM, BN), tl.float32)
+    for k0 in range(0, K, BK):
+        a = a_desc.load([pid_m * BM, k0])
+        w = w_desc.load([pid_n * BN, k0])
+        acc = mma(a, tl.trans(w), acc, PRECISION, INTERPRET)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    bias = tl.load(b_ptr + offs_n, mask=offs_n < N_W, other=0.0)
+    y = relu(acc + bias[None, :])
+    y_desc.store([pid_m * BM, pid_n * BN], to_scratch(y, PRECISION, INTERPRET).to(y_desc.dtype))
+
+
+@triton.jit
 def chunk_weight_grad_kernel(
         d_ptr, N_S, x_ptr, K_X, M, seg_rows, N_W, part_ptr, slot_size, w_off, b_off, LD,
         ROUND_D: tl.constexpr, TRANSPOSED: tl.constexpr, PRECISION: tl.constexpr,

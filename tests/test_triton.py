@@ -316,6 +316,34 @@ def test_tf32_backward_in_both_operand_orders(case, k_major, schedule, device, m
         assert rel_err(g, r) <= bound, f"gradient {i}: relative error {rel_err(g, r):.2e} > {bound:.2e}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["tf32", "bf16"])
+@pytest.mark.parametrize("first_layer_mode", ["separable", "direct"])
+def test_chunked_forward_through_tma_descriptors(first_layer_mode, precision, device, monkeypatch):
+    """The chunked forward's GEMMs through TMA descriptors (a tuner candidate on Hopper) decode what the
+    pointer GEMMs decode: zero-filled loads and clipped stores past the buffers' shapes replace the
+    masks (H = 40: partial weight tiles; several chunks of 64 rows, the last one partial)."""
+    monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "64")
+    layout = mixed_layout(3, "local", "max", permuted=True)
+    pred = random_predictor(layout, hidden=40, num_blocks=4, levels=4).to(device)
+    weights, biases = [w.detach() for w in pred.weights()], [b.detach() for b in pred.biases()]
+    tensors, static = ops.get_backend("triton")._layout_arguments(layout, pred.encoding, weights[0].device)
+    inputs = tb.make_launch_inputs(weights, biases, None, *tensors, *static, precision)
+    pointers = tb.candidate_configs("fwd", inputs.shape, first_layer_mode, "chunked")[0]
+    assert not pointers.tma
+    outs = []
+    for config in (pointers, dataclasses.replace(pointers, tma=True)):
+        out = torch.empty(layout.num_weights, device=device)
+        tb._run_forward(inputs, config, out, 1 << 20)
+        outs.append(out)
+    ref, _ = decode_and_grads(pred, "eager", precision="fp32")
+    if device == "cpu":  # the same products (the interpreter's tf32 is fp32; bf16 emulated alike)
+        assert rel_err(outs[1], outs[0]) <= 1e-6
+        assert rel_err(outs[1], ref) <= (FP32_TOL if precision == "tf32" else 2e-2)
+    else:  # rounding of activations between layers may differ: no worse than twice the pointer GEMMs
+        assert rel_err(outs[1], ref) <= max(2 * rel_err(outs[0], ref), FP32_TOL)
+
+
 def test_tf32_backward_candidates_try_k_major_operands_first():
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
                            kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
@@ -327,6 +355,28 @@ def test_tf32_backward_candidates_try_k_major_operands_first():
         for kind, precision in (("fwd", "tf32"), ("bwd", "bf16"), ("bwd", "fp32")):
             other = dataclasses.replace(shape, precision=precision)
             assert not any(c.k_major for c in tb.candidate_configs(kind, other, "auto", schedule))
+
+
+def test_tma_candidates_only_for_the_chunked_forward_on_hopper(monkeypatch):
+    """The chunked tf32/bf16 forward also tries its GEMMs through TMA descriptors where the device has
+    a TMA (Hopper): after the pointer version, which stays the untuned default."""
+    shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
+                           kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
+                           precision="bf16", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
+    tt.candidate_configs.cache_clear()
+    try:
+        assert not any(c.tma for c in tt.candidate_configs("fwd", shape, "auto", "chunked"))  # no TMA here
+        monkeypatch.setattr(tt, "_tma_supported", lambda: True)
+        tt.candidate_configs.cache_clear()
+        for precision in ("bf16", "tf32"):
+            fwd = tt.candidate_configs("fwd", dataclasses.replace(shape, precision=precision), "auto", "chunked")
+            assert not fwd[0].tma and any(c.tma for c in fwd) and "tma" in [c for c in fwd if c.tma][0].describe()
+        assert not any(c.tma for c in tt.candidate_configs("bwd", shape, "auto", "chunked"))
+        assert not any(c.tma for c in tt.candidate_configs("fwd", shape, "auto", "fused"))
+        fp32 = dataclasses.replace(shape, precision="fp32")
+        assert not any(c.tma for c in tt.candidate_configs("fwd", fp32, "auto", "chunked"))
+    finally:
+        tt.candidate_configs.cache_clear()
 
 
 def test_chunk_plans_follow_the_memory_budget():

@@ -52,11 +52,13 @@ CALLS = [
 
 
 def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: int,
-             pointer_types: dict | None = None, ones: tuple = (), divisible: tuple = ()) -> dict:
+             pointer_types: dict | None = None, ones: tuple = (), divisible: tuple = (),
+             descriptors: dict | None = None) -> dict:
     """Compile for sm_90 and read the cubin's resource usage. ``pointer_types`` overrides the element
     type of pointer arguments by name; integer arguments named in ``ones`` are specialised to 1 and
     those in ``divisible`` marked as multiples of 16 — what triton does at a launch that passes such
-    values (a unit stride, padded sizes)."""
+    values (a unit stride, padded sizes). ``descriptors``: TMA descriptor arguments by name ->
+    (element type, block shape)."""
     import tempfile
 
     import triton
@@ -67,6 +69,9 @@ def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: i
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
+        elif descriptors and p.name in descriptors:
+            kind, block = descriptors[p.name]
+            signature[p.name] = f"tensordesc<{kind}[{','.join(map(str, block))}]>"
         elif p.name in ones:
             signature[p.name] = "constexpr"
             constexprs[p.name] = 1
@@ -96,7 +101,8 @@ def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: i
     narrow = len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, 0x4\b", ptx))
     return {"registers": int(fields.get("REG", -1)), "spill_bytes": int(fields.get("STACK", -1)),
             "shared_bytes": int(compiled.metadata.shared), "wgmma": "wgmma.mma_async" in ptx,
-            "async_copy": "cp.async" in ptx, "narrow_copies": narrow}
+            "async_copy": "cp.async" in ptx, "narrow_copies": narrow,
+            "tma": "cp.async.bulk.tensor" in ptx}
 
 
 def _shape(tb, hidden: int, precision: str, **kw):
@@ -149,6 +155,18 @@ def _chunked_report(tb) -> list[dict]:
                     roles = [(role, types, {**extra, "STORE_T": False}, unit, div)
                              for role, types, extra, unit, div in roles]
                 suffix = "-kmajor" if config.k_major else ""
+                if kind == "fwd" and precision in ("tf32", "bf16"):  # the TMA candidates (Hopper)
+                    for role, w_kind in (("hidden", act), ("first-direct", "fp32")):
+                        usage = _compile(kc.chunk_matmul_tma_kernel,
+                                         dict(PRECISION=code, INTERPRET=False, BM=config.bm, BN=config.bn,
+                                              BK=config.bk, GROUP_M=8), False, *launch,
+                                         pointer_types={"b_ptr": "fp32"},
+                                         descriptors={"a_desc": (act, (config.bm, config.bk)),
+                                                      "w_desc": (w_kind, (config.bn, config.bk)),
+                                                      "y_desc": (act, (config.bm, config.bn))},
+                                         divisible=("M", "K", "N_S"))
+                        rows.append({"call": f"chunk-matmul-tma-{role}-{precision}",
+                                     "config": config.describe() + " tma", **usage})
                 for role, types, extra, unit, div in roles:
                     usage = _compile(kc.chunk_matmul_kernel, {**tiles, **extra}, False, *launch,
                                      pointer_types=types, ones=(unit,), divisible=div)
@@ -235,6 +253,8 @@ def test_kernels_compile_for_sm90_within_limits():
         if row["call"].startswith("chunk-matmul-hidden-") and not row["call"].endswith(("-fp32", "-fp32x3")):
             # the large-H schedule's reason to exist: Hopper tensor-core GEMMs with staged operands
             assert row["wgmma"] and row["async_copy"], row
+        if row["call"].startswith("chunk-matmul-tma-"):  # tiles moved by the TMA, tensor-core products
+            assert row["tma"] and row["wgmma"], row
         if row["call"].endswith("-kmajor") or row["call"].startswith("chunk-matmul-hidden-"):
             # K-major operands: staged with wide copies, none element by element
             assert row["narrow_copies"] == 0, row
@@ -251,7 +271,7 @@ if __name__ == "__main__":
         print(json.dumps(result))
     else:
         for r in result:
-            flags = ("wgmma " if r["wgmma"] else "") + ("cp.async" if r["async_copy"] else "")
+            flags = ("wgmma " if r["wgmma"] else "") + ("tma" if r["tma"] else "cp.async" if r["async_copy"] else "")
             narrow = f"4-byte copies {r['narrow_copies']:>3}" if r["narrow_copies"] else ""
             print(f"{r['call']:<44} regs {r['registers']:>3}  spill {r['spill_bytes']:>4} B  "
                   f"shared {r['shared_bytes'] / 1024:6.1f} KiB  {flags:<15} {narrow:<18} {r['config']}")

@@ -141,6 +141,13 @@ class _Launcher:
         c, s = self.config, self.shape
         bk = min(bk or c.bk, next_power_of_2(k))  # k is a multiple of 16: tl.dot needs K >= 16
         grid = (cdiv(m, c.bm) * cdiv(n_s, c.bn),)
+        if c.tma and h is None and yt is None and stride_wk == 1:  # a forward layer: W's rows are N
+            kc.chunk_matmul_tma_kernel[grid](
+                _descriptor(a, k, c.bm, bk), _descriptor(w, k, c.bn, bk, rows=n_w, row_stride=stride_wn),
+                bias, _descriptor(y, n_s, c.bm, c.bn), m, k, n_w, n_s, PRECISION=s.precision_code,
+                INTERPRET=INTERPRETED, BM=c.bm, BN=c.bn, BK=bk, GROUP_M=8, num_warps=c.num_warps,
+                num_stages=c.num_stages)
+            return
         dummy = self.inputs.pos_layer
         kc.chunk_matmul_kernel[grid](
             a, m, k, w, stride_wk, stride_wn, k_w, n_w, bias if bias is not None else dummy,
@@ -186,6 +193,16 @@ class _Launcher:
             d.shape[-1] if transposed else 0, ROUND_D=round_d, TRANSPOSED=transposed,
             PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
             BN=bn, BK=bk, BR=br, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _descriptor(t: torch.Tensor, width: int, block_rows: int, block_cols: int, rows: Optional[int] = None,
+                row_stride: Optional[int] = None):
+    """TMA descriptor of the first ``width`` columns of a row-major 2-D buffer (``rows`` of it; all by
+    default), moved in ``block_rows × block_cols`` tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
+    rows = t.shape[0] if rows is None else rows
+    row_stride = t.stride(0) if row_stride is None else row_stride
+    return TensorDescriptor(t, [rows, width], [row_stride, 1], [block_rows, block_cols])
 
 
 def _first_layer_forward(launch: _Launcher, params: list, act0: torch.Tensor,

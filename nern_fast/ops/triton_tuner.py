@@ -57,13 +57,14 @@ class LaunchConfig:
     separable: bool
     schedule: str = "fused"
     k_major: bool = False
+    tma: bool = False  # chunked forward GEMMs through TMA descriptors (Hopper)
 
     def describe(self) -> str:
         grid = f" programs/SM={self.programs_per_sm}" if self.schedule == "fused" else ""
         return (f"{self.schedule} BM={self.bm} BN={self.bn} BK={self.bk} warps={self.num_warps} "
                 f"stages={self.num_stages}{grid} "
                 f"first_layer={'separable' if self.separable else 'direct'}"
-                f"{' k_major' if self.k_major else ''}")
+                f"{' k_major' if self.k_major else ''}{' tma' if self.tma else ''}")
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -146,6 +147,26 @@ def _k_major_variants(kind: str, shape: DecodeShape) -> tuple[bool, ...]:
     return (False,)
 
 
+@lru_cache(maxsize=1)
+def _tma_supported() -> bool:
+    """Hopper or newer (the tensor memory accelerator), and a triton with host-side descriptors."""
+    if INTERPRETED or not torch.cuda.is_available():
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+def _tma_variants(kind: str, sched: str, shape: DecodeShape) -> tuple[bool, ...]:
+    """The chunked tf32/bf16 forward GEMMs are also tried through TMA descriptors (after the pointer
+    version: not measured on a GPU yet, so the tuner decides)."""
+    if sched == "chunked" and kind == "fwd" and shape.precision in ("tf32", "bf16") and _tma_supported():
+        return (False, True)
+    return (False,)
+
+
 def default_schedule(shape: DecodeShape) -> str:
     return "chunked" if shape.hidden >= CHUNKED_MIN_HIDDEN else "fused"
 
@@ -189,10 +210,11 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
             if sched == "fused":
                 bm = min(bm, cap_m)
             for k_major in _k_major_variants(kind, shape):
-                config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable, sched,
-                                      k_major)
-                if config not in out:
-                    out.append(config)
+                for tma in _tma_variants(kind, sched, shape):
+                    config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable,
+                                          sched, k_major, tma)
+                    if config not in out:
+                        out.append(config)
     return tuple(out)
 
 
