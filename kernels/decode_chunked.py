@@ -72,6 +72,18 @@ def chunk_encoding_kernel(
 
 
 @triton.jit
+def grouped_tile(pid, M, N_S, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` of a GEMM over M × N_S, in groups of GROUP_M row
+    tiles: the programs of a group share the column tiles of B while those are in L2."""
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N_S, BN)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
+
+
+@triton.jit
 def chunk_matmul_kernel(
         a_ptr, M, K, w_ptr, stride_wk, stride_wn, K_W, N_W, b_ptr, h_ptr, y_ptr, N_S, yt_ptr, LDT,
         EPILOGUE: tl.constexpr, ROUND_A: tl.constexpr, STORE_T: tl.constexpr, PRECISION: tl.constexpr,
@@ -91,14 +103,7 @@ def chunk_matmul_kernel(
     K-major operand.
     Grid: cdiv(M, BM) · cdiv(N_S, BN) programs in groups of GROUP_M row tiles (L2 reuse of B).
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N_S, BN)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N_S, BM, BN, GROUP_M)
     rows = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_k = tl.arange(0, BK)
@@ -135,14 +140,7 @@ def chunk_matmul_tma_kernel(
     moved by the tensor memory accelerator: descriptors of a (·, K), W (N_W, K) and y (·, N_S) whose
     loads past their shapes read zeros and whose stores past them write nothing (the masks of the
     pointer version). A tuner candidate on Hopper; same grid and tile order."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BM)
-    num_n = tl.cdiv(N_S, BN)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N_S, BM, BN, GROUP_M)
     acc = tl.zeros((BM, BN), tl.float32)
     for k0 in range(0, K, BK):
         a = a_desc.load([pid_m * BM, k0])
