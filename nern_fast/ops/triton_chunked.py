@@ -20,7 +20,7 @@ from nern_fast.kernels import decode_chunked as kc
 
 from .triton_fused import first_layer_tables, reduce_partials, transposed_weights
 from .triton_inputs import INTERPRETED, DecodeShape, LaunchInputs, cdiv, next_power_of_2, slot_layout
-from .triton_tuner import LaunchConfig, num_sms
+from .triton_tuner import LaunchConfig, TensorDescriptor, num_sms
 
 MAX_CHUNK_ROWS = 1 << 16
 MAX_SEGMENTS = 8
@@ -199,7 +199,6 @@ def _descriptor(t: torch.Tensor, width: int, block_rows: int, block_cols: int, r
                 row_stride: Optional[int] = None):
     """TMA descriptor of the first ``width`` columns of a row-major 2-D buffer (``rows`` of it; all by
     default), moved in ``block_rows × block_cols`` tiles."""
-    from triton.tools.tensor_descriptor import TensorDescriptor  # triton >= 3.4
     rows = t.shape[0] if rows is None else rows
     row_stride = t.stride(0) if row_stride is None else row_stride
     return TensorDescriptor(t, [rows, width], [row_stride, 1], [block_rows, block_cols])

@@ -148,14 +148,16 @@ def _k_major_variants(kind: str, shape: DecodeShape) -> tuple[bool, ...]:
     return (False,)
 
 
+try:  # host-side TMA descriptors (triton >= 3.4); the chunked launcher builds them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+
 @lru_cache(maxsize=1)
 def _tma_supported() -> bool:
     """Hopper or newer (the tensor memory accelerator), and a triton with host-side descriptors."""
-    if INTERPRETED or not torch.cuda.is_available():
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
-    except ImportError:
+    if INTERPRETED or TensorDescriptor is None or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability()[0] >= 9
 
