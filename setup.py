@@ -95,8 +95,12 @@ def _make_extension(cpp_extension, with_cuda, include_dir, archs):
     import torch
 
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-parameter", "-Wno-maybe-uninitialized"]
+    # -lstdc++ named here, before the driver's own: a compiler that links the C++ runtime
+    # statically by default (-static-libstdc++, as the GPU machine's g++ wrapper does) would give
+    # _C a second copy of it, and c10::Error messages built across the two came out cut short
+    # (2-core CPU, reproduced) or crashed the process (H200 machine).
     common = dict(name="nern_fast._C", include_dirs=[os.path.join(ROOT, CSRC), include_dir],
-                  extra_link_args=["-fopenmp"])
+                  libraries=["stdc++"], extra_link_args=["-fopenmp"])
     if not with_cuda:
         return cpp_extension.CppExtension(sources=CPU_SOURCES,
                                           extra_compile_args={"cxx": cxx}, **common)
