@@ -14,6 +14,7 @@
 # logs.tgz holding every step's log and side outputs (the device tool brings back at most 8 files,
 # so the archive is refreshed after every step: a cut-off run still returns what it did).
 # Usage (repository root):  bash bench/gpu_check.sh [all|tests|bench]   (default all)
+#                           bash bench/gpu_check.sh focus "NAME: COMMAND" ...   (chosen checks only)
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 LOGS=$(mktemp -d)/logs   # outside $OUT: only the archive of it travels back
@@ -60,11 +61,28 @@ print('backends on cuda:', o.availability(r))" 2>&1 | tee -a "$OUT/env.txt"
   echo "== toolchain"
   ${CXX:-c++} --version 2>&1 | head -1; /usr/bin/g++ --version 2>&1 | head -1
   ls -l "$(command -v c++ 2>/dev/null)" /opt/gcc/bin/g++ 2>&1 | head -2
+  head -c 400 /opt/gcc/bin/g++ 2>/dev/null | grep -a -v "^#!" ; echo
+  readelf -d nern_fast/_C*.so 2>/dev/null | grep NEEDED | grep -oE "\[lib[^]]*\]" | tr '\n' ' '; echo
   ldd nern_fast/_C*.so 2>&1 | grep -E "stdc|gcc_s|gomp"
   $PY -c "import torch; print('torch cxx11 abi', torch._C._GLIBCXX_USE_CXX11_ABI); \
 import ctypes.util; print('libstdc++ found', ctypes.util.find_library('stdc++'))" 2>&1
   strings nern_fast/_C*.so 2>/dev/null | grep -oE "GLIBCXX_3\.4\.[0-9]+" | sort -uV | tail -1
 } >> "$OUT/env.txt" 2>&1
+
+# "focus": a follow-up's chosen checks, side by side, each argument one step "NAME: COMMAND" (run
+# by bash in the repository root, with $LOGS exported for side outputs), each under FOCUS_LIMIT s.
+if [ "$WHAT" = focus ]; then
+  shift
+  export LOGS NERN_FAST_TRITON_AUTOTUNE=0 NERN_FAST_TRITON_TUNE_CACHE=0
+  for spec in "$@"; do
+    step "${spec%%:*}" "${FOCUS_LIMIT:-150}" bash -c "${spec#*:}" > /dev/null &
+  done
+  wait
+  cat "$LOGS/steps.txt"
+  for f in "$LOGS"/*.log; do echo "-- $(basename "$f")"; tail -n 4 "$f"; done
+  tar czf "$OUT/logs.tgz" -C "$(dirname "$LOGS")" logs
+  exit 0
+fi
 
 # Tests first: the code changed since the last GPU session is verified even if the session is cut.
 # They run side by side (one GPU, 16 CPUs: the Triton tests are bound by kernel compilation, one
