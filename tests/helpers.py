@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from nern_fast import FastPredictor, WeightLayout, ops
+from nern_fast import FastPredictor, WeightLayout, ops, reference
 
 
 def mixed_layout(kernel_size: int = 3, normalization: str = "local", crop: str = "center",
@@ -32,6 +32,13 @@ def random_predictor(layout: WeightLayout, hidden: int = 24, num_blocks: int = 4
         for b in pred.biases():
             b.uniform_(-0.3, 0.3)
     return pred.to(dtype)
+
+
+def well_conditioned_rows(pred: FastPredictor, margin: float = 2e-5) -> torch.Tensor:
+    """The predictor's kernel rows away from ReLU kinks and max-crop ties
+    (:func:`nern_fast.reference.well_conditioned_rows`)."""
+    return reference.well_conditioned_rows(pred.weights(), pred.biases(), pred.layout, pred.encoding,
+                                           margin=margin)
 
 
 def all_rows(layout: WeightLayout) -> torch.Tensor:

@@ -184,3 +184,31 @@ def test_precision_linear_function_matches_f_linear(precision):
     assert torch.autograd.gradcheck(lambda *a: _CudaLinearAtPrecision.apply(*a, precision), (x, w, b))
     out = _CudaLinearAtPrecision.apply(x, w, b, precision)
     assert torch.allclose(out, torch.nn.functional.linear(x, w, b))
+
+
+def test_well_conditioned_rows_leave_out_relu_kinks_and_max_crop_ties():
+    from nern_fast.reference import kernel_positions, well_conditioned_rows
+    layout = mixed_layout(kernel_size=5, crop="max")  # its 1×1 layer is a max crop of the whole 5×5
+    pred = random_predictor(layout, hidden=30, num_blocks=3, levels=6)
+    args = (pred.weights(), pred.biases(), layout, pred.encoding)
+    kept = well_conditioned_rows(*args)
+    assert kept.numel() > 0.9 * layout.num_kernels and kept.dtype == torch.long
+    # a pre-activation exactly at the kink (row 7, first layer, unit 3) leaves row 7 out
+    positions, _ = kernel_positions(layout, torch.tensor([7]), torch.float64)
+    z = pred.encoding.encode(positions) @ pred.weights()[0].double().t() + pred.biases()[0].double()
+    with torch.no_grad():
+        pred.biases()[0][3] -= float(z[0, 3])
+    kept = well_conditioned_rows(*args)
+    assert 7 not in kept.tolist() and kept.numel() > 0.9 * layout.num_kernels
+    # equal outputs at every kernel position: every max window ties, the other crops are unaffected
+    with torch.no_grad():
+        pred.weights()[-1].copy_(pred.weights()[-1][:1].expand_as(pred.weights()[-1]))
+        pred.biases()[-1].fill_(0.1)
+    kept = set(well_conditioned_rows(*args).tolist())
+    cropped = layout.layers[3]
+    assert cropped.size == 1 and cropped.crop == "max"
+    assert not kept & set(range(cropped.kernel_offset, cropped.kernel_offset + cropped.num_kernels))
+    assert len(kept) > 0.9 * (layout.num_kernels - cropped.num_kernels)
+    # only rows of those given are returned
+    subset = torch.tensor([0, 5, 600 % layout.num_kernels, 9])
+    assert set(well_conditioned_rows(*args, rows=subset).tolist()) <= set(subset.tolist())

@@ -22,7 +22,7 @@ import dataclasses
 import pytest
 import torch
 
-from helpers import assert_nan_like_eager, mixed_layout, random_predictor
+from helpers import assert_nan_like_eager, mixed_layout, random_predictor, well_conditioned_rows
 from nern_fast import BackendUnavailable, WeightLayout, ops
 from nern_fast.ops import DecodeRequest
 
@@ -797,14 +797,12 @@ def test_large_layouts_on_gpu(case, schedule, monkeypatch):
         monkeypatch.setenv("NERN_FAST_TRITON_CHUNK_ROWS", "4096")
     layout = make_layout()
     pred = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40).cuda()
-    ours, ours_grads = decode_and_grads(pred, "triton", precision=precision)
-    eager, eager_grads = decode_and_grads(pred, "eager", precision=precision)
-    if precision == "fp32":
-        assert rel_err(ours, eager) <= FP32_TOL
-        for g, r in zip(ours_grads, eager_grads):
-            assert rel_err(g, r) <= FP32_TOL
-        return
-    exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")
+    # fp32: only the rows away from ReLU kinks (a mask flipped by rounding moves a whole row's
+    # gradient: on ResNet-56 eager's own fp32 gradients were 1.2e-3 off Triton's over all rows)
+    rows = well_conditioned_rows(pred) if precision == "fp32" else None
+    ours, ours_grads = decode_and_grads(pred, "triton", rows=rows, precision=precision)
+    eager, eager_grads = decode_and_grads(pred, "eager", rows=rows, precision=precision)
+    exact, exact_grads = decode_and_grads(copy.deepcopy(pred).double(), "eager", rows=rows, precision="fp32")
     for x, e, r in [(ours, eager, exact)] + list(zip(ours_grads, eager_grads, exact_grads)):
         assert rel_err(x, r) <= max(2 * rel_err(e, r), FP32_TOL)
 
