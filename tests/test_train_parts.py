@@ -221,3 +221,34 @@ def test_build_optimizer_and_schedule():
         sched.step()
         lrs.append(sched.get_last_lr()[0])
     assert lrs[-1] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0)
+
+
+def test_parameters_as_inputs_runs_the_objective_with_the_given_parameters():
+    """What the CUDA-graph capture records: the objective with stand-ins passed for its parameters.
+    The loss and every gradient equal the module's own call, and the gradients go to the tensors
+    passed, not to the module's parameters (whose accumulators must stay out of the capture)."""
+    from helpers import random_predictor
+    from nern_fast.train.graphs import parameters_as_inputs
+    from nern_fast.train.objectives import ReconstructionObjective
+
+    layout = mixed_layout()
+    pred = random_predictor(layout, hidden=20, num_blocks=3, levels=4)
+    target = torch.randn(layout.num_weights, generator=torch.Generator().manual_seed(2))
+    objective = ReconstructionObjective(pred, target)
+    rows = torch.tensor([0, 5, 17, layout.num_kernels - 1])
+    loss, parts = objective(rows)
+    expected = torch.autograd.grad(loss, list(objective.parameters()))
+
+    call, parameters = parameters_as_inputs(objective)
+    assert [id(p) for p in parameters] == [id(p) for p in objective.parameters()]
+    stand_ins = tuple(p.detach().requires_grad_() for p in parameters)
+    loss2, parts2 = call(rows, *stand_ins)
+    torch.testing.assert_close(loss2, loss, rtol=0, atol=0)
+    torch.testing.assert_close(parts2, parts, rtol=0, atol=0)
+    loss2.backward()
+    assert all(p.grad is None for p in parameters)
+    for s, e in zip(stand_ins, expected):
+        torch.testing.assert_close(s.grad, e, rtol=0, atol=0)
+    # other values for the parameters are used, not the module's (a perturbed stand-in changes the loss)
+    moved = tuple(s.detach() + (0.1 if i == 0 else 0.0) for i, s in enumerate(stand_ins))
+    assert not torch.equal(call(rows, *moved)[0], loss)

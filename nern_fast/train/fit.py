@@ -312,6 +312,7 @@ class FitRun:
                         loss, parts = eager(x, rows, warm)
                     else:
                         if compute is None:
+                            loss = parts = None  # the warm-up steps' graph: not kept over the capture
                             dummy = rows if rows is not None else torch.zeros(1, dtype=torch.long,
                                                                               device=self.device)
                             if self.device.type == "cuda" and not GRAPHED_CALLABLES_THREAD_LOCAL:

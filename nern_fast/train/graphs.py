@@ -7,6 +7,15 @@ eager (a few fused foreach kernels). Capture needs a decode backend that never s
 the host; when capture fails (a host sync, a CPU run) the step runs eagerly, with a warning that
 names the first error. Captures run on the objective's device, thread-local where this torch
 allows (``nern_fast.cuda_capture``).
+
+The capture records the objective with stand-ins for its parameters (``detach()`` views: the same
+storage and version counter) passed as inputs, and each step passes the real parameters. Captured
+with the parameters themselves, the capture's graph (kept alive by torch's static outputs) holds
+their gradient accumulators, made on the capture's side stream; torch >= 2.10 then warned at every
+step that the accumulator's stream differs from the step's, and a distillation stage, whose eager
+warm-up steps had made the accumulators on the default stream, failed to capture (the capture
+made the default stream wait: H200, torch 2.11). Stand-ins keep the real parameters' accumulators
+out of the capture: they are made by the steps, on the steps' stream.
 """
 from __future__ import annotations
 
@@ -29,6 +38,19 @@ class _FixedWarm(nn.Module):
         return self.objective(x, rows, False)
 
 
+def parameters_as_inputs(objective: nn.Module):
+    """``(call, parameters)``: ``call(*args, *params)`` is ``objective(*args)`` run with ``params``
+    (one tensor per entry of ``parameters``, in order) in place of the objective's parameters."""
+    named = list(objective.named_parameters())
+    names, parameters = tuple(n for n, _ in named), tuple(p for _, p in named)
+    count = len(names)
+
+    def call(*args):
+        user, params = args[:len(args) - count], args[len(args) - count:]
+        return torch.func.functional_call(objective, dict(zip(names, params)), user)
+    return call, tuple(parameters)
+
+
 def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what: str):
     """The objective, captured in CUDA graphs when ``enabled`` and possible; else unchanged.
 
@@ -42,10 +64,12 @@ def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what:
         warnings.warn(f"{what}: cuda_graphs needs a CUDA device (running on {device}); the step "
                       f"runs eagerly", RuntimeWarning, stacklevel=2)
         return objective
+    call, parameters = parameters_as_inputs(objective)
+    stand_ins = tuple(p.detach().requires_grad_(p.requires_grad) for p in parameters)
     try:
         with capturing_on(device):
-            graphed = torch.cuda.make_graphed_callables(objective, sample_args, num_warmup_iters=3,
-                                                        **graphed_callables_options())
+            graphed = torch.cuda.make_graphed_callables(call, tuple(sample_args) + stand_ins,
+                                                        num_warmup_iters=3, **graphed_callables_options())
     except Exception as exc:  # capture refused: a host sync, an unsupported op, ...
         try:
             torch.cuda.synchronize(device)
@@ -57,8 +81,8 @@ def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what:
                       RuntimeWarning, stacklevel=2)
         return objective
 
-    def step(*args):
-        loss, parts = graphed(*args)
+    def step(*args):  # the real parameters: the same storage as the stand-ins, so nothing is copied
+        loss, parts = graphed(*args, *parameters)
         return loss, parts.detach()
     return step
 
