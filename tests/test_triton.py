@@ -344,10 +344,16 @@ def test_chunked_forward_through_tma_descriptors(first_layer_mode, precision, de
         assert rel_err(outs[1], ref) <= max(2 * rel_err(outs[0], ref), FP32_TOL)
 
 
-def test_tf32_backward_candidates_also_try_k_major_operands():
+def test_tf32_backward_candidates_try_k_major_operands_where_enabled(monkeypatch):
+    """K-major operands are opt-in (NERN_FAST_TRITON_K_MAJOR=1) until a GPU clears their accuracy at
+    scale; enabled, the tf32 backward of both schedules tries them after the operands as stored."""
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
                            kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
                            precision="tf32", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
+    monkeypatch.delenv("NERN_FAST_TRITON_K_MAJOR", raising=False)
+    for schedule in ("chunked", "fused"):
+        assert not any(c.k_major for c in tb.candidate_configs("bwd", shape, "auto", schedule, True))
+    monkeypatch.setenv("NERN_FAST_TRITON_K_MAJOR", "1")
     for schedule in ("chunked", "fused"):
         bwd = tb.candidate_configs("bwd", shape, "auto", schedule)
         assert not bwd[0].k_major and any(c.k_major for c in bwd)  # as stored: the untuned default
@@ -363,11 +369,11 @@ def test_tma_candidates_only_for_the_chunked_forward_on_hopper(monkeypatch):
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
                            kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
                            precision="bf16", f64=False, num_layers=16, num_filters=4800, num_channels=4800)
-    tt.candidate_configs.cache_clear()
+    tt._candidate_configs.cache_clear()
     try:
         assert not any(c.tma for c in tt.candidate_configs("fwd", shape, "auto", "chunked"))  # no TMA here
         monkeypatch.setattr(tt, "_tma_supported", lambda: True)
-        tt.candidate_configs.cache_clear()
+        tt._candidate_configs.cache_clear()
         for precision in ("bf16", "tf32"):
             fwd = tt.candidate_configs("fwd", dataclasses.replace(shape, precision=precision), "auto", "chunked")
             assert not fwd[0].tma and any(c.tma for c in fwd) and "tma" in [c for c in fwd if c.tma][0].describe()
@@ -376,7 +382,7 @@ def test_tma_candidates_only_for_the_chunked_forward_on_hopper(monkeypatch):
         fp32 = dataclasses.replace(shape, precision="fp32")
         assert not any(c.tma for c in tt.candidate_configs("fwd", fp32, "auto", "chunked"))
     finally:
-        tt.candidate_configs.cache_clear()
+        tt._candidate_configs.cache_clear()
 
 
 def test_chunk_plans_follow_the_memory_budget():
@@ -813,11 +819,13 @@ BUG_FACTOR = 3
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("precision", ["tf32", "bf16"])
-def test_every_tuner_candidate_is_correct_on_gpu(precision):
+def test_every_tuner_candidate_is_correct_on_gpu(precision, monkeypatch):
     """The tuner may pick any candidate, not only the defaults the tests above run: each other one
     (both schedules, H = 1256) must decode and differentiate correctly. A wrong tile shows as errors of
     order 1; the bound here (3× the eager decoder's own error) leaves room for the rounding of one
-    tile shape against another (the reduced-precision rule itself is tested above)."""
+    tile shape against another (the reduced-precision rule itself is tested above). The opt-in
+    K-major backward candidates included."""
+    monkeypatch.setenv("NERN_FAST_TRITON_K_MAJOR", "1")
     layout = WeightLayout.from_shapes([(64, 64, 3, 3), (128, 64, 3, 3)])
     pred = random_predictor(layout, hidden=1256, num_blocks=5, levels=40).cuda()
     exact, exact_grads = decode_and_grads(pred.double(), "eager", precision="fp32")

@@ -139,11 +139,21 @@ def _chunked_tiles(kind: str, shape: DecodeShape) -> list[tuple]:
 K_MAJOR_PRECISIONS = ("tf32", "fp32x3")
 
 
-def _k_major_variants(kind: str, shape: DecodeShape) -> tuple[bool, ...]:
-    """The tf32 backward (both schedules) is also tried with K-major operands, after the operands as
-    stored (run on the H200; they stay the untuned default): the gain is not measured on a GPU yet,
-    so the tuner times both. Every other call as it is."""
-    if kind == "bwd" and shape.precision in K_MAJOR_PRECISIONS:
+def k_major_enabled() -> bool:
+    """Whether the tuner tries K-major operands for the tf32 backward (NERN_FAST_TRITON_K_MAJOR=1).
+
+    Off by default: on the H200 (db84227) the chunked K-major backward was 4x faster than as stored
+    (24.5 against 99.6 ms on 131,072 ResNet-18 rows at H = 1256) and the tuner took it, but that
+    decode's largest gradient error against fp32 eager was 0.25, against eager tf32's 0.041 and the
+    as-stored fused backward's 0.037 (session 2). Until ``bench.backward_accuracy`` clears it on a
+    GPU, the speed is opt-in."""
+    return env_flag("NERN_FAST_TRITON_K_MAJOR", False)
+
+
+def _k_major_variants(kind: str, shape: DecodeShape, k_major: bool) -> tuple[bool, ...]:
+    """The tf32 backward (both schedules), where enabled, is also tried with K-major operands, after
+    the operands as stored (the untuned default). Every other call as it is."""
+    if k_major and kind == "bwd" and shape.precision in K_MAJOR_PRECISIONS:
         return (False, True)
     return (False,)
 
@@ -194,7 +204,6 @@ def _first_layer_separable(shape: DecodeShape, first_layer: str) -> bool:
     return not shape.ffn and first_layer != "direct"
 
 
-@lru_cache(maxsize=256)
 def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", schedule: str = "auto",
                       tuning: bool = False) -> tuple[LaunchConfig, ...]:
     """Launch configurations worth timing for ``kind`` ("fwd" or "bwd"), the default first.
@@ -202,6 +211,12 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
     All use one first-layer form: separable unless ``first_layer`` is "direct" or the encoding is
     ffn (the tuner tries the direct form on the winner when ``first_layer`` is "auto").
     """
+    return _candidate_configs(kind, shape, first_layer, schedule, tuning, k_major_enabled())
+
+
+@lru_cache(maxsize=256)
+def _candidate_configs(kind: str, shape: DecodeShape, first_layer: str, schedule: str, tuning: bool,
+                       k_major: bool) -> tuple[LaunchConfig, ...]:
     separable = _first_layer_separable(shape, first_layer)
     # Chunks wider than the (power-of-two-rounded) hidden size or rows than the call has only waste.
     cap_h = max(16, next_power_of_2(shape.hidden))
@@ -212,10 +227,10 @@ def candidate_configs(kind: str, shape: DecodeShape, first_layer: str = "auto", 
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
                 bm = min(bm, cap_m)
-            for k_major in _k_major_variants(kind, shape):
+            for operands_k_major in _k_major_variants(kind, shape, k_major):
                 for tma in _tma_variants(kind, sched, shape):
                     config = LaunchConfig(bm, min(bn, cap_h), min(bk, cap_h), warps, stages, pps, separable,
-                                          sched, k_major, tma)
+                                          sched, operands_k_major, tma)
                     if config not in out:
                         out.append(config)
     return tuple(out)
