@@ -2,12 +2,14 @@
 # The prepared GPU check for a `device` session (H100/H200, torch 2.11 + triton 3.6, offline).
 # Installs the package offline (building nern_fast._C with its CUDA ops for sm_90), then runs, each
 # step with its own time limit so one hang cannot eat the session:
-#   tests: csrc, Triton (three shards), inference and graphed-training tests side by side
-#                                                                               (about 1.5 min)
+#   tests: csrc, Triton (four shards), inference and graphed-training tests, and the gradient
+#          accuracy of every Triton backward candidate (bench.backward_accuracy) side by side
+#                                                                    (session 8: 156 s, cut)
 #   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
 #          inference benchmark (graphs off/on) -> distillation-step profile, eager and in CUDA
 #          graphs                                                               (about 5.5 min)
-# "all" (the default) runs the install and both halves in about 8 minutes, within the device tool's
+# "all" (the default) runs the install and both halves in about 9.5 minutes (session 8: 555 s, the
+# install 52 s), within the device tool's
 # 10-minute limit per command (session 2, tests one after the other: 7.1 min before the graphs
 # variants were added). "tests" and "bench" run one half (the build is kept between two calls).
 # Under $OUT (default ./gpu_out): bench.csv and bench.log (the suite's rows and log), env.txt, and
@@ -86,21 +88,27 @@ fi
 
 # Tests first: the code changed since the last GPU session is verified even if the session is cut.
 # They run side by side (one GPU, 16 CPUs: the Triton tests are bound by kernel compilation, one
-# compile per CPU), the Triton GPU tests in three round-robin shards; session 2 ran them one after
-# the other and the Triton ones alone needed over 75 s. Default configurations, no tuning and no
+# compile per CPU), the Triton GPU tests in four round-robin shards, the tuner-candidate tests (the
+# longest: every candidate compiled) first; session 8's three shards of 71 tests ran 126-150 s each
+# and two were cut in those tests. Default configurations, no tuning and no
 # on-disk tuning decisions: the bench step times candidates on a quiet GPU and keeps its choices.
 if [ "$WHAT" != bench ]; then
   export NERN_FAST_TRITON_AUTOTUNE=0 NERN_FAST_TRITON_TUNE_CACHE=0
   $PY -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_triton.py 2>/dev/null \
-    | grep "::" > "$LOGS/triton_gpu_tests.txt"
-  for i in 0 1 2; do
-    awk -v i=$i 'NR % 3 == i' "$LOGS/triton_gpu_tests.txt" > "$LOGS/triton_shard$i.txt"
+    | grep "::" | awk '/every_tuner_candidate/ {print; next} {rest[n++] = $0} END {for (j = 0; j < n; j++) print rest[j]}' \
+    > "$LOGS/triton_gpu_tests.txt"
+  for i in 0 1 2 3; do
+    awk -v i=$i 'NR % 4 == i' "$LOGS/triton_gpu_tests.txt" > "$LOGS/triton_shard$i.txt"
     [ -s "$LOGS/triton_shard$i.txt" ] && \
-      pytest_step tests_triton$i 150 --durations=5 $(cat "$LOGS/triton_shard$i.txt") > /dev/null &
+      pytest_step tests_triton$i 160 --durations=5 $(cat "$LOGS/triton_shard$i.txt") > /dev/null &
   done
   pytest_step tests_csrc 90 tests/test_csrc.py > /dev/null &
   pytest_step tests_inference 60 tests/test_inference.py > /dev/null &  # CUDA-graph captures
   pytest_step tests_train_graphs 90 tests/test_train_recipes.py -m gpu > /dev/null &  # captured steps
+  # Gradient errors of every Triton backward candidate against float64, eager's beside them (the
+  # opt-in K-major tf32 backward: 0.25 largest error at db84227, eager 0.041).
+  step backward_accuracy 150 $PY -m bench.backward_accuracy --layout resnet18 --precision tf32 \
+    --rows 65536 --out "$LOGS/backward_accuracy.jsonl" > /dev/null &
   wait
   cat "$LOGS/steps.txt"
   for f in "$LOGS"/tests_*.log; do echo "-- $(basename "$f")"; tail -n 3 "$f"; done
