@@ -130,8 +130,12 @@ if [ "$WHAT" != tests ]; then
   # fixed cost on small layouts).
   step decode_host_time 75 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m bench.decode_host_time --device cuda \
     --repeats 20 --out "$LOGS/decode_host_time.jsonl"
+  # On-demand inference (with the graphs variants) in tf32: session 8 ran it in fp32, where the
+  # Triton decode alone (4.3 ms of kernels per ResNet-56 decode) is about a materialized forward.
   step inference_prefetch 45 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
-    --batches 1,256 --repeats 20 --out "$LOGS/inference_prefetch.jsonl"  # with the graphs variants
+    --batches 1,256 --repeats 20 --precision tf32 --out "$LOGS/inference_prefetch.jsonl"
+  step inference_prefetch_csrc 30 $PY -m bench.inference_prefetch --device cuda --nets resnet56 \
+    --batches 1,256 --repeats 20 --precision tf32 --backend csrc --out "$LOGS/inference_prefetch.jsonl"
   step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2
   # The same step captured in CUDA graphs (#5's GPU-busy goal); kernels and tuning are cached by now.
   step profile_graphs 35 $PY bench/profile_distill_step.py --cuda-graphs --count-ops --warmup 5 --steps 10 \

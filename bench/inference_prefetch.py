@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--nets", default="resnet20,resnet56")
     parser.add_argument("--batches", default="1,256")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    parser.add_argument("--backend", default="auto", help="the predictor's decode backend (auto, triton, csrc, eager)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="bench/results/inference_prefetch.jsonl")
     args = parser.parse_args()
@@ -100,7 +101,8 @@ def main() -> int:
         depth, hidden = NETS[net]
         torch.manual_seed(0)
         model = cifar_resnet(depth).eval().to(device)
-        pred = FastPredictor.for_model(model, include="nern", hidden=hidden, precision=args.precision).to(device)
+        pred = FastPredictor.for_model(model, include="nern", hidden=hidden, precision=args.precision,
+                                       backend=args.backend).to(device)
         layer = pred.layout.layers[-1]
         rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels, device=device)
         request = ops.make_request(pred.weights(), pred.layout, pred.encoding, rows, args.precision)
