@@ -589,6 +589,19 @@ def test_tuner_times_tiles_then_the_direct_first_layer_skips_failures_and_rememb
         tb.choose_config("bwd", shape, cpu, "direct", nothing_runs.run, tune=True, timer=nothing_runs)
 
 
+def test_a_k_major_decision_is_dropped_when_k_major_is_turned_off(monkeypatch):
+    monkeypatch.setattr(tt, "_TUNED", {})
+    monkeypatch.setenv("NERN_FAST_TRITON_TUNE_CACHE", "0")
+    monkeypatch.setenv("NERN_FAST_TRITON_K_MAJOR", "1")
+    shape, cpu = _shape(600, precision="tf32"), torch.device("cpu")
+    timer = FakeTimer(lambda c: 1.0 if c.k_major else 2.0)
+    chosen = tb.choose_config("bwd", shape, cpu, "separable", timer.run, tune=True, timer=timer)
+    assert chosen.k_major
+    monkeypatch.delenv("NERN_FAST_TRITON_K_MAJOR")
+    again = tb.choose_config("bwd", shape, cpu, "separable", timer.run, tune=True, timer=timer)
+    assert not again.k_major and again in tb.candidate_configs("bwd", shape, "separable", "auto", True)
+
+
 def test_tuning_decisions_are_kept_on_disk(monkeypatch, tmp_path):
     path = tmp_path / "cache" / "tune.json"
     monkeypatch.setenv("NERN_FAST_TRITON_TUNE_CACHE", str(path))

@@ -375,8 +375,9 @@ def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_lay
     if not tune or (len(candidates) == 1 and not try_direct):
         return candidates[0]
     key = _tune_key(kind, device_key(device), shape, first_layer, schedule)
-    if key in _TUNED:
-        return _TUNED[key]
+    best = _TUNED.get(key)
+    if best is not None and (k_major_enabled() or not best.k_major):  # K-major taken back: re-time
+        return best
     allowed = list(candidates) + [replace(c, separable=False) for c in candidates] if try_direct else list(
         candidates)
     best = _load_decision(key, allowed)
