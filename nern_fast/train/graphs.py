@@ -48,7 +48,7 @@ def parameters_as_inputs(objective: nn.Module):
     def call(*args):
         user, params = args[:len(args) - count], args[len(args) - count:]
         return torch.func.functional_call(objective, dict(zip(names, params)), user)
-    return call, tuple(parameters)
+    return call, parameters
 
 
 def maybe_graphed(objective: nn.Module, sample_args: tuple, enabled: bool, what: str):
