@@ -9,6 +9,10 @@ Memory columns: ``resident_mb`` = allocated before the forward (model + predicto
 activations). CUDA memory comes from the caching allocator; on CPU only the attachment's own
 ``peak_held_bytes`` (decoded weights it references) is reported.
 
+On CUDA, materialized and on_demand (prefetch off) are also timed with the whole forward captured
+in one CUDA graph (rows with ``whole_graph``; ``vs_materialized_whole_graph`` compares like with
+like, ``graph_error`` says why a capture failed).
+
 Per net it also times one decode of every represented layer in a row (``mode: decode_calls``),
 through ``pred.decode_layer`` and through the attachment's ``LayerDecoder``: ``host_us_per_layer``
 is the time until the last call returned (launch and host overhead), ``us_per_layer`` the time
@@ -37,6 +41,31 @@ def variants(largest_layer_bytes: int):
     return [("materialized", {}), ("on_demand", {"prefetch": False}), ("on_demand", {"prefetch": True}),
             ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True}),
             ("on_demand", {"prefetch": False, "graphs": True}), ("on_demand", {"prefetch": True, "graphs": True})]
+
+
+# Variants also timed with the whole forward captured in one CUDA graph (the user's own capture, as
+# ``torch.cuda.graph`` documents it): the on-demand decodes replay with the convs, no host path left.
+WHOLE_GRAPH = (("materialized", {}), ("on_demand", {"prefetch": False}))
+
+
+def whole_forward_graph(model, x: torch.Tensor):
+    """A replay of ``model(x)`` captured whole in a CUDA graph (after warm-up on a side stream), or
+    the capture's error as a string."""
+    static_x = x.clone()
+    try:
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            model(static_x)
+    except Exception as exc:  # a host sync or an op the capture refuses: reported, not timed
+        torch.cuda.synchronize(x.device)
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    return graph.replay
 
 
 def timed(fn, device: torch.device, repeats: int) -> list[float]:
@@ -120,7 +149,7 @@ def main() -> int:
                   f"host, {times['us_per_layer']:8.1f} us/layer until done")
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 32, 32, device=device)
-            materialized_ms = None
+            materialized_ms = whole_materialized_ms = None
             for mode, kw in variants(largest):
                 pred.attach(model, mode=mode, **kw)
                 state = attachment(model)
@@ -160,6 +189,26 @@ def main() -> int:
                 print(f"{net:<9} {batch:>5} {label:<30} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
                       f"{fmt(row['resident_mb']):>11} {fmt(row['forward_peak_mb']):>15} "
                       f"{row['held_peak_mb']:>12.3f} {state.stats['prefetched']:>10}")
+                if device.type == "cuda" and (mode, kw) in WHOLE_GRAPH:
+                    replay = whole_forward_graph(model, x)
+                    graph_row = {**row, "whole_graph": True, "graph_error": None if callable(replay) else replay}
+                    if callable(replay):
+                        seconds = timed(replay, device, args.repeats)
+                        graph_row["median_ms"] = statistics.median(seconds) * 1e3
+                        graph_row["p20_ms"] = sorted(seconds)[len(seconds) // 5] * 1e3
+                        graph_row["vs_materialized"] = graph_row["median_ms"] / materialized_ms
+                        if mode == "materialized":
+                            whole_materialized_ms = graph_row["median_ms"]
+                        graph_row["vs_materialized_whole_graph"] = (
+                            graph_row["median_ms"] / whole_materialized_ms if whole_materialized_ms else None)
+                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<30} {graph_row['median_ms']:>10.3f} "
+                              f"{graph_row['vs_materialized']:>7.2f}   (vs materialized whole-graph "
+                              f"{fmt(graph_row['vs_materialized_whole_graph'])})")
+                    else:
+                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<30} capture failed: {replay}")
+                    with out.open("a") as f:
+                        f.write(json.dumps(graph_row) + "\n")
+                    del replay
                 pred.detach(model)
         print(f"({net}: backend {backend}, largest layer {largest / 2**20:.3f} MB, predictor "
               f"{sum(p.numel() for p in pred.parameters()) * 4 / 2**20:.3f} MB, device {name})")
