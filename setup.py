@@ -91,16 +91,33 @@ def _build_info_header(directory, info):
             fh.write(content)
 
 
+def _cxx_runtime_link_args():
+    """Link _C against the C++ runtime torch loaded, by its path, ahead of the compiler's own.
+
+    A compiler whose library directory offers libstdc++ only as an archive (the GPU machine's g++
+    wrapper passes -B to such a gcc tree; `-lstdc++` then found the archive too) or that links it
+    statically gives _C a second copy of the runtime: c10::Error messages built across the two came
+    out cut short (2-core CPU, reproduced with both kinds of wrapper) or crashed the process (H200).
+    Named by path, the shared library is NEEDED whatever the compiler's defaults. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        with open("/proc/self/maps") as maps:  # torch is imported: its libstdc++ is mapped
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 6 and os.path.basename(fields[5]).startswith("libstdc++.so"):
+                    return [fields[5]]
+    except OSError:
+        pass
+    return ["-lstdc++"]
+
+
 def _make_extension(cpp_extension, with_cuda, include_dir, archs):
     import torch
 
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-parameter", "-Wno-maybe-uninitialized"]
-    # -lstdc++ named here, before the driver's own: a compiler that links the C++ runtime
-    # statically by default (-static-libstdc++, as the GPU machine's g++ wrapper does) would give
-    # _C a second copy of it, and c10::Error messages built across the two came out cut short
-    # (2-core CPU, reproduced) or crashed the process (H200 machine).
     common = dict(name="nern_fast._C", include_dirs=[os.path.join(ROOT, CSRC), include_dir],
-                  libraries=["stdc++"], extra_link_args=["-fopenmp"])
+                  extra_link_args=["-fopenmp"] + _cxx_runtime_link_args())
     if not with_cuda:
         return cpp_extension.CppExtension(sources=CPU_SOURCES,
                                           extra_compile_args={"cxx": cxx}, **common)
