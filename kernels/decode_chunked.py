@@ -21,8 +21,10 @@ from shared memory only in K-major order. The input gradient's weights (dz @ W: 
 reduction) and both operands of dW = dzᵀ @ x (the chunk's rows are the reduction) are not, and
 triton then stages them element by element (4-byte cp.async into transposed shared memory, where
 K-major tiles take 16-byte copies). With ``k_major`` the launcher passes transposed weight copies,
-the input-gradient GEMM also stores dzᵀ (``STORE_T``), ``chunk_transpose_kernel`` writes xᵀ, and
-the weight-gradient GEMM reads both transposed (``TRANSPOSED``). bf16 wgmma reads either order.
+``chunk_transpose_kernel`` writes dzᵀ and xᵀ, and the weight-gradient GEMM reads both transposed
+(``TRANSPOSED``). bf16 wgmma reads either order. (dzᵀ was first stored by the input-gradient GEMM's
+epilogue as well: on the H200 the weight gradients read from it were 4× tf32's error, 9.5e-2 against
+2.5e-2, while the bias sums over the same values were right.)
 
 Chunk buffers are row-major with padded widths (E_S, H_S multiples of 16); row r of a chunk is
 position ``r0 + r`` of the call's row list. Buffers hold ``C`` rows, C a multiple of every row
@@ -85,8 +87,8 @@ def grouped_tile(pid, M, N_S, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.co
 
 @triton.jit
 def chunk_matmul_kernel(
-        a_ptr, M, K, w_ptr, stride_wk, stride_wn, K_W, N_W, b_ptr, h_ptr, y_ptr, N_S, yt_ptr, LDT,
-        EPILOGUE: tl.constexpr, ROUND_A: tl.constexpr, STORE_T: tl.constexpr, PRECISION: tl.constexpr,
+        a_ptr, M, K, w_ptr, stride_wk, stride_wn, K_W, N_W, b_ptr, h_ptr, y_ptr, N_S,
+        EPILOGUE: tl.constexpr, ROUND_A: tl.constexpr, PRECISION: tl.constexpr,
         INTERPRET: tl.constexpr, F64: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
     """y[m, n] = epilogue(Σ_k a[m, k] · B[k, n]) over the chunk's first M rows (whole BM tiles).
@@ -99,8 +101,6 @@ def chunk_matmul_kernel(
     EPILOGUE 1: acc unless h[m, n] <= 0 (backward through the ReLU that produced h; a NaN h passes,
     as in torch).
     ROUND_A: round fp32 A operands to tf32 in registers (the output gradient, stored unrounded).
-    STORE_T: also store yᵀ into yt (N_S rows of LDT, the chunk's row count): the weight gradient's
-    K-major operand.
     Grid: cdiv(M, BM) · cdiv(N_S, BN) programs in groups of GROUP_M row tiles (L2 reuse of B).
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N_S, BM, BN, GROUP_M)
@@ -127,8 +127,6 @@ def chunk_matmul_kernel(
         y = tl.where(h <= 0, 0.0, acc)
     y = to_scratch(y, PRECISION, INTERPRET)
     tl.store(y_ptr + rows[:, None] * N_S + offs_n[None, :], y, mask=out_ok)
-    if STORE_T:
-        tl.store(yt_ptr + offs_n[None, :].to(tl.int64) * LDT + rows[:, None], y, mask=out_ok)
 
 
 @triton.jit

@@ -286,9 +286,9 @@ K_MAJOR_CASES = [
 @pytest.mark.parametrize("k_major", [True, False], ids=["k-major", "as-stored"])
 @pytest.mark.parametrize("case", K_MAJOR_CASES, ids=[c[0] for c in K_MAJOR_CASES])
 def test_tf32_backward_in_both_operand_orders(case, k_major, schedule, device, monkeypatch):
-    """The tf32 backward with K-major operands (transposed weights; chunked: dzᵀ stored by the
-    input-gradient GEMM, xᵀ and gᵀ by the transpose kernel; fused: transposed copies of the
-    program's scratch) and with the operands as stored (the tuner times both) give the eager
+    """The tf32 backward with K-major operands (transposed weights; chunked: dzᵀ, xᵀ and gᵀ by the
+    transpose kernel; fused: transposed copies of the program's scratch) and with the operands as
+    stored (the tuner times both where K-major is enabled) give the eager
     decoder's gradients: to fp32 accuracy under the interpreter (whose tf32 dots are fp32), within
     twice eager tf32's own error on a GPU; chunked: several chunks of 64 rows, the last one partial."""
     _, k, hidden, num_blocks, crop, permuted, every, encoding = case

@@ -29,7 +29,7 @@ POINTER_TYPES = {"out_ptr": "fp32", "grad_ptr": "fp32", "rows_ptr": "i64", "koff
                  "pos_f_ptr": "fp32", "pos_c_ptr": "fp32", "enc_ptr": "fp32", "w1_ptr": "fp32",
                  "b1_ptr": "fp32", "wh_ptr": "fp32", "bh_ptr": "fp32", "wl_ptr": "fp32", "bl_ptr": "fp32",
                  "tab_ptr": "fp32", "scr_ptr": "fp32", "scr32_ptr": "fp32", "part_ptr": "fp32",
-                 "yt_ptr": "fp32", "src_ptr": "fp32", "dst_ptr": "fp32", "wht_ptr": "fp32", "wlt_ptr": "fp32"}
+                 "src_ptr": "fp32", "dst_ptr": "fp32", "wht_ptr": "fp32", "wlt_ptr": "fp32"}
 BF16_POINTERS = ("wh_ptr", "scr_ptr")
 MULTIPLES_OF_16 = ("E_S", "H_S", "slot_size")  # the launcher pads these; triton specialises on it
 
@@ -141,19 +141,15 @@ def _chunked_report(tb) -> list[dict]:
                           dict(EPILOGUE=0, ROUND_A=False, BK=config.bk), "stride_wk", fwd_div)]
                 if kind == "bwd":
                     # as stored: W's rows are the reduction (unit stride_wn); K-major: Wᵀ (unit
-                    # stride_wk), and dzᵀ stored too
+                    # stride_wk)
                     km = config.k_major
-                    bwd_div = ("M", "K", "N_W", "N_S", "stride_wn" if km else "stride_wk", "LDT") + (
+                    bwd_div = ("M", "K", "N_W", "N_S", "stride_wn" if km else "stride_wk") + (
                         ("K_W",) if km else ())  # K-major: the transposed weights' padded K
                     unit = "stride_wk" if km else "stride_wn"
-                    roles = [("input-grad", {**fp32, "a_ptr": act, "w_ptr": act, "h_ptr": act, "y_ptr": act,
-                                             "yt_ptr": act},
-                              dict(EPILOGUE=1, ROUND_A=False, STORE_T=km, BK=config.bk), unit, bwd_div),
-                             ("last-input-grad", {**fp32, "h_ptr": act, "y_ptr": act, "yt_ptr": act},
-                              dict(EPILOGUE=1, ROUND_A=True, STORE_T=km, BK=16), unit, bwd_div)]
-                else:
-                    roles = [(role, types, {**extra, "STORE_T": False}, unit, div)
-                             for role, types, extra, unit, div in roles]
+                    roles = [("input-grad", {**fp32, "a_ptr": act, "w_ptr": act, "h_ptr": act, "y_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=False, BK=config.bk), unit, bwd_div),
+                             ("last-input-grad", {**fp32, "h_ptr": act, "y_ptr": act},
+                              dict(EPILOGUE=1, ROUND_A=True, BK=16), unit, bwd_div)]
                 suffix = "-kmajor" if config.k_major else ""
                 if kind == "fwd" and precision in ("tf32", "bf16"):  # the TMA candidates (Hopper)
                     for role, w_kind in (("hidden", act), ("first-direct", "fp32")):

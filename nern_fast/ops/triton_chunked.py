@@ -134,14 +134,12 @@ class _Launcher:
 
     def matmul(self, a: torch.Tensor, m: int, k: int, w: torch.Tensor, stride_wk: int, stride_wn: int,
                k_w: int, n_w: int, y: torch.Tensor, n_s: int, bias: Optional[torch.Tensor] = None,
-               h: Optional[torch.Tensor] = None, round_a: bool = False, bk: Optional[int] = None,
-               yt: Optional[torch.Tensor] = None) -> None:
-        """y = relu(a @ B + bias) (bias given) or (a @ B)·(h > 0) (h given), and yᵀ into ``yt``
-        (N_S rows of the chunk's row count) when given; see the kernel."""
+               h: Optional[torch.Tensor] = None, round_a: bool = False, bk: Optional[int] = None) -> None:
+        """y = relu(a @ B + bias) (bias given) or (a @ B)·(h > 0) (h given); see the kernel."""
         c, s = self.config, self.shape
         bk = min(bk or c.bk, next_power_of_2(k))  # k is a multiple of 16: tl.dot needs K >= 16
         grid = (cdiv(m, c.bm) * cdiv(n_s, c.bn),)
-        if c.tma and h is None and yt is None and stride_wk == 1:  # a forward layer: W's rows are N
+        if c.tma and h is None and stride_wk == 1:  # a forward layer: W's rows are N
             kc.chunk_matmul_tma_kernel[grid](
                 _descriptor(a, k, c.bm, bk), _descriptor(w, k, c.bn, bk, rows=n_w, row_stride=stride_wn),
                 bias, _descriptor(y, n_s, c.bm, c.bn), m, k, n_w, n_s, PRECISION=s.precision_code,
@@ -151,9 +149,8 @@ class _Launcher:
         dummy = self.inputs.pos_layer
         kc.chunk_matmul_kernel[grid](
             a, m, k, w, stride_wk, stride_wn, k_w, n_w, bias if bias is not None else dummy,
-            h if h is not None else dummy, y, n_s, yt if yt is not None else dummy,
-            yt.shape[-1] if yt is not None else 0, EPILOGUE=0 if h is None else 1, ROUND_A=round_a,
-            STORE_T=yt is not None, PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
+            h if h is not None else dummy, y, n_s, EPILOGUE=0 if h is None else 1, ROUND_A=round_a,
+            PRECISION=s.precision_code, INTERPRET=INTERPRETED, F64=s.f64,
             BM=c.bm, BN=c.bn, BK=bk, GROUP_M=8, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def transpose(self, src: torch.Tensor, m: int, n_s: int, dst: torch.Tensor) -> None:
@@ -286,7 +283,7 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
             # K_W padded: the transposed copies' padding is zero, and a reduction mask at a multiple
             # of 16 keeps the loads 16 bytes wide (at H = 1256 or k² = 9 triton copies 4 bytes at a time)
             launch.matmul(g, m, k2p, transposed.wl, 1, k2p, k2p, h_s, dz[0], h_s, h=acts[nh],
-                          round_a=True, bk=16, yt=transposed.dz)
+                          round_a=True, bk=16)
         # ---- hidden layers, last to first: layer i maps acts[i] -> acts[i+1]
         for j in range(nh):
             i = nh - 1 - j
@@ -295,17 +292,17 @@ def run_backward(inputs: LaunchInputs, grad: torch.Tensor, config: LaunchConfig,
                 launch.weight_grad(cur, h_s, acts[i], h_s, m, h, plan, partials, o_wh + i * h * h_s,
                                    o_bh + i * h_s)
                 launch.matmul(cur, m, h_s, wh[i], h_s, 1, h, h_s, nxt, h_s, h=acts[i])
-            else:  # dzᵀ of this layer came with the previous input gradient
-                launch.weight_grad(transposed.dz, h_s, transposed.x_of(launch, acts[i], m, h_s), h_s, m, h,
-                                   plan, partials, o_wh + i * h * h_s, o_bh + i * h_s, transposed=True)
-                launch.matmul(cur, m, h_s, transposed.wh[i], 1, h_s, h_s, h_s, nxt, h_s, h=acts[i],
-                              yt=transposed.dz)
+            else:
+                d_t, x_t = transposed.dz_of(launch, cur, m), transposed.x_of(launch, acts[i], m, h_s)
+                launch.weight_grad(d_t, h_s, x_t, h_s, m, h, plan, partials, o_wh + i * h * h_s, o_bh + i * h_s,
+                                   transposed=True)
+                launch.matmul(cur, m, h_s, transposed.wh[i], 1, h_s, h_s, h_s, nxt, h_s, h=acts[i])
         # ---- first layer: W1 against the encodings
         if transposed is None:
             launch.weight_grad(dz[nh % 2], h_s, enc, e_s, m, h, plan, partials, 0, o_b1)
         else:
-            launch.weight_grad(transposed.dz, h_s, transposed.x_of(launch, enc, m, e_s), e_s, m, h, plan,
-                               partials, 0, o_b1, transposed=True)
+            d_t, x_t = transposed.dz_of(launch, dz[nh % 2], m), transposed.x_of(launch, enc, m, e_s)
+            launch.weight_grad(d_t, h_s, x_t, e_s, m, h, plan, partials, 0, o_b1, transposed=True)
     return reduce_partials(partials.view(-1), plan.segments, slot_size)
 
 
@@ -325,3 +322,8 @@ class _KMajorOperands:
         """xᵀ of a layer's input (the chunk's first m rows, ``width`` columns)."""
         launch.transpose(x, m, width, self.x)
         return self.x
+
+    def dz_of(self, launch: _Launcher, dz: torch.Tensor, m: int) -> torch.Tensor:
+        """dzᵀ of a layer's output gradient (the chunk's first m rows)."""
+        launch.transpose(dz, m, self.dz.shape[0], self.dz)
+        return self.dz
