@@ -143,10 +143,10 @@ def k_major_enabled() -> bool:
     """Whether the tuner tries K-major operands for the tf32 backward (NERN_FAST_TRITON_K_MAJOR=1).
 
     Off by default: on the H200 (db84227) the chunked K-major backward was 4x faster than as stored
-    (24.5 against 99.6 ms on 131,072 ResNet-18 rows at H = 1256) and the tuner took it, but that
-    decode's largest gradient error against fp32 eager was 0.25, against eager tf32's 0.041 and the
-    as-stored fused backward's 0.037 (session 2). Until ``bench.backward_accuracy`` clears it on a
-    GPU, the speed is opt-in."""
+    (24.5 against 99.6 ms on 131,072 ResNet-18 rows at H = 1256), but ``bench.backward_accuracy``
+    (cea8d5d) found its first and hidden weight gradients 4x tf32's error (their dzᵀ, then stored by
+    the input-gradient GEMM). dzᵀ now comes from the transpose kernel; until a GPU run of that check
+    clears it, the speed is opt-in."""
     return env_flag("NERN_FAST_TRITON_K_MAJOR", False)
 
 
@@ -173,8 +173,8 @@ def _tma_supported() -> bool:
 
 
 def _tma_variants(kind: str, sched: str, shape: DecodeShape) -> tuple[bool, ...]:
-    """The chunked tf32/bf16 forward GEMMs are also tried through TMA descriptors (after the pointer
-    version: not measured on a GPU yet, so the tuner decides)."""
+    """The chunked tf32/bf16 forward GEMMs are also tried through TMA descriptors, after the pointer
+    version (H200: faster in bf16 at H = 1256, slower in tf32; the tuner decides per shape)."""
     if sched == "chunked" and kind == "fwd" and shape.precision in ("tf32", "bf16") and _tma_supported():
         return (False, True)
     return (False,)
@@ -376,7 +376,7 @@ def choose_config(kind: str, shape: DecodeShape, device: torch.device, first_lay
         return candidates[0]
     key = _tune_key(kind, device_key(device), shape, first_layer, schedule)
     best = _TUNED.get(key)
-    if best is not None and (k_major_enabled() or not best.k_major):  # K-major taken back: re-time
+    if best is not None and (not best.k_major or k_major_enabled()):  # K-major taken back: re-time
         return best
     allowed = list(candidates) + [replace(c, separable=False) for c in candidates] if try_direct else list(
         candidates)
