@@ -33,21 +33,30 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 CASES = "resnet20:180,resnet56:280"  # layout:hidden pairs
 
 
-def _stub_triton_launches() -> None:
-    """Kernel launches of the Triton backend become no-ops (the interpreter must be on)."""
+def stub_triton_launches(launches: Optional[Counter] = None) -> None:
+    """Kernel launches of the Triton backend's fused forward become no-ops (the interpreter must be
+    on), counted per kernel in ``launches`` when given."""
     from nern_fast.kernels import decode_fwd
 
     class NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
+        def __init__(self, name):
+            self.name = name
 
-    decode_fwd.decode_fwd_kernel = NoLaunch()
-    decode_fwd.first_layer_tables_kernel = NoLaunch()
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if launches is not None:
+                    launches[self.name] += 1
+            return launch
+
+    decode_fwd.decode_fwd_kernel = NoLaunch("decode_fwd_kernel")
+    decode_fwd.first_layer_tables_kernel = NoLaunch("first_layer_tables_kernel")
     from nern_fast.ops import triton_inputs
     triton_inputs.CONVERT_ON_PACK = True  # pack as on a GPU (tf32 rounding, bf16 copies)
 
@@ -194,7 +203,7 @@ def main(argv=None) -> int:
     import torch
 
     if args.stub_triton:
-        _stub_triton_launches()
+        stub_triton_launches()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.stub_triton and device != "cpu":
         parser.error("--stub-triton runs on the CPU (the interpreter); leave --device out or use cpu")

@@ -120,6 +120,14 @@ class LayerDecoder:
     layer a view of it), and the checks and the backend choice run once per (device, dtype,
     precision, backend setting); the decode itself is the same backend call with the same
     arguments, so the values are identical to ``pred.decode_layer(i)``.
+
+    Packing once per forward: a backend with ``prepare`` (Triton: the parameters packed as its
+    kernels read them, tf32-rounded or bf16 copies, and the separable first-layer tables of the
+    whole layout) does that work at every call, i.e. once per layer. Between
+    :meth:`share_preparation` ``(True)`` and ``(False)`` — an attachment brackets each forward of
+    its root model, during which the parameters cannot change — the first decode prepares and the
+    others reuse it. ``decode(i, prepared=...)`` takes a set made elsewhere (the CUDA graphs' static
+    one, :meth:`prepare`).
     """
 
     def __init__(self, pred):
@@ -127,8 +135,11 @@ class LayerDecoder:
         self._key = None
         self._rows: list[torch.Tensor] = []
         self._backend = None
+        self._sharing = False
+        self._shared = None  # the prepared set shared by this forward's decodes
+        self._shared_streams: set = set()  # side streams already marked as reading it
 
-    def _prepare(self, weights: list, biases: list) -> None:
+    def _select(self, weights: list, biases: list) -> None:
         pred, layout = self.pred, self.pred.layout
         device = weights[0].device
         rows = torch.arange(layout.num_kernels, device=device)
@@ -137,8 +148,9 @@ class LayerDecoder:
         self._backend = ops.select_backend(request, pred.backend)
         self._rows = [rows[l.kernel_offset:l.kernel_offset + l.num_kernels] for l in layout.layers]
 
-    def __call__(self, i: int) -> torch.Tensor:
-        """Layer ``i``'s conv weight (C_out, C_in, s, s); call under ``no_grad``."""
+    def _parameters(self) -> tuple[list, list]:
+        """The predictor's parameters, with the backend chosen for them (again when the device,
+        dtype, precision, backend setting or grad mode changed)."""
         pred = self.pred
         weights, biases = pred.weights(), pred.biases()
         w0 = weights[0]
@@ -146,11 +158,57 @@ class LayerDecoder:
                torch.is_grad_enabled())
         if key != self._key:
             self._key = None
-            self._prepare(weights, biases)
+            self._shared = None
+            self._select(weights, biases)
             self._key = key
+        return weights, biases
+
+    def prepare(self):
+        """A prepared set of the current parameters (the backend's ``prepare``), or None when the
+        backend has nothing to prepare; call under ``no_grad``."""
+        weights, biases = self._parameters()
+        prepare = getattr(self._backend, "prepare", None)
+        if prepare is None:
+            return None
+        pred = self.pred
+        return prepare(weights, biases, pred.layout, pred.encoding, pred.precision)
+
+    def share_preparation(self, on: bool) -> None:
+        """Start (True) or end (False) a stretch of decodes that share one prepared set: the
+        parameters must keep their values until it ends. Either way the previous set is dropped."""
+        self._sharing = bool(on)
+        self._shared = None
+        self._shared_streams.clear()
+
+    def shared_preparation(self):
+        """The prepared set the decodes now share (made now if needed), or None (not sharing, or
+        a backend without ``prepare``)."""
+        if not self._sharing:
+            return None
+        if self._shared is None:
+            self._shared = self.prepare()
+        return self._shared
+
+    def shared_used_on(self, stream) -> None:
+        """Decodes on ``stream`` (a CUDA stream other than the one the set was made on) read the
+        shared set: keep its memory from being reused before that stream is done with it."""
+        shared = self._shared
+        if shared is None or stream in self._shared_streams:
+            return
+        self._shared_streams.add(stream)
+        for t in shared.params + ([shared.tables[1]] if shared.tables is not None else []):
+            t.record_stream(stream)
+
+    def __call__(self, i: int, prepared=None) -> torch.Tensor:
+        """Layer ``i``'s conv weight (C_out, C_in, s, s); call under ``no_grad``."""
+        pred = self.pred
+        weights, biases = self._parameters()
+        if prepared is None and self._sharing:
+            prepared = self.shared_preparation()
         layer = pred.layout.layers[i]
+        extra = {} if prepared is None else {"prepared": prepared}
         out = self._backend.decode(weights, biases, pred.layout, pred.encoding, self._rows[i],
-                                   pred.precision)
+                                   pred.precision, **extra)
         s2 = layer.size * layer.size
         return (out if s2 == out.shape[1] else out[:, :s2]).reshape(layer.shape)
 
@@ -235,8 +293,9 @@ class Attachment:
             del conv.weight  # drops the Parameter: the predictor now holds this layer
             conv.__dict__["weight"] = self._placeholders[i]
         if self.mode == "materialized":
-            for i in range(len(self.convs)):
-                self._store_put(i, self._decode(i))
+            with self._sharing_preparation():
+                for i in range(len(self.convs)):
+                    self._store_put(i, self._decode(i))
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._root_start))
         self._handles.append(root.register_forward_hook(self._root_done))
@@ -252,7 +311,9 @@ class Attachment:
     def remove(self) -> None:
         """Remove every hook and give each represented conv an ordinary Parameter (decoded values)."""
         self._drop_pending()
-        weights = [self._store[i] if i in self._store else self._decode(i) for i in range(len(self.convs))]
+        with self._sharing_preparation():
+            weights = [self._store[i] if i in self._store else self._decode(i)
+                       for i in range(len(self.convs))]
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
@@ -280,6 +341,21 @@ class Attachment:
         return hook
 
     # ------------------------------------------------------------------ decoding and storage
+    @contextlib.contextmanager
+    def _sharing_preparation(self) -> Iterator[None]:
+        """Decodes in this block share one prepared set (see LayerDecoder): outside forwards."""
+        self._decoder.share_preparation(True)
+        try:
+            yield
+        finally:
+            self._decoder.share_preparation(False)
+
+    def _prepare_shared(self) -> None:
+        """Make the forward's shared prepared set now, on the current stream (before a prefetch
+        decodes on the side stream, which must find it made and ordered before it)."""
+        with torch.inference_mode(False), torch.no_grad():
+            self._decoder.shared_preparation()
+
     def _decode(self, i: int) -> torch.Tensor:
         # Ordinary tensors (not inference tensors), no autograd graph: usable in any later mode.
         with torch.inference_mode(False), torch.no_grad():
@@ -301,7 +377,7 @@ class Attachment:
         an ordinary tensor). The graphs take it when nothing will keep the weight (see
         nern_fast.inference_graphs)."""
         graphed = self._graphed
-        if graphed is not None and not torch.is_grad_enabled() and not self._pins(i):
+        if self._uses_graphs(i):
             captures = graphed.captures
             result = graphed.decode(i, check=not self._in_forward)  # a forward checks once
             self.stats["graph_captures"] += graphed.captures - captures
@@ -310,6 +386,13 @@ class Attachment:
                 self.stats["graph_replays"] += 1
                 return result
         return self._decode(i), None
+
+    def _uses_graphs(self, i: int) -> bool:
+        """Whether a decode of layer ``i`` now is a graph replay (not for kept weights, nor with
+        autograd on: see nern_fast.inference_graphs)."""
+        graphed = self._graphed
+        return (graphed is not None and graphed.disabled is None and not torch.is_grad_enabled()
+                and not self._pins(i))
 
     def _store_put(self, i: int, weight: torch.Tensor) -> None:
         size = _nbytes(weight)
@@ -344,6 +427,8 @@ class Attachment:
         following = order[position + 1]
         if following in self._store:
             return
+        if not self._uses_graphs(following):
+            self._prepare_shared()  # recorded by `ready` below: the side stream's decode reads it
         # Everything the current stream enqueued before conv i (e.g. a predictor just moved there).
         ready = self._prefetch_events()[0]
         ready.record(main)
@@ -357,6 +442,7 @@ class Attachment:
         with torch.cuda.stream(side):
             weight, slot = self._decode_for_conv(layer)
             done.record(side)
+        self._decoder.shared_used_on(side)
         self._pending = (layer, position, weight, done, slot)
 
     def _take_prefetched(self, layer: int, position: int, main) -> Optional[tuple]:
@@ -394,6 +480,7 @@ class Attachment:
         self._conv_slot.clear()
         if self._graphed is not None:
             self._graphed.start_forward()
+        self._decoder.share_preparation(True)  # the parameters keep their values until the end
         self._trace = []
         self._in_forward = True
         self._update_held()
@@ -404,6 +491,7 @@ class Attachment:
 
     def _root_cleanup(self, module, args, output) -> None:
         self._drop_pending()
+        self._decoder.share_preparation(False)
         self._planned = None
         self._in_forward = False
         self._trace = []

@@ -10,6 +10,10 @@ on_demand and cached modes; ignored on CPU) decodes through :class:`GraphedDecod
   conv's dtype, into a static buffer) is captured once per static buffer it writes, right after one
   eager decode of that layer (which compiles and tunes the kernels: tuning synchronises, which a
   capture may not), and replayed from then on;
+* with a backend that prepares its parameters (Triton: packing, tf32 rounding or bf16 copies, the
+  separable first-layer tables), that preparation is captured once in its own graph, replayed once
+  per forward before the first layer's replay, and every layer graph reads its static result: a
+  layer replay is the decode kernel and the copy, not the whole predictor's packing again;
 * the decoded weight is a view of one of two static buffers ("slots", per conv dtype) of the
   largest layer's size, used alternately: weight memory is two layers, plus the graphs' shared
   pool (the decode's working memory, one copy for all graphs);
@@ -42,6 +46,9 @@ from . import ops
 from .cuda_capture import CAPTURE_ERROR_MODE, capture_failure, capturing_on
 
 
+_NO_PACKING = "no packing"  # the backend prepares nothing: layer graphs pack, if anything, themselves
+
+
 class GraphedDecodes:
     """Per-layer CUDA graphs of a :class:`~nern_fast.inference.LayerDecoder` writing into two
     static slots. ``decode(i)`` returns ``(weight, slot)`` or None when graphs are off
@@ -62,6 +69,8 @@ class GraphedDecodes:
         self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
         self._read_done: list = [None, None]  # per slot: (event, stream) after its last reader
         self._replayed = None  # (event, stream) after the last replay
+        self._packing = None  # (graph, static prepared set), _NO_PACKING, or None: not captured yet
+        self._packed = False  # whether this forward replayed the packing graph already
         self._last_slot = 1
         self._key = None  # the parameters (storage), precision and backend the graphs captured
 
@@ -79,11 +88,14 @@ class GraphedDecodes:
             return None
         if check or self._key is None:
             self.check_parameters()
+            self._packed = False  # outside a forward the parameters may have changed since
         slot = 1 - self._last_slot
         stream = torch.cuda.current_stream(self.device)
         for recorded in (self._read_done[slot], self._replayed):
             if recorded is not None and recorded[1] != stream:  # the same stream keeps the order
                 stream.wait_event(recorded[0])
+        if not self._packed and not self._replay_packing():
+            return None
         weight = self._slot_view(i, slot)
         graph = self._graphs.get((i, slot))
         if graph is None:
@@ -103,6 +115,7 @@ class GraphedDecodes:
         across forwards; the events keep any order safe)."""
         if self.disabled is None:
             self.check_parameters()
+        self._packed = False
         self._last_slot = 1
 
     def check_parameters(self) -> None:
@@ -129,6 +142,8 @@ class GraphedDecodes:
         self._slots.clear()
         self._read_done = [None, None]
         self._replayed = None
+        self._packing = None
+        self._packed = False
         self._key = None
 
     # ------------------------------------------------------------------ internals
@@ -154,22 +169,61 @@ class GraphedDecodes:
                                              for _ in range(2)]
         return pair[slot][:self.numels[i]].view(self.shapes[i])
 
+    def _replay_packing(self) -> bool:
+        """Replay the packing graph (captured at the first call) on the current stream; False when
+        graphs went off. The caller has ordered the stream after the last replay."""
+        if self._packing is None:
+            self._packing = self._capture_packing()
+            if self._packing is None:
+                return False
+        if self._packing is not _NO_PACKING:
+            self._packing[0].replay()
+        self._packed = True
+        return True
+
+    def _static_prepared(self):
+        return None if self._packing in (None, _NO_PACKING) else self._packing[1]
+
     def _fill(self, i: int, weight: torch.Tensor) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            weight.copy_(self.decoder(i))
+            weight.copy_(self.decoder(i, prepared=self._static_prepared()))
+
+    def _prepare(self):
+        with torch.inference_mode(False), torch.no_grad():
+            return self.decoder.prepare()
+
+    def _capture_packing(self):
+        """(graph, static prepared set) of the backend's preparation, _NO_PACKING when the backend
+        prepares nothing, None (graphs off) on failure. Replay the graph before reading the set."""
+        made = []
+        graph = self._captured(lambda: made.append(self._prepare()), probe=lambda: made[-1] is None)
+        if graph is None:
+            return None if self.disabled is not None else _NO_PACKING
+        return graph, made[-1]
 
     def _capture(self, i: int, weight: torch.Tensor):
         """Capture layer ``i``'s decode into ``weight`` (a slot view); None (graphs off) on failure."""
+        graph = self._captured(lambda: self._fill(i, weight))
+        if graph is not None:
+            self.captures += 1
+        return graph
+
+    def _captured(self, run, probe=None):
+        """``run()`` once eagerly (compiles and tunes outside the capture), then captured in a graph
+        sharing the pool. None when ``probe()`` after the eager run says there is nothing to
+        capture, or when the capture failed (graphs off, with a warning)."""
         try:
             with capturing_on(self.device):
-                self._fill(i, weight)  # eager first: compiles and tunes outside the capture
+                run()
+                if probe is not None and probe():
+                    return None
                 graph = torch.cuda.CUDAGraph()
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
                     self._capture_stream = torch.cuda.Stream(self.device)
                 with torch.cuda.graph(graph, pool=self._pool, stream=self._capture_stream,
                                       capture_error_mode=CAPTURE_ERROR_MODE):
-                    self._fill(i, weight)
+                    run()
         except Exception as exc:  # a host sync or an op that cannot be captured
             self.disabled = capture_failure(exc)
             try:
@@ -178,7 +232,6 @@ class GraphedDecodes:
                 pass
             warnings.warn(f"on-demand decodes cannot be captured in CUDA graphs ({self.disabled}); "
                           f"they run eagerly (attach with graphs=False to silence this)", RuntimeWarning,
-                          stacklevel=4)
+                          stacklevel=5)
             return None
-        self.captures += 1
         return graph

@@ -522,7 +522,20 @@ def fake_graphs(fake_streams, monkeypatch):
         self.captures += 1
         return FakeGraph(lambda: self._fill(i, weight))
 
+    def capture_packing(self):
+        static = self._prepare()  # a backend's prepared set, filled again in place by each replay
+        if static is None:
+            return inference_graphs._NO_PACKING
+
+        def replay():
+            fresh = self._prepare()
+            for kept, new in zip(static.params + [static.tables[1]], fresh.params + [fresh.tables[1]]):
+                kept.copy_(new)
+        log.append(("capture_packing", torch.cuda.current_stream().name))
+        return FakeGraph(replay), static
+
     monkeypatch.setattr(inference_graphs.GraphedDecodes, "_capture", capture)
+    monkeypatch.setattr(inference_graphs.GraphedDecodes, "_capture_packing", capture_packing)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     enable_prefetch, log = fake_streams
 
@@ -685,6 +698,115 @@ def test_graph_capture_failure_restores_the_stream_and_names_the_cause(fake_stre
     assert "previous error during capture" in state.graphs_disabled  # both, the cause first
     assert state.graphs_disabled.index("not permitted") < state.graphs_disabled.index("previous error")
     pred.detach(model)
+
+
+# ---------------------------------------------------------------------- one preparation per forward (Triton)
+@pytest.fixture
+def triton_preparations(monkeypatch):
+    """The predictor of ``make()`` on the Triton backend (CPU: the interpreter) and counters of its
+    parameter packings and first-layer table builds."""
+    tb = pytest.importorskip("nern_fast.ops.triton_backend", reason="triton is not installed")
+    if not tb.INTERPRETED or tb.INTERPRETER_PROBLEM is not None:
+        pytest.skip(str(tb.INTERPRETER_PROBLEM or "CPU runs need the Triton interpreter"))
+    from nern_fast.ops import triton_fused, triton_inputs
+    monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
+    counts = {"packs": 0, "tables": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(triton_inputs, "pack_parameters", counted("packs", triton_inputs.pack_parameters))
+    monkeypatch.setattr(triton_fused, "_build_tables", counted("tables", triton_fused._build_tables))
+
+    def make_triton(permuted=False):
+        """model, predictor (Triton), an input and the materialized output (model detached)."""
+        model, pred = make(permuted)
+        pred.backend = "triton"
+        x = torch.randn(2, 3, 6, 6)
+        return model, pred, x, materialized_output(model, pred, x)
+
+    def taken():
+        got = dict(counts)
+        counts.update(packs=0, tables=0)
+        return got
+    return make_triton, taken
+
+
+@pytest.mark.parametrize("grad_mode", ["inference", "no_grad"])
+def test_triton_decodes_of_a_forward_share_one_preparation(triton_preparations, grad_mode):
+    make_triton, taken = triton_preparations
+    model, pred, x, expected = make_triton(permuted=True)
+    assert taken() == {"packs": 1, "tables": 1}  # the materialized attach decoded 4 layers; detach 0
+    pred.attach(model, mode="on_demand")
+    for _ in range(2):
+        assert torch.equal(run(model, x, grad_mode), expected)
+        assert taken() == {"packs": 1, "tables": 1}  # one per forward, not one per layer
+    assert attachment(model)._decoder._shared is None  # dropped with the forward
+    # Outside a root forward nothing vouches for the parameters: each decode prepares for itself.
+    with torch.no_grad():
+        model.c0(torch.randn(1, 8, 4, 4))
+    assert taken() == {"packs": 1, "tables": 1}
+    # The next forward sees an in-place update (a new preparation per forward).
+    with torch.no_grad():
+        pred.layers[0].weight.mul_(1.25)
+    updated = run(model, x, grad_mode)
+    assert not torch.equal(updated, expected)
+    # A forward that raises drops its preparation; the next one starts afresh.
+    model.fail = True
+    with pytest.raises(RuntimeError, match="fail"):
+        run(model, x, grad_mode)
+    assert attachment(model)._decoder._shared is None
+    model.fail = False
+    taken()
+    assert torch.equal(run(model, x, grad_mode), updated)
+    assert taken() == {"packs": 1, "tables": 1}
+    pred.detach(model)
+    assert taken() == {"packs": 1, "tables": 1}  # detach decodes the 4 layers with one preparation
+    assert torch.equal(run(model, x, grad_mode), updated)
+
+
+def test_triton_prefetch_prepares_on_the_main_stream(triton_preparations, fake_streams):
+    """The prefetch decodes on the side stream read the forward's prepared set: it is made on the
+    main stream before the event the side stream waits for, and marked used by the side stream."""
+    make_triton, taken = triton_preparations
+    enable, log = fake_streams
+    model, pred, x, expected = make_triton()
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    run(model, x)  # learns the order
+    taken()
+    log.clear()
+    assert torch.equal(run(model, x), expected)
+    assert state.stats["prefetched"] == 3 and taken() == {"packs": 1, "tables": 1}
+    shared_tensors = 6 + 1  # the six packed parameter tensors and the tables, once per forward
+    assert log.count(("record_stream", "side")) == shared_tensors
+    pred.detach(model)
+
+
+def test_triton_graph_decodes_replay_one_packing_per_forward(triton_preparations, fake_graphs):
+    """With graphs, the preparation is a graph of its own, replayed once per forward before the
+    first layer's replay; the layer graphs read its static set and pack nothing."""
+    make_triton, taken = triton_preparations
+    enable, log = fake_graphs
+    model, pred, x, expected = make_triton()
+    taken()  # the materialized attach
+    pred.attach(model, mode="on_demand")
+    state = enable(model)
+    assert torch.equal(run(model, x), expected)
+    # First forward: the packing's (faked) capture and its replay, 2 preparations; the layers'
+    # eager runs and captures read the static set.
+    assert taken() == {"packs": 2, "tables": 2} and log.count(("capture_packing", "main")) == 1
+    for _ in range(2):
+        assert torch.equal(run(model, x), expected)
+        assert taken() == {"packs": 1, "tables": 1}  # the packing replay; 4 layer replays pack nothing
+    assert state.stats["graph_replays"] == 12 and state.stats["graph_captures"] == 4
+    with torch.no_grad():
+        pred.layers[1].bias.add_(0.1)  # in place: the next packing replay sees it
+    out = run(model, x)
+    pred.detach(model)
+    assert torch.equal(out, materialized_output(model, pred, x))
 
 
 # ---------------------------------------------------------------------- CUDA: prefetch on a side stream

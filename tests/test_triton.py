@@ -434,6 +434,49 @@ def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("schedule", ["fused", "chunked"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_prepared_parameters_serve_several_calls(precision, schedule, device, chunked, monkeypatch):
+    """A prepared set (packing + first-layer tables, made once) gives every per-layer subset decode
+    and its gradients exactly what a call packing for itself gives; a set made for other tensors or
+    another precision is refused."""
+    if schedule == "chunked":
+        chunked(rows=40)
+    monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
+    from nern_fast.ops import triton_fused, triton_inputs
+    layout = mixed_layout(3, permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=4, levels=4).to(device)
+    w, b = pred.weights(), pred.biases()
+    backend = ops.get_backend("triton")
+    packs, tables = [], []
+    monkeypatch.setattr(triton_inputs, "pack_parameters",
+                        lambda *a, _f=triton_inputs.pack_parameters, **k: packs.append(1) or _f(*a, **k))
+    monkeypatch.setattr(triton_fused, "_build_tables",
+                        lambda *a, _f=triton_fused._build_tables: tables.append(1) or _f(*a))
+    with torch.no_grad():
+        prepared = backend.prepare(w, b, layout, pred.encoding, precision)
+    assert len(packs) == 1 and len(tables) == 1
+    for layer in layout.layers:
+        rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels, device=device)
+        g = torch.randn((len(rows), layout.kernel_size ** 2), device=device)
+        results = []
+        for extra in ({"prepared": prepared}, {}):
+            out = backend.decode(w, b, layout, pred.encoding, rows, precision, **extra)
+            results.append((out, torch.autograd.grad((out * g).sum(), w + b)))
+        (out, grads), (plain, plain_grads) = results
+        assert torch.equal(out, plain), layer.name
+        for got, want in zip(grads, plain_grads):
+            assert torch.equal(got, want), layer.name
+    assert len(packs) == 1 + len(layout.layers) and len(tables) == 1 + len(layout.layers)  # the plain calls
+    other = [t.detach().clone() for t in w]
+    with pytest.raises(ValueError, match="prepare"):
+        backend.decode(other, b, layout, pred.encoding, None, precision, prepared=prepared)
+    with pytest.raises(ValueError, match="prepare"):
+        backend.decode(w, b, layout, pred.encoding, None, "tf32" if precision == "fp32" else "fp32",
+                       prepared=prepared)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_nan_propagates_like_eager(layer, schedule, device, monkeypatch):
     """A NaN weight (a diverged predictor) shows in the decoded weights as in eager: the ReLUs and

@@ -4,6 +4,11 @@ Backends register in priority order. Each answers ``unavailable_reason(request)`
 take the call) or a sentence saying why not. ``backend="auto"`` takes the first that can; a backend
 named explicitly (argument or ``NERN_FAST_BACKEND``) raises :class:`BackendUnavailable` with its
 reason instead of falling back.
+
+A backend may also offer ``prepare(weights, biases, layout, encoding, precision)`` and take its
+result as ``decode(..., prepared=...)``: work on the parameters done once for several decodes while
+their values stay the same (the Triton backend's packing and first-layer tables;
+``nern_fast.inference`` shares one for the layer decodes of a forward).
 """
 from __future__ import annotations
 

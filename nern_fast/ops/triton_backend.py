@@ -122,11 +122,14 @@ def _choose(kind: str, inputs: LaunchInputs, first_layer: str, schedule: str,
     """Pick the configuration (tuning on a prefix of the rows: large calls cost the same per row)
     and run the whole call with it."""
     tune = tuning_enabled(inputs.device)
+    prepared = inputs.packed_params is not None and inputs.packed_params.prepared_for is not None
     sample = inputs.prefix(TUNE_ROWS) if tune else inputs
-    rebuild_tables = not cross_call_reuse()
+    # Time the tables as a call pays for them: rebuilt per call, unless reused across calls (and a
+    # prepared set's tables must stay the ones its callers, e.g. captured graphs, read).
+    rebuild_tables = not cross_call_reuse() and not prepared
 
     def timed(config: LaunchConfig):
-        if rebuild_tables:  # as every real call does: the separable form pays for its tables
+        if rebuild_tables:
             sample.packed().tables = None
         return run(sample, config)
 
@@ -168,10 +171,12 @@ def _on_device(device: torch.device):
 def _decode_impl(weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows, pos_layer,
                  pos_filter, pos_channel, enc_table, kernel_size, num_kernels, num_weights, crop_flags,
                  ffn, precision, first_layer, schedule, atomic, memory_budget,
-                 chunk_budget) -> tuple[torch.Tensor, LaunchInputs]:
+                 chunk_budget,
+                 packed: Optional[PackedParameters] = None) -> tuple[torch.Tensor, LaunchInputs]:
     inputs = make_launch_inputs(weights, biases, rows, kernel_offsets, weight_offsets, meta, coord_rows,
                                 pos_layer, pos_filter, pos_channel, enc_table, kernel_size, num_kernels,
                                 num_weights, crop_flags, ffn, precision)
+    inputs.packed_params = packed  # a prepared set (TritonBackend.prepare), or None: packed here
     with _on_device(inputs.device):
         return forward(inputs, first_layer, schedule, chunk_budget), inputs
 
@@ -270,10 +275,10 @@ class _DecodeFunction(torch.autograd.Function):
     dispatch); ``torch.compile`` traces the custom op instead."""
 
     @staticmethod
-    def forward(ctx, tensors, static, *params):
+    def forward(ctx, tensors, static, prepared, *params):
         n = len(params) // 2
-        out, inputs = _decode_impl(list(params[:n]), list(params[n:]), *tensors, *static)
-        if any(ctx.needs_input_grad[2:]):
+        out, inputs = _decode_impl(list(params[:n]), list(params[n:]), *tensors, *static, packed=prepared)
+        if any(ctx.needs_input_grad[3:]):
             ctx.tensors, ctx.static = tensors, static
             ctx.packed = inputs.packed_params  # the backward reuses the packing and the tables
             ctx.save_for_backward(*params)
@@ -288,7 +293,7 @@ class _DecodeFunction(torch.autograd.Function):
         flat = _decode_backward_impl(grad, weights, biases, *ctx.tensors, *ctx.static, packed=ctx.packed)
         ctx.packed = None
         grads_w, grads_b = unpack_gradients(flat, weights)
-        return (None, None, *grads_w, *grads_b)
+        return (None, None, None, *grads_w, *grads_b)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -398,7 +403,30 @@ class TritonBackend:
                 (layout.kernel_size, layout.num_kernels, layout.num_weights, crop_flags(layout),
                  encoding.kind == "ffn"))
 
-    def decode(self, weights, biases, layout: WeightLayout, encoding, rows, precision) -> torch.Tensor:
+    def prepare(self, weights, biases, layout: WeightLayout, encoding, precision) -> PackedParameters:
+        """The parameters packed as the kernels read them, and the layout's separable first-layer
+        tables, made once for several decodes of ``layout`` from these parameters while their values
+        do not change — the layer decodes of one on-demand forward — instead of at every call::
+
+            prepared = backend.prepare(weights, biases, layout, encoding, precision)
+            for rows in per_layer_rows:
+                backend.decode(weights, biases, layout, encoding, rows, precision, prepared=prepared)
+
+        A call checks that the prepared set belongs to the same parameter tensors (identity and
+        storage) and precision; their values are the caller's promise (an in-place update needs a
+        new ``prepare``; a CUDA graph that captured ``prepare`` refreshes the set in place).
+        """
+        device = weights[0].device
+        tensors, static = self._layout_arguments(layout, encoding, device)
+        inputs = make_launch_inputs(list(weights), list(biases), None, *tensors, *static,
+                                    self._kernel_precision(precision))
+        with torch.no_grad(), _on_device(device):
+            inputs.packed_params = inputs.prepare()
+            triton_fused.first_layer_tables(inputs, inputs.packed_params)
+        return inputs.packed_params
+
+    def decode(self, weights, biases, layout: WeightLayout, encoding, rows, precision,
+               prepared: Optional[PackedParameters] = None) -> torch.Tensor:
         device = weights[0].device
         (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = self._layout_arguments(
             layout, encoding, device)
@@ -407,12 +435,15 @@ class TritonBackend:
         settings = (self._kernel_precision(precision), self._first_layer(), self._schedule(), self._atomic(),
                     self._memory_budget(), self._megabytes("NERN_FAST_TRITON_FWD_MEMORY_MB", 256))
         tensors = (rows, koff, woff, meta, coord, pos_l, pos_f, pos_c, table)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # the custom op packs inside (a traced graph holds no set)
             return triton_decode(list(weights), list(biases), *tensors, *static, *settings)
+        if prepared is not None and not prepared.serves((*weights, *biases), settings[0]):
+            raise ValueError("the prepared parameters were made for other parameter tensors or another "
+                             "precision; call prepare() again with these parameters")
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*weights, *biases)):
             # Nothing to differentiate: the autograd.Function's machinery is ~8 µs of host time.
-            return _decode_impl(list(weights), list(biases), *tensors, *static, *settings)[0]
-        return _DecodeFunction.apply(tensors, static + settings, *weights, *biases)
+            return _decode_impl(list(weights), list(biases), *tensors, *static, *settings, packed=prepared)[0]
+        return _DecodeFunction.apply(tensors, static + settings, prepared, *weights, *biases)
 
 
 def register() -> None:

@@ -191,11 +191,12 @@ class _Fingerprint:
         self.refs = [weakref.ref(t) for t in tensors]
         self.state = [(t.data_ptr(), t._version) for t in tensors]
 
-    def matches(self, tensors: Sequence[torch.Tensor]) -> bool:
+    def matches(self, tensors: Sequence[torch.Tensor], versions: bool = True) -> bool:
+        """Same tensors with the same storage (and, with ``versions``, unmodified since)."""
         if len(tensors) != len(self.refs):
             return False
         for ref, (ptr, version), t in zip(self.refs, self.state, tensors):
-            if ref() is not t or t.data_ptr() != ptr or t._version != version:
+            if ref() is not t or t.data_ptr() != ptr or (versions and t._version != version):
                 return False
         return True
 
@@ -216,10 +217,22 @@ def _cacheable(tensors: Sequence[torch.Tensor]) -> bool:
 
 @dataclass
 class PackedParameters:
-    """Kernel-ready parameters and, once built, the separable first-layer tables of one layout."""
+    """Kernel-ready parameters and, once built, the separable first-layer tables of one layout.
+
+    ``prepared_for`` is set by ``TritonBackend.prepare``: such a set is handed to several calls
+    (``decode(..., prepared=...)``) for the parameters it was packed from, with the precision it
+    was packed for, and its tables are built once for all of them.
+    """
 
     params: list
     tables: Optional[tuple] = None  # (weak references to the layout tensors, tables)
+    prepared_for: Optional[tuple] = None  # (_Fingerprint of the parameters, kernel precision)
+
+    def serves(self, tensors: Sequence[torch.Tensor], precision: str) -> bool:
+        """Whether this prepared set was packed from these parameters (same tensors and storage:
+        the caller vouches for their values) for this kernel precision."""
+        return (self.prepared_for is not None and self.prepared_for[1] == precision
+                and self.prepared_for[0].matches(tensors, versions=False))
 
     def first_layer_tables(self, layout_tensors: Sequence[torch.Tensor],
                            build: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -295,6 +308,12 @@ class LaunchInputs:
         while len(_PARAM_CACHE) > _PARAM_CACHE_SIZE:
             _PARAM_CACHE.popitem(last=False)
         return packed
+
+    def prepare(self) -> PackedParameters:
+        """A fresh packed set to hand to several calls of these parameters (see
+        :class:`PackedParameters`); never from, nor into, the cross-call cache."""
+        return PackedParameters(self._pack(),
+                                prepared_for=(_Fingerprint(self.weights + self.biases), self.shape.precision))
 
     def layout_tensors(self) -> list[torch.Tensor]:
         """What the separable tables depend on besides W1 and b1."""
