@@ -83,20 +83,24 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
 
 def decode_call_times(pred, device: torch.device, repeats: int) -> dict:
     """Per-layer time of decoding every layer once: host time (until the calls returned) and total
-    (until the device finished), median over ``repeats``, for decode_layer and LayerDecoder."""
+    (until the device finished), median over ``repeats``, for decode_layer and LayerDecoder (each
+    call preparing for itself, and sharing one preparation per round as an on-demand forward does)."""
     decoder = LayerDecoder(pred)
     layers = range(pred.layout.num_layers)
-    paths = {"decode_layer": pred.decode_layer, "layer_decoder": decoder}
+    paths = {"decode_layer": (pred.decode_layer, False), "layer_decoder": (decoder, False),
+             "layer_decoder_shared": (decoder, True)}
     result = {}
     with torch.no_grad():
-        for name, decode in paths.items():
+        for name, (decode, shared) in paths.items():
             host, total = [], []
             for repeat in range(repeats + 2):  # two warm-up rounds (tuning, compilation, caches)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
+                decoder.share_preparation(shared)
                 for i in layers:
                     decode(i)
+                decoder.share_preparation(False)
                 returned = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)

@@ -55,6 +55,8 @@ def _default_configs(monkeypatch):
     """Take each call's first candidate configuration: timing every candidate would compile each
     of them for every test shape (minutes on a GPU). The tuner has its own tests below."""
     monkeypatch.setenv("NERN_FAST_TRITON_AUTOTUNE", "0")
+    yield
+    tt._candidate_configs.cache_clear()  # lists made while a test patched the tuner's constants
 
 
 @pytest.fixture
@@ -385,6 +387,42 @@ def test_tma_candidates_only_for_the_chunked_forward_on_hopper(monkeypatch):
         tt._candidate_configs.cache_clear()
 
 
+def test_small_fused_forwards_also_try_narrow_row_tiles(monkeypatch):
+    """A tuned fused forward of at most SMALL_CALL_ROWS rows (an on-demand layer decode) also times
+    32- and 16-row tiles, after the usual ones; larger calls, backwards and untuned calls do not."""
+    monkeypatch.setattr(tt, "INTERPRETED", False)  # the GPU tile lists
+    tt._candidate_configs.cache_clear()
+    for precision in ("fp32", "tf32", "bf16"):
+        layer = _shape(280, rows=4096, num_hidden=3, precision=precision)
+        tuned = tt.candidate_configs("fwd", layer, tuning=True)
+        assert tuned[0] == tt.candidate_configs("fwd", layer)[0]  # the untuned default stays
+        fused = [c for c in tuned if c.schedule == "fused"]
+        assert [(c.bm, c.num_warps, c.programs_per_sm) for c in fused[-2:]] == [(32, 4, 2), (16, 4, 2)]
+        assert fused[-1].bn == fused[0].bn and fused[-1].bk == fused[0].bk
+        large = _shape(280, rows=tt.SMALL_CALL_ROWS * 2, num_hidden=3, precision=precision)
+        assert tt.candidate_configs("fwd", large, tuning=True) == tuple(c for c in tuned if c not in fused[-2:])
+        assert tt.candidate_configs("bwd", layer, tuning=True) == tt.candidate_configs("bwd", large, tuning=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bm", [16, 32])
+def test_narrow_row_tiles_decode_like_eager(bm, device, monkeypatch):
+    """The fused kernels with 16- and 32-row tiles (what small calls may be tuned to), full and
+    subset, outputs and gradients."""
+    monkeypatch.setattr(tt, "_fused_tiles", lambda kind, shape: [(bm, 32, 32, 4, 1, 2)])
+    tt._candidate_configs.cache_clear()
+    layout = mixed_layout(3, crop="max", permuted=True)
+    pred = random_predictor(layout, hidden=40, num_blocks=4, levels=4).to(device)
+    rows = torch.arange(8, 8 + 128 + 5, device=device)  # two layers, a partial last tile
+    for subset in (None, rows):
+        out, grads = decode_and_grads(pred, "triton", rows=subset)
+        ref, ref_grads = decode_and_grads(pred, "eager", rows=subset)
+        assert rel_err(out, ref) <= FP32_TOL
+        for g, r in zip(grads, ref_grads):
+            assert rel_err(g, r) <= FP32_TOL
+    assert tt.candidate_configs("fwd", _shape(40))[0].bm == bm  # what ran
+
+
 def test_chunk_plans_follow_the_memory_budget():
     from nern_fast.ops import triton_chunked as tc
     shape = tb.DecodeShape(rows=1_220_608, subset=False, hidden=1256, num_hidden=3, enc_size=240, levels=40,
@@ -694,6 +732,8 @@ def test_tuning_runs_candidates_on_a_prefix_and_then_the_whole_call(monkeypatch)
     monkeypatch.setattr(tb, "TUNE_ROWS", 100)
     monkeypatch.setattr(tt, "_TUNED", {})
     monkeypatch.setattr(tt, "_time_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(tt, "SMALL_CALL_ROWS", 0)  # one tile candidate: the test is about the prefix
+    tt._candidate_configs.cache_clear()
     runs, run_forward = [], tb._run_forward
 
     def spy(inputs, config, out, budget):

@@ -180,6 +180,22 @@ def _tma_variants(kind: str, sched: str, shape: DecodeShape) -> tuple[bool, ...]
     return (False,)
 
 
+SMALL_CALL_ROWS = 8192  # a fused forward of at most this many rows also tries narrower row tiles
+
+
+def _small_call_tiles(kind: str, shape: DecodeShape, tiles: list) -> list:
+    """Narrower row tiles (32 and 16 rows, 4 warps, 2 programs per SM) for small fused forwards,
+    after the usual ones, for the tuner. An on-demand layer decode is a call of 256-4,096 rows
+    (ResNet-56): with 128-row tiles 2-32 programs work on a GPU of 132 SMs, each running every MLP
+    layer of its tile one after the other, so the call takes about one program's time; more,
+    smaller tiles spread it over more SMs at the price of reading the weights once per tile. The
+    backward is left out (each program adds a weight-gradient partial to reduce)."""
+    if kind != "fwd" or shape.rows > SMALL_CALL_ROWS:
+        return []
+    bm, bn, bk, _, stages, _ = tiles[0]
+    return [(narrow, bn, bk, 4, stages, 2) for narrow in (32, 16) if narrow < bm]
+
+
 def default_schedule(shape: DecodeShape) -> str:
     return "chunked" if shape.hidden >= CHUNKED_MIN_HIDDEN else "fused"
 
@@ -224,6 +240,8 @@ def _candidate_configs(kind: str, shape: DecodeShape, first_layer: str, schedule
     out = []
     for sched in _schedules(shape, schedule, tuning):
         tiles = _fused_tiles(kind, shape) if sched == "fused" else _chunked_tiles(kind, shape)
+        if sched == "fused" and tuning:
+            tiles = tiles + _small_call_tiles(kind, shape, tiles)
         for bm, bn, bk, warps, stages, pps in tiles:
             if sched == "fused":
                 bm = min(bm, cap_m)
