@@ -132,7 +132,9 @@ if [ "$WHAT" != tests ]; then
     --repeats 20 --out "$LOGS/decode_host_time.jsonl"
   # On-demand inference (with the graphs variants) in tf32: session 8 ran it in fp32, where the
   # Triton decode alone (4.3 ms of kernels per ResNet-56 decode) is about a materialized forward.
-  step inference_prefetch 45 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
+  # Since session 9 a forward's layer decodes share one preparation (packing + tables; a packing
+  # graph with graphs=True) and small forwards also tune 32/16-row tiles (24 s in session 8).
+  step inference_prefetch 60 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --precision tf32 --out "$LOGS/inference_prefetch.jsonl"
   step inference_prefetch_csrc 30 $PY -m bench.inference_prefetch --device cuda --nets resnet56 \
     --batches 1,256 --repeats 20 --precision tf32 --backend csrc --out "$LOGS/inference_prefetch.jsonl"

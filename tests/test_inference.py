@@ -930,6 +930,9 @@ def test_cuda_graphs_match_materialized(backend):
         torch.cuda.synchronize()
         assert state.graphs_disabled is None, state.graphs_disabled
         assert state.stats["graph_replays"] > 0 and state.stats["graph_captures"] > 0
+        # A backend that prepares (Triton) has its preparation in a packing graph of its own.
+        packing_graph = state._graphed._packing not in (None, "no packing")
+        assert packing_graph == hasattr(state._decoder._backend, "prepare"), state._decoder._backend.name
         if mode == "on_demand":
             assert state.stats["graph_replays"] == state.stats["decodes"]
             assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
