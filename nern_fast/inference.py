@@ -30,7 +30,8 @@ cast to the conv's original dtype), so the outputs of the three modes are identi
 backend and precision. A :class:`LayerDecoder` makes that call straight to the backend: the row
 indices of every layer, the input checks and the backend choice are made once per device, dtype,
 precision and backend setting instead of at every conv (the per-layer host time is what on_demand
-costs over materialized).
+costs over materialized), and the decodes of one forward share one preparation of the parameters
+(Triton: the packed weights and the first-layer tables, made by the first decode; see LayerDecoder).
 
 Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
 which the represented convs run (a conv called twice appears twice). In later forwards, as soon as
