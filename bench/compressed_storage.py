@@ -32,7 +32,6 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ import torch.nn.functional as F
 from nern_fast import FastPredictor, load_compressed, save_compressed
 from nern_fast.compressed import PREDICTOR_DTYPES, state_dict_bytes
 from nern_fast.models import cifar_resnet
+
+from .harness import git_commit
 
 
 def digits(seed: int = 0):
@@ -131,14 +132,6 @@ def calibrate(model, pred, train, epochs: int, seed: int = 0):
 
 def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).square().mean().sqrt())
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return ""
 
 
 def stage_file(run_dir: Path, stage: str) -> Path:
@@ -250,7 +243,7 @@ def main_run(args) -> int:
                 f"(predictor storage fp32/fp16/bf16/int8), reloaded with load_compressed and "
                 f"evaluated on the run's test split",
         "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
-        "torch": torch.__version__, "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - started, 1), "stages": results,
     }
     out = Path(args.out or "bench/results/compressed_storage_demo.json")
@@ -336,7 +329,7 @@ def main() -> int:
                 "noise_top1_agreement_vs_original": float(
                     (logits_noise.argmax(1) == base_noise.argmax(1)).float().mean()),
             })
-    commit = _commit()
+    commit = git_commit()
     result = {
         "what": "ResNet-20 (1 input channel) trained on sklearn digits 8x8; predictor fitted by weight "
                 "reconstruction; unrepresented parameters calibrated on digits with the decoded block "

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -211,8 +210,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rows = measure(device, cases, args.providers.split(","), args.precisions.split(","), args.repeats,
                    args.stub_triton)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    from .harness import git_commit
+    commit = git_commit()
     name = torch.cuda.get_device_name() if device == "cuda" else (
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,

@@ -92,8 +92,12 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores)"
 
 
-def git_commit(repo: Path) -> str:
-    """Short commit of ``repo``, with ``+dirty`` when tracked files differ from it."""
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit(repo: Path = REPO) -> str:
+    """Short commit of ``repo`` (this repository by default), with ``+dirty`` when tracked files
+    differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=10).stdout.strip()

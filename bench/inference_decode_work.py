@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     from nern_fast.ops import triton_inputs
 
     from .decode_host_time import stub_triton_launches
-    from .harness import count_ops
+    from .harness import count_ops, git_commit
 
     launches: Counter = Counter()
     stub_triton_launches(launches)
@@ -92,9 +91,7 @@ def main(argv=None) -> int:
         with mock.patch.object(LayerDecoder, "share_preparation", lambda self, on: share(self, False)):
             rows.append(measure("on_demand, prepared per_layer (before)", precision))
         pred.detach(model)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
+    common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
               "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread; Triton launches "
                         f"stubbed)", "torch": torch.__version__}
     out = Path(args.out)

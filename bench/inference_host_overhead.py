@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from unittest import mock
@@ -28,6 +27,8 @@ from nern_fast import FastPredictor
 from nern_fast import inference_graphs
 from nern_fast.inference import attachment
 from nern_fast.models import cifar_resnet
+
+from .harness import git_commit
 
 
 class _Event:
@@ -90,8 +91,7 @@ def main() -> int:
         replays = state.stats["graph_replays"]
         pred.detach(model)
     layers = pred.layout.num_layers
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit()
     row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
            "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)",
            "torch": torch.__version__, "net": "resnet56", "batch": 1, "represented_convs": layers,

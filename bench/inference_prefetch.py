@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -33,6 +32,8 @@ import torch
 from nern_fast import FastPredictor, ops
 from nern_fast.inference import LayerDecoder, attachment
 from nern_fast.models import cifar_resnet
+
+from .harness import git_commit
 
 NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden size
 
@@ -124,7 +125,7 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/inference_prefetch.jsonl")
     args = parser.parse_args()
     device = torch.device(args.device)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
