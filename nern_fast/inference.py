@@ -164,15 +164,20 @@ class LayerDecoder:
             self._key = key
         return weights, biases
 
+    @property
+    def prepares(self) -> bool:
+        """Whether the backend chosen for the current parameters has a ``prepare``."""
+        self._parameters()
+        return hasattr(self._backend, "prepare")
+
     def prepare(self):
         """A prepared set of the current parameters (the backend's ``prepare``), or None when the
         backend has nothing to prepare; call under ``no_grad``."""
         weights, biases = self._parameters()
-        prepare = getattr(self._backend, "prepare", None)
-        if prepare is None:
+        if not hasattr(self._backend, "prepare"):
             return None
         pred = self.pred
-        return prepare(weights, biases, pred.layout, pred.encoding, pred.precision)
+        return self._backend.prepare(weights, biases, pred.layout, pred.encoding, pred.precision)
 
     def share_preparation(self, on: bool) -> None:
         """Start (True) or end (False) a stretch of decodes that share one prepared set: the

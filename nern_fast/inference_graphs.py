@@ -196,11 +196,11 @@ class GraphedDecodes:
     def _capture_packing(self):
         """(graph, static prepared set) of the backend's preparation, _NO_PACKING when the backend
         prepares nothing, None (graphs off) on failure. Replay the graph before reading the set."""
+        if not self.decoder.prepares:
+            return _NO_PACKING
         made = []
-        graph = self._captured(lambda: made.append(self._prepare()), probe=lambda: made[-1] is None)
-        if graph is None:
-            return None if self.disabled is not None else _NO_PACKING
-        return graph, made[-1]
+        graph = self._captured(lambda: made.append(self._prepare()))
+        return None if graph is None else (graph, made[-1])
 
     def _capture(self, i: int, weight: torch.Tensor):
         """Capture layer ``i``'s decode into ``weight`` (a slot view); None (graphs off) on failure."""
@@ -209,15 +209,12 @@ class GraphedDecodes:
             self.captures += 1
         return graph
 
-    def _captured(self, run, probe=None):
+    def _captured(self, run):
         """``run()`` once eagerly (compiles and tunes outside the capture), then captured in a graph
-        sharing the pool. None when ``probe()`` after the eager run says there is nothing to
-        capture, or when the capture failed (graphs off, with a warning)."""
+        sharing the pool; None when the capture failed (graphs off, with a warning)."""
         try:
             with capturing_on(self.device):
                 run()
-                if probe is not None and probe():
-                    return None
                 graph = torch.cuda.CUDAGraph()
                 if self._pool is None:
                     self._pool = torch.cuda.graph_pool_handle()
