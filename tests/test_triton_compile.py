@@ -49,6 +49,9 @@ CALLS = [
     ("bwd-h280-fp32-k5-maxcrop", "bwd", 280, "fp32", 5, True, True, True, False, False),
     ("bwd-h180-fp32-k7-maxcrop-subset", "bwd", 180, "fp32", 7, True, True, True, True, False),
 ]
+# On-demand layer decodes (a 4,096-row subset, ResNet-56's H): the narrow row tiles the tuner also
+# times for small forwards (triton_tuner.SMALL_CALL_ROWS), compiled beside the defaults above.
+SMALL_CALLS = [("fwd-layer-h280-tf32", 280, "tf32"), ("fwd-layer-h280-bf16", 280, "bf16")]
 
 
 def _compile(kernel, constexprs: dict, bf16: bool, num_warps: int, num_stages: int,
@@ -223,6 +226,17 @@ def report() -> list[dict]:
             usage = _compile(kernel, meta, precision == "bf16", warps, stages)
             suffix = "-kmajor" if config.k_major else ""
             rows.append({"call": name + suffix, "config": config.describe(), **usage})
+    for name, hidden, precision in SMALL_CALLS:
+        shape = tb.DecodeShape(rows=4096, subset=True, hidden=hidden, num_hidden=3, enc_size=240, levels=40,
+                               kernel_size=3, ffn=False, permuted=False, crop=False, has_max=False,
+                               precision=precision, f64=False, num_layers=55, num_filters=2032,
+                               num_channels=2032)
+        for config in tb.candidate_configs("fwd", shape, "auto", "fused", True):
+            if config.bm <= 32:
+                meta = tb_fused.constexprs(shape, config)
+                warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+                usage = _compile(decode_fwd.decode_fwd_kernel, meta, precision == "bf16", warps, stages)
+                rows.append({"call": f"{name}-bm{config.bm}", "config": config.describe(), **usage})
     table_meta = dict(PRECISION=2, INTERPRET=False, F64=False, BT=64, BN=64, BK=32)
     rows.append({"call": "first_layer_tables", "config": "bf16",
                  **_compile(decode_fwd.first_layer_tables_kernel, table_meta, False, 4, 2)})
@@ -255,6 +269,7 @@ def test_kernels_compile_for_sm90_within_limits():
         if row["call"].endswith("-kmajor") or row["call"].startswith("chunk-matmul-hidden-"):
             # K-major operands: staged with wide copies, none element by element
             assert row["narrow_copies"] == 0, row
+    assert {r["call"] for r in rows} >= {f"{name}-bm{bm}" for name, _, _ in SMALL_CALLS for bm in (16, 32)}
     kmajor = [r for r in rows if r["call"].endswith("-kmajor")]
     assert {r["call"] for r in kmajor} >= {"chunk-weight-grad-hidden-tf32-kmajor",
                                            "chunk-matmul-input-grad-tf32-kmajor"}

@@ -188,8 +188,10 @@ def _small_call_tiles(kind: str, shape: DecodeShape, tiles: list) -> list:
     after the usual ones, for the tuner. An on-demand layer decode is a call of 256-4,096 rows
     (ResNet-56): with 64- or 128-row tiles 2-64 programs work on a GPU of 132 SMs, each running
     every MLP layer of its tile one after the other, so the call takes about one program's time;
-    more, smaller tiles spread it over more SMs at the price of reading the weights once per tile.
-    The backward is left out (each program adds a weight-gradient partial to reduce)."""
+    more, smaller tiles spread it over more SMs at the price of reading the weights once per tile,
+    and of Hopper's wgmma (sm_90 compiles, triton 3.8: below 64 rows the products are mma.sync;
+    tests/test_triton_compile.py). The backward is left out (each program adds a weight-gradient
+    partial to reduce)."""
     if kind != "fwd" or shape.rows > SMALL_CALL_ROWS:
         return []
     bm, bn, bk, _, stages, _ = tiles[0]
