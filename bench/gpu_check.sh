@@ -134,9 +134,11 @@ if [ "$WHAT" != tests ]; then
   # Triton decode alone (4.3 ms of kernels per ResNet-56 decode) is about a materialized forward.
   # Since session 9 a forward's layer decodes share one preparation (packing + tables; a packing
   # graph with graphs=True) and small forwards also tune 32/16-row tiles (24 s in session 8).
-  step inference_prefetch 60 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
+  # Since session 10 attach decodes by groups of consecutive layers (6 calls per ResNet-56 forward
+  # instead of 54); the per-layer variants (group_bytes=0) run beside them for comparison.
+  step inference_prefetch 75 $PY -m bench.inference_prefetch --device cuda --nets resnet20,resnet56 \
     --batches 1,256 --repeats 20 --precision tf32 --out "$LOGS/inference_prefetch.jsonl"
-  step inference_prefetch_csrc 30 $PY -m bench.inference_prefetch --device cuda --nets resnet56 \
+  step inference_prefetch_csrc 40 $PY -m bench.inference_prefetch --device cuda --nets resnet56 \
     --batches 1,256 --repeats 20 --precision tf32 --backend csrc --out "$LOGS/inference_prefetch.jsonl"
   step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2
   # The same step captured in CUDA graphs (#5's GPU-busy goal); kernels and tuning are cached by now.

@@ -1,4 +1,5 @@
-"""Work an on-demand forward launches for its decodes: the preparation shared per forward vs per layer.
+"""Work an on-demand forward launches for its decodes: decode groups vs one call per layer, the
+preparation shared per forward vs per layer.
 
 Every layer decode of an on-demand forward on the Triton backend needs the predictor packed as the
 kernels read it (tf32: rounded copies; bf16: bf16 copies) and the separable first-layer tables of
@@ -6,8 +7,10 @@ the whole layout. ``LayerDecoder`` makes that once per forward (``TritonBackend.
 every layer's decode made it again. On a GPU each launching op is a kernel (or a few) and host
 time; this counts them without a GPU: ResNet-56 (or ``--net``), batch 1, the Triton backend under
 the interpreter with its kernel launches replaced by counted no-ops (``bench.decode_host_time``'s
-stub; the packing makes the tf32/bf16 copies a GPU call makes). Per precision and per preparation
-("per_forward": the code; "per_layer": sharing turned off, as the code was before) it records
+stub; the packing makes the tf32/bf16 copies a GPU call makes). Per precision it measures the
+default (decode groups: one call per group of consecutive layers, ``nern_fast.inference_groups``),
+one call per layer (``group_bytes=0``), and one call per layer with the preparation made by every
+call (sharing turned off, as the code was before session 9), and records
 
   launching_ops_per_forward  aten ops that launch work in one on-demand forward (convs, BN, ... too)
   triton_launches_per_forward  decode and table kernels launched (no-ops here)
@@ -86,10 +89,13 @@ def main(argv=None) -> int:
         rows.append(measure("materialized", precision))
         pred.detach(model)
         pred.attach(model, mode="on_demand")
-        rows.append(measure("on_demand, prepared per_forward", precision))
+        rows.append(measure("on_demand, decode groups, prepared per_forward", precision))
+        pred.detach(model)
+        pred.attach(model, mode="on_demand", group_bytes=0)
+        rows.append(measure("on_demand, per layer, prepared per_forward", precision))
         share = LayerDecoder.share_preparation
         with mock.patch.object(LayerDecoder, "share_preparation", lambda self, on: share(self, False)):
-            rows.append(measure("on_demand, prepared per_layer (before)", precision))
+            rows.append(measure("on_demand, per layer, prepared per_layer", precision))
         pred.detach(model)
     common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
               "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread; Triton launches "
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
         for row in rows:
             f.write(json.dumps({**common, **row}) + "\n")
     for row in rows:
-        print(f"{row['precision']:5s} {row['mode']:42s} launching ops {row['launching_ops_per_forward']:5d}  "
+        print(f"{row['precision']:5s} {row['mode']:48s} launching ops {row['launching_ops_per_forward']:5d}  "
               f"triton launches {row['triton_launches_per_forward']:4d}  host {row['host_ms']:.1f} ms")
     return 0
 

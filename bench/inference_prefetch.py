@@ -1,5 +1,5 @@
 """Latency and memory of an attached network's forward: materialized vs on_demand (prefetch off/on,
-CUDA graphs off/on) vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements
+CUDA graphs off/on, decode groups or one call per layer) vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements
 ``bench.inference_forward`` (which does not vary ``prefetch`` or ``graphs``). Appends one JSON line per measurement to ``--out`` and prints a table.
 
     python -m bench.inference_prefetch [--device cuda] [--nets resnet20,resnet56] [--batches 1,256]
@@ -14,7 +14,9 @@ in one CUDA graph (rows with ``whole_graph``; ``vs_materialized_whole_graph`` co
 like, ``graph_error`` says why a capture failed).
 
 Per net it also times one decode of every represented layer in a row (``mode: decode_calls``),
-through ``pred.decode_layer`` and through the attachment's ``LayerDecoder``: ``host_us_per_layer``
+through ``pred.decode_layer``, through the attachment's ``LayerDecoder`` and by decode groups
+(``group_decoder_shared``: one call per group of consecutive layers, as attach decodes by default;
+``calls`` says how many): ``host_us_per_layer``
 is the time until the last call returned (launch and host overhead), ``us_per_layer`` the time
 until the device finished. Equal values mean the per-layer decode is bound by the host, which no
 prefetch can hide.
@@ -31,6 +33,7 @@ import torch
 
 from nern_fast import FastPredictor, ops
 from nern_fast.inference import LayerDecoder, attachment
+from nern_fast.inference_groups import default_group_bytes, plan_groups
 from nern_fast.models import cifar_resnet
 
 from .harness import git_commit
@@ -38,15 +41,21 @@ from .harness import git_commit
 NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden size
 
 
+PER_LAYER = {"group_bytes": 0}  # one decode call per layer (before decode groups were the default)
+
+
 def variants(largest_layer_bytes: int):
     return [("materialized", {}), ("on_demand", {"prefetch": False}), ("on_demand", {"prefetch": True}),
+            ("on_demand", {"prefetch": True, **PER_LAYER}),
             ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True}),
-            ("on_demand", {"prefetch": False, "graphs": True}), ("on_demand", {"prefetch": True, "graphs": True})]
+            ("on_demand", {"prefetch": False, "graphs": True}), ("on_demand", {"prefetch": True, "graphs": True}),
+            ("on_demand", {"prefetch": True, "graphs": True, **PER_LAYER})]
 
 
 # Variants also timed with the whole forward captured in one CUDA graph (the user's own capture, as
 # ``torch.cuda.graph`` documents it): the on-demand decodes replay with the convs, no host path left.
-WHOLE_GRAPH = (("materialized", {}), ("on_demand", {"prefetch": False}))
+WHOLE_GRAPH = (("materialized", {}), ("on_demand", {"prefetch": False}),
+               ("on_demand", {"prefetch": False, **PER_LAYER}))
 
 
 def whole_forward_graph(model, x: torch.Tensor):
@@ -85,23 +94,30 @@ def timed(fn, device: torch.device, repeats: int) -> list[float]:
 def decode_call_times(pred, device: torch.device, repeats: int) -> dict:
     """Per-layer time of decoding every layer once: host time (until the calls returned) and total
     (until the device finished), median over ``repeats``, for decode_layer and LayerDecoder (each
-    call preparing for itself, and sharing one preparation per round as an on-demand forward does)."""
+    call preparing for itself, and sharing one preparation per round as an on-demand forward does),
+    and for the default decode groups (one call per group, sharing one preparation)."""
     decoder = LayerDecoder(pred)
+    sizes = [l.num_weights * 4 for l in pred.layout.layers]
+    groups = plan_groups(sizes, default_group_bytes(sizes, sum(p.numel() * 4 for p in pred.parameters())))
+    grouped = LayerDecoder(pred, groups)
     layers = range(pred.layout.num_layers)
-    paths = {"decode_layer": (pred.decode_layer, False), "layer_decoder": (decoder, False),
-             "layer_decoder_shared": (decoder, True)}
+    # name: (the LayerDecoder whose preparation is shared or not, the call, shared, call arguments)
+    paths = {"decode_layer": (decoder, pred.decode_layer, False, layers),
+             "layer_decoder": (decoder, decoder, False, layers),
+             "layer_decoder_shared": (decoder, decoder, True, layers),
+             "group_decoder_shared": (grouped, grouped.decode_group, True, range(len(groups)))}
     result = {}
     with torch.no_grad():
-        for name, (decode, shared) in paths.items():
+        for name, (owner, decode, shared, calls) in paths.items():
             host, total = [], []
             for repeat in range(repeats + 2):  # two warm-up rounds (tuning, compilation, caches)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                decoder.share_preparation(shared)
-                for i in layers:
+                owner.share_preparation(shared)
+                for i in calls:
                     decode(i)
-                decoder.share_preparation(False)
+                owner.share_preparation(False)
                 returned = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -110,7 +126,7 @@ def decode_call_times(pred, device: torch.device, repeats: int) -> dict:
                     host.append((returned - start) / len(layers) * 1e6)
                     total.append((finished - start) / len(layers) * 1e6)
             result[name] = {"host_us_per_layer": statistics.median(host),
-                            "us_per_layer": statistics.median(total)}
+                            "us_per_layer": statistics.median(total), "calls": len(calls)}
     return result
 
 
@@ -176,6 +192,7 @@ def main() -> int:
                     materialized_ms = median_ms
                 label = mode + ("" if "prefetch" not in kw else f" prefetch={'on' if kw['prefetch'] else 'off'}")
                 label += " graphs" if kw.get("graphs") else ""
+                label += " per-layer" if kw.get("group_bytes") == 0 else ""
                 row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
                        "torch": torch.__version__, "net": net, "hidden": hidden, "precision": args.precision,
                        "backend": backend, "batch": batch, "mode": mode, **kw,
@@ -186,6 +203,7 @@ def main() -> int:
                        "forward_peak_mb": peak / 2**20 if peak is not None else None,
                        "held_peak_mb": state.stats["peak_held_bytes"] / 2**20,
                        "largest_layer_mb": largest / 2**20, "predictor_mb": state.predictor_bytes / 2**20,
+                       "groups": len(state.groups), "largest_group_mb": state.largest_group_bytes / 2**20,
                        "decodes": state.stats["decodes"], "prefetched": state.stats["prefetched"],
                        "graph_replays": state.stats["graph_replays"], "graphs_disabled": state.graphs_disabled}
                 with out.open("a") as f:

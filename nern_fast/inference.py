@@ -2,7 +2,8 @@
 
 The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
 
-    model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True, graphs=False)
+    model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True, graphs=False,
+                        group_bytes=None)
     with torch.inference_mode():
         logits = model(x)                 # the user's forward code is unchanged
     attachment(model).stats              # decodes, cache hits, prefetches, held bytes, ...
@@ -13,9 +14,10 @@ The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
 ``attach`` works in place on ``model`` (same object, same module tree) and returns it. Modes:
 
 * ``"on_demand"``: no represented conv weight is stored. A forward pre-hook on each represented conv
-  decodes its weight (``pred.decode_layer(i)``) right before the conv runs; a forward hook drops it
-  right after. Weight memory: the largest represented layer plus the predictor (plus, on CUDA with
-  ``prefetch``, the next layer being decoded on a side stream: at most two layers).
+  decodes its weight right before the conv runs, together with the rest of its *decode group*
+  (below); the group is dropped when a conv of another group needs its weights, and at the end of
+  the forward (a forward hook puts the placeholder back after each conv). Weight memory: one group
+  (plus, on CUDA with ``prefetch``, the next group being decoded on a side stream: at most two).
 * ``"cached"``: as on_demand, but decoded layers are pinned up to ``cache_bytes`` bytes (``None``:
   no limit): a layer decoded while it still fits in what is left of the budget stays decoded across
   forwards, the others are decoded on demand every time. Nothing is ever evicted: the convs run in
@@ -25,9 +27,22 @@ The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
   attach.
 * ``"materialized"``: every layer is decoded once, at attach time (the baseline).
 
-Every mode decodes a layer with the same call (what ``pred.decode_layer(i)`` does, under ``no_grad``,
-cast to the conv's original dtype), so the outputs of the three modes are identical for the same
-backend and precision. A :class:`LayerDecoder` makes that call straight to the backend: the row
+Decode groups (:mod:`nern_fast.inference_groups`): consecutive represented layers (layout order)
+decoded by one backend call, each group holding at most ``group_bytes`` bytes of weights (a larger
+layer is a group of its own). A decode's GPU cost is mostly fixed per call, so fewer, larger calls
+are what on-demand inference needs on a GPU (ResNet-56 at H=280: 54 calls → 6 with the default). The
+default (``group_bytes=None``) is half of (largest layer + predictor), which keeps two groups — the
+one the convs read and a prefetched one — within the on-demand bound of largest layer + predictor;
+``group_bytes=0`` decodes one layer per call (each conv's weight exactly while it runs). A group's
+weights are views of one decode output where the layout allows (no crop to a smaller kernel, the
+convs' dtype); weights that are kept (cached pins, materialized, ``state_dict``, ``detach``) get
+storage of their own.
+
+Every mode decodes a group with the same call (a row slice of ``pred.decode_kernels``, under
+``no_grad``, cast to the convs' original dtype), so the outputs of the three modes are identical
+for the same backend, precision and groups. (A group's call decodes other rows than
+``pred.decode_layer(i)``'s, so the values can differ from it in the last bits where the backend's
+arithmetic depends on the call's size.) A :class:`LayerDecoder` makes that call straight to the backend: the row
 indices of every layer, the input checks and the backend choice are made once per device, dtype,
 precision and backend setting instead of at every conv (the per-layer host time is what on_demand
 costs over materialized), and the decodes of one forward share one preparation of the parameters
@@ -35,10 +50,11 @@ costs over materialized), and the decodes of one forward share one preparation o
 
 Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
 which the represented convs run (a conv called twice appears twice). In later forwards, as soon as
-conv i has been launched on the current stream, the next conv's weight is decoded on a side stream
-(which first waits for an event recorded just before conv i, so it overlaps conv i and what follows
-it); the next conv waits for the decode's event, and ``record_stream`` keeps the caching allocator
-from reusing the weight's memory while the current stream still reads it. The two events are
+the first conv of a group has been launched on the current stream, the group of the next call that
+reads another group is decoded on a side stream (which first waits for an event recorded just before
+that conv, so it overlaps the convs of the current group); the conv that needs it waits for the
+decode's event, and ``record_stream`` keeps the caching allocator from reusing the weights' memory
+while the current stream still reads them. The two events are
 created once and re-recorded (at most one prefetch is in flight; a wait uses the event's latest
 record at the time it is enqueued). A forward that takes another path than the recorded one
 decodes synchronously (and records the new order). Nothing prefetched outlives a forward of the
@@ -46,12 +62,12 @@ root model. Prefetch hides decode *GPU* time behind the convs; when the host is 
 (small layers, batch 1), it cannot help.
 
 CUDA graphs (``graphs=True``; CUDA, on_demand and cached modes; ignored on CPU and in materialized
-mode): with autograd off, each layer's decode is captured once in a CUDA graph and replayed into
-one of two static buffers of the largest layer's size, so a decode costs a graph replay's few
+mode): with autograd off, each group's decode is captured once in a CUDA graph and replayed into
+one of two static buffers of the largest group's size, so a decode costs a graph replay's few
 microseconds of host time instead of the backend's Python path (the bound of on_demand on small
 layers). Weight memory is then those two buffers (counted in ``held_bytes``) plus the graphs' shared
-working pool. The first forward that decodes a layer captures it (one eager decode, then the capture:
-milliseconds per layer, once). Details, limits and the fallback: ``nern_fast.inference_graphs``.
+working pool. The first forward that decodes a group captures it (one eager decode, then the capture:
+milliseconds per group, once). Details, limits and the fallback: ``nern_fast.inference_graphs``.
 
 While attached:
 
@@ -79,13 +95,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from . import ops
 from .inference_graphs import GraphedDecodes
+from .inference_groups import check_group_bytes, default_group_bytes, plan_groups
 
 MODES = ("on_demand", "cached", "materialized")
 _ATTR = "_nern_fast_attachment"
@@ -112,6 +129,15 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it when it is a view into a larger buffer (a decode group's output): a
+    kept weight must not keep its whole group alive, nor share storage with other weights."""
+    if t.storage_offset() == 0 and t.untyped_storage().nbytes() == _nbytes(t):
+        return t
+    with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, as the decode's
+        return t.clone()
+
+
 class LayerDecoder:
     """``pred.decode_layer(i)`` without the per-call work that cannot change between two convs.
 
@@ -131,10 +157,17 @@ class LayerDecoder:
     one, :meth:`prepare`).
     """
 
-    def __init__(self, pred):
+    def __init__(self, pred, groups: Optional[Sequence[range]] = None):
         self.pred = pred
+        layers = pred.layout.layers
+        self.groups = list(groups) if groups is not None else [range(i, i + 1) for i in range(len(layers))]
+        # A group's output splits into its layers' weights without copies when every layer uses
+        # the full output width (no crop to a smaller kernel).
+        width = pred.layout.kernel_size ** 2
+        self._compact = [all(layers[i].size ** 2 == width for i in g) for g in self.groups]
         self._key = None
         self._rows: list[torch.Tensor] = []
+        self._group_rows: list[torch.Tensor] = []
         self._backend = None
         self._sharing = False
         self._shared = None  # the prepared set shared by this forward's decodes
@@ -148,6 +181,10 @@ class LayerDecoder:
         request = ops.make_request(weights, layout, pred.encoding, rows, pred.precision)
         self._backend = ops.select_backend(request, pred.backend)
         self._rows = [rows[l.kernel_offset:l.kernel_offset + l.num_kernels] for l in layout.layers]
+        layers = layout.layers
+        self._group_rows = [rows[layers[g.start].kernel_offset:
+                                 layers[g.stop - 1].kernel_offset + layers[g.stop - 1].num_kernels]
+                            for g in self.groups]
 
     def _parameters(self) -> tuple[list, list]:
         """The predictor's parameters, with the backend chosen for them (again when the device,
@@ -205,32 +242,61 @@ class LayerDecoder:
         for t in shared.params + ([shared.tables[1]] if shared.tables is not None else []):
             t.record_stream(stream)
 
-    def __call__(self, i: int, prepared=None) -> torch.Tensor:
-        """Layer ``i``'s conv weight (C_out, C_in, s, s); call under ``no_grad``."""
+    def _decode_rows(self, rows: torch.Tensor, prepared) -> torch.Tensor:
         pred = self.pred
         weights, biases = self._parameters()
         if prepared is None and self._sharing:
             prepared = self.shared_preparation()
-        layer = pred.layout.layers[i]
         extra = {} if prepared is None else {"prepared": prepared}
-        out = self._backend.decode(weights, biases, pred.layout, pred.encoding, self._rows[i],
-                                   pred.precision, **extra)
+        return self._backend.decode(weights, biases, pred.layout, pred.encoding, rows, pred.precision,
+                                    **extra)
+
+    def _layer_view(self, i: int, out: torch.Tensor, first_row: int) -> torch.Tensor:
+        layer = self.pred.layout.layers[i]
         s2 = layer.size * layer.size
+        start = layer.kernel_offset - first_row
+        out = out[start:start + layer.num_kernels]
         return (out if s2 == out.shape[1] else out[:, :s2]).reshape(layer.shape)
+
+    def __call__(self, i: int, prepared=None) -> torch.Tensor:
+        """Layer ``i``'s conv weight (C_out, C_in, s, s), decoding that layer's rows alone; call
+        under ``no_grad``."""
+        self._parameters()
+        out = self._decode_rows(self._rows[i], prepared)
+        return self._layer_view(i, out, self.pred.layout.layers[i].kernel_offset)
+
+    def group_output(self, g: int, prepared=None) -> torch.Tensor:
+        """The backend's output for group ``g``'s rows, (kernels, k*k); call under ``no_grad``."""
+        self._parameters()
+        return self._decode_rows(self._group_rows[g], prepared)
+
+    def split(self, g: int, out: torch.Tensor) -> list[torch.Tensor]:
+        """Group ``g``'s output as its layers' conv weights (views of ``out``)."""
+        first = self.pred.layout.layers[self.groups[g].start].kernel_offset
+        return [self._layer_view(i, out, first) for i in self.groups[g]]
+
+    def is_compact(self, g: int) -> bool:
+        """Whether group ``g``'s output, flattened, is its layers' weights back to back."""
+        return self._compact[g]
+
+    def decode_group(self, g: int, prepared=None) -> list[torch.Tensor]:
+        """The conv weights of group ``g``'s layers, decoded by one call (views of its output)."""
+        return self.split(g, self.group_output(g, prepared))
 
 
 class Attachment:
     """The state of one attached model: hooks, stored/cached/prefetched weights and statistics.
 
-    ``stats`` (a dict, reset with :meth:`reset_stats`): ``decodes`` (layer decodes run),
-    ``cache_hits``, ``prefetched`` (decodes taken from a prefetch), ``prefetch_dropped`` (prefetches
-    never used), ``graph_replays`` (decodes replayed from a CUDA graph, counted in ``decodes`` too),
-    ``graph_captures``, ``held_bytes`` (decoded weight bytes alive now: stored, cached, in use or
-    prefetched, and the graphs' two static slots), ``peak_held_bytes`` and ``cached_bytes``.
+    ``stats`` (a dict, reset with :meth:`reset_stats`): ``decodes`` (decode calls run: one per
+    decode group, see :mod:`nern_fast.inference_groups`), ``cache_hits``, ``prefetched`` (decodes
+    taken from a prefetch), ``prefetch_dropped`` (prefetches never used), ``graph_replays`` (decodes
+    replayed from a CUDA graph, counted in ``decodes`` too), ``graph_captures``, ``held_bytes``
+    (decoded weight bytes alive now: stored, cached, the group the running convs read, a prefetched
+    group, and the graphs' two static slots), ``peak_held_bytes`` and ``cached_bytes``.
     """
 
     def __init__(self, pred, model: nn.Module, mode: str, cache_bytes: Optional[int], prefetch: bool,
-                 graphs: bool = False):
+                 graphs: bool = False, group_bytes: Optional[int] = None):
         self.pred = pred
         self.model = model
         self.mode = mode
@@ -245,25 +311,32 @@ class Attachment:
                               for l, c in zip(layout.layers, self.convs)]
         self.layer_bytes = [l.num_weights * p.element_size()
                             for l, p in zip(layout.layers, self._placeholders)]
+        self.group_bytes = (default_group_bytes(self.layer_bytes, self.predictor_bytes)
+                            if group_bytes is None else group_bytes)
+        self.groups = plan_groups(self.layer_bytes, self.group_bytes)
+        self.group_of = [g for g, group in enumerate(self.groups) for _ in group]
         self.device = pred.layers[0].weight.device
         self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self._events = None  # (ready, done): created at the first prefetch, then re-recorded
-        self._decoder = LayerDecoder(pred)
-        # CUDA graphs of the per-layer decodes (nern_fast.inference_graphs): CUDA, on_demand/cached.
+        self._decoder = LayerDecoder(pred, self.groups)
+        # CUDA graphs of the group decodes (nern_fast.inference_graphs): CUDA, on_demand/cached.
         self._graphed = None
         if graphs and self.device.type == "cuda" and mode != "materialized":
             self._graphed = GraphedDecodes(self._decoder, layout.layers,
                                            [dtype for dtype, _, _ in self._params], self.device)
-        self._conv_slot: dict[int, int] = {}  # layer -> graph slot its running conv reads
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the pinned ones
         self._store_bytes = 0
-        self._in_use: dict[int, int] = {}  # layer -> bytes of a weight set on a running conv, not stored
-        self._pending = None  # (layer, position, tensor, event, graph slot): a prefetch not yet used
-        self._planned = None  # (layer, call position, event): to prefetch once the running conv is launched
+        self._current = None  # (group, weights, graph slot or None, bytes): the group convs read now
+        self._running: set[int] = set()  # convs whose decoded weight is set on them (running)
+        self._pending = None  # (group, position, weights, event, graph slot): a prefetch not yet used
+        self._planned = None  # (group, call position, event): to prefetch once the running conv is launched
         self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
+        self._next_group_call: list = []  # per call position: the next position reading another group
         self._trace: list[int] = []
         self._in_forward = False
+        self._state_dicting = False  # inside the root's state_dict(): one decode per group
+        self._state_group = None  # (group, weights) decoded for the state dict's last conv
         self._handles: list = []
         self.stats: dict[str, int] = {}
         self.reset_stats()
@@ -272,6 +345,10 @@ class Attachment:
     @property
     def largest_layer_bytes(self) -> int:
         return max(self.layer_bytes)
+
+    @property
+    def largest_group_bytes(self) -> int:
+        return max(sum(self.layer_bytes[i] for i in group) for group in self.groups)
 
     @property
     def predictor_bytes(self) -> int:
@@ -300,12 +377,15 @@ class Attachment:
             conv.__dict__["weight"] = self._placeholders[i]
         if self.mode == "materialized":
             with self._sharing_preparation():
-                for i in range(len(self.convs)):
-                    self._store_put(i, self._decode(i))
+                for g in range(len(self.groups)):
+                    self._pin_group(g, self._decode_group(g))
         root = self.model
         self._handles.append(root.register_forward_pre_hook(self._root_start))
         self._handles.append(root.register_forward_hook(self._root_done))
         self._handles.append(root.register_forward_hook(self._root_cleanup, always_call=True))
+        # (closures, not bound methods: torch marks post hooks with an attribute)
+        self._handles.append(root.register_state_dict_pre_hook(lambda *args: self._state_dict_start()))
+        self._handles.append(root.register_state_dict_post_hook(lambda *args: self._state_dict_end()))
         for i, conv in enumerate(self.convs):
             self._handles.append(conv.register_forward_pre_hook(self._conv_hook(i, self._before_conv)))
             self._handles.append(conv.register_forward_hook(self._conv_hook(i, self._after_conv),
@@ -317,13 +397,18 @@ class Attachment:
     def remove(self) -> None:
         """Remove every hook and give each represented conv an ordinary Parameter (decoded values)."""
         self._drop_pending()
+        self._drop_current()
+        self._state_group = None
+        weights: list = [self._store.get(i) for i in range(len(self.convs))]
         with self._sharing_preparation():
-            weights = [self._store[i] if i in self._store else self._decode(i)
-                       for i in range(len(self.convs))]
+            for g, group in enumerate(self.groups):
+                if any(weights[i] is None for i in group):
+                    for i, weight in zip(group, self._decode_group(g)):
+                        if weights[i] is None:
+                            weights[i] = _own(weight)
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
-        self._conv_slot.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -337,7 +422,7 @@ class Attachment:
             conv._parameters.update({k: v for k, v in params.items() if k not in order})
         self._store.clear()
         self._store_bytes = 0
-        self._in_use.clear()
+        self._running.clear()
         self._update_held()
 
     @staticmethod
@@ -362,58 +447,65 @@ class Attachment:
         with torch.inference_mode(False), torch.no_grad():
             self._decoder.shared_preparation()
 
-    def _decode(self, i: int) -> torch.Tensor:
+    def _decode_group(self, g: int) -> list[torch.Tensor]:
+        """Group ``g``'s conv weights, one eager decode call (views of its output where possible)."""
         # Ordinary tensors (not inference tensors), no autograd graph: usable in any later mode.
         with torch.inference_mode(False), torch.no_grad():
-            weight = self._decoder(i)
-            dtype = self._params[i][0]
-            if weight.dtype != dtype:
-                weight = weight.to(dtype)
-            weight = weight.contiguous()
+            weights = [weight.to(self._params[i][0]).contiguous()
+                       for i, weight in zip(self.groups[g], self._decoder.decode_group(g))]
         self.stats["decodes"] += 1
-        return weight
+        return weights
 
     def _pins(self, i: int) -> bool:
         """Whether a decode of layer ``i`` now would be kept in the store (cached mode)."""
-        return self.mode != "on_demand" and (self.cache_bytes is None or
-                                             self._store_bytes + self.layer_bytes[i] <= self.cache_bytes)
+        return (self.mode != "on_demand" and i not in self._store and
+                (self.cache_bytes is None or self._store_bytes + self.layer_bytes[i] <= self.cache_bytes))
 
-    def _decode_for_conv(self, i: int) -> tuple[torch.Tensor, Optional[int]]:
-        """Layer ``i``'s weight for a conv about to run, and the graph slot it is a view of (None:
-        an ordinary tensor). The graphs take it when nothing will keep the weight (see
+    def _pin_group(self, g: int, weights: list[torch.Tensor]) -> bool:
+        """Keep the layers of group ``g`` that fit what is left of the budget (every layer in
+        materialized mode), each in storage of its own; True when the whole group is now kept."""
+        for i, weight in zip(self.groups[g], weights):
+            if self._pins(i):
+                weight = _own(weight)
+                self._store[i] = weight
+                self._store_bytes += _nbytes(weight)
+        self.stats["cached_bytes"] = self._store_bytes
+        return all(i in self._store for i in self.groups[g])
+
+    def _decode_for_conv(self, g: int) -> tuple[list[torch.Tensor], Optional[int]]:
+        """Group ``g``'s weights for convs about to run, and the graph slot they are views of
+        (None: ordinary tensors). The graphs take it when nothing will keep the weights (see
         nern_fast.inference_graphs)."""
         graphed = self._graphed
-        if self._uses_graphs(i):
+        if self._uses_graphs(g):
             captures = graphed.captures
-            result = graphed.decode(i, check=not self._in_forward)  # a forward checks once
+            result = graphed.decode(g, check=not self._in_forward)  # a forward checks once
             self.stats["graph_captures"] += graphed.captures - captures
             if result is not None:
                 self.stats["decodes"] += 1
                 self.stats["graph_replays"] += 1
                 return result
-        return self._decode(i), None
+        return self._decode_group(g), None
 
-    def _uses_graphs(self, i: int) -> bool:
-        """Whether a decode of layer ``i`` now is a graph replay (not for kept weights, nor with
+    def _uses_graphs(self, g: int) -> bool:
+        """Whether a decode of group ``g`` now is a graph replay (not for kept weights, nor with
         autograd on: see nern_fast.inference_graphs)."""
         graphed = self._graphed
         return (graphed is not None and graphed.disabled is None and not torch.is_grad_enabled()
-                and not self._pins(i))
+                and not any(self._pins(i) for i in self.groups[g]))
 
-    def _store_put(self, i: int, weight: torch.Tensor) -> None:
-        size = _nbytes(weight)
-        if self.mode == "cached" and self.cache_bytes is not None:
-            if self._store_bytes + size > self.cache_bytes:
-                return  # pin what fits: this layer is decoded on demand every time
-        self._store[i] = weight
-        self._store_bytes += size
-        self.stats["cached_bytes"] = self._store_bytes
+    def _drop_current(self) -> None:
+        """Let go of the group the convs read (its graph slot is free once they are enqueued)."""
+        current, self._current = self._current, None
+        if current is not None and current[2] is not None and self._graphed is not None:
+            self._graphed.release(current[2])
 
     def _held_bytes(self) -> int:
-        pending = self._pending
-        pending = _nbytes(pending[2]) if pending is not None and pending[4] is None else 0
+        current, pending = self._current, self._pending
+        current = current[3] if current is not None and current[2] is None else 0
+        pending = sum(map(_nbytes, pending[2])) if pending is not None and pending[4] is None else 0
         slots = self._graphed.slot_bytes if self._graphed is not None else 0
-        return self._store_bytes + sum(self._in_use.values()) + pending + slots
+        return self._store_bytes + current + pending + slots
 
     def _update_held(self) -> None:
         held = self._held_bytes()
@@ -426,45 +518,60 @@ class Attachment:
             self._events = (torch.cuda.Event(), torch.cuda.Event())
         return self._events
 
+    def _record_order(self, order: tuple[int, ...]) -> None:
+        """Remember a complete forward's conv call order, and for each call the next call that
+        reads another group (what a prefetch decodes while the current group's convs run)."""
+        self._order = order
+        groups = [self.group_of[i] for i in order]
+        following: list = [None] * len(order)
+        for p in range(len(order) - 2, -1, -1):
+            following[p] = p + 1 if groups[p + 1] != groups[p] else following[p + 1]
+        self._next_group_call = following
+
     def _plan_prefetch(self, i: int, position: int, main) -> None:
         order = self._order
-        if order is None or position + 1 >= len(order) or order[position] != i:
+        if order is None or position >= len(order) or order[position] != i:
             return
-        following = order[position + 1]
-        if following in self._store:
+        call = self._next_group_call[position]
+        if call is None or order[call] in self._store:
             return
-        if not self._uses_graphs(following):
+        g = self.group_of[order[call]]
+        pending, current = self._pending, self._current
+        if (pending is not None and pending[:2] == (g, call)) or (current is not None and current[0] == g):
+            return  # already on its way (planned at the group's first conv), or read now
+        if not self._uses_graphs(g):
             self._prepare_shared()  # recorded by `ready` below: the side stream's decode reads it
         # Everything the current stream enqueued before conv i (e.g. a predictor just moved there).
         ready = self._prefetch_events()[0]
         ready.record(main)
-        self._planned = (following, position + 1, ready)
+        self._planned = (g, call, ready)
 
-    def _start_prefetch(self, layer: int, position: int, ready) -> None:
+    def _start_prefetch(self, g: int, position: int, ready) -> None:
         self._drop_pending()
         side = self._side_stream
         side.wait_event(ready)
         done = self._prefetch_events()[1]
         with torch.cuda.stream(side):
-            weight, slot = self._decode_for_conv(layer)
+            weights, slot = self._decode_for_conv(g)
             done.record(side)
         self._decoder.shared_used_on(side)
-        self._pending = (layer, position, weight, done, slot)
+        self._pending = (g, position, weights, done, slot)
 
-    def _take_prefetched(self, layer: int, position: int, main) -> Optional[tuple]:
-        """(weight, graph slot or None) prefetched for this conv call, or None."""
+    def _take_prefetched(self, g: int, position: int, main) -> Optional[tuple]:
+        """(weights, graph slot or None) prefetched for this conv call's group, or None."""
         pending, self._pending = self._pending, None
         if pending is None:
             return None
-        if pending[0] != layer or pending[1] != position:
+        if pending[:2] != (g, position):
             self.stats["prefetch_dropped"] += 1
             return None  # another path than last time; freeing on the side stream is safe
-        _, _, weight, event, slot = pending
+        _, _, weights, event, slot = pending
         main.wait_event(event)
         if slot is None:
-            weight.record_stream(main)  # freed later only after the main stream is done with it
+            for weight in weights:  # freed later only after the main stream is done with them
+                weight.record_stream(main)
         self.stats["prefetched"] += 1
-        return weight, slot
+        return weights, slot
 
     def _drop_pending(self) -> None:
         if self._pending is not None:
@@ -477,13 +584,11 @@ class Attachment:
         # always-call hooks) may have left behind.
         self._drop_pending()
         self._planned = None
-        for i in list(self._in_use):
+        for i in self._running:
             self.convs[i].__dict__["weight"] = self._placeholders[i]
-        self._in_use.clear()
-        for i, slot in self._conv_slot.items():  # an interrupted conv: conservatively released
-            self.convs[i].__dict__["weight"] = self._placeholders[i]
-            self._graphed.release(slot)
-        self._conv_slot.clear()
+        self._running.clear()
+        self._drop_current()  # an interrupted forward's group: its slot conservatively released
+        self._state_group = None
         if self._graphed is not None:
             self._graphed.start_forward()
         self._decoder.share_preparation(True)  # the parameters keep their values until the end
@@ -493,10 +598,11 @@ class Attachment:
 
     def _root_done(self, module, args, output) -> None:
         if self._in_forward:  # completed without an exception: remember the conv call order
-            self._order = tuple(self._trace)
+            self._record_order(tuple(self._trace))
 
     def _root_cleanup(self, module, args, output) -> None:
         self._drop_pending()
+        self._drop_current()
         self._decoder.share_preparation(False)
         self._planned = None
         self._in_forward = False
@@ -504,23 +610,29 @@ class Attachment:
         self._update_held()
 
     def _acquire(self, i: int, position: Optional[int], main) -> tuple[torch.Tensor, Optional[int]]:
-        """(weight, graph slot or None) for conv ``i``: stored, prefetched or decoded now."""
+        """(weight, graph slot or None) for conv ``i``: stored, from the group the convs read now,
+        prefetched or decoded now (with the rest of its group)."""
         if i in self._store:
             if self.mode == "cached":
                 self.stats["cache_hits"] += 1
             return self._store[i], None
-        taken = None
-        if main is not None and position is not None:
-            taken = self._take_prefetched(i, position, main)
-        weight, slot = taken if taken is not None else self._decode_for_conv(i)
-        if self.mode != "on_demand" and slot is None:
-            self._store_put(i, weight)
-        return weight, slot
+        g = self.group_of[i]
+        current = self._current
+        if current is None or current[0] != g:
+            taken = None
+            if main is not None and position is not None:
+                taken = self._take_prefetched(g, position, main)
+            self._drop_current()  # before a decode: one group alive (two only with a prefetch)
+            weights, slot = taken if taken is not None else self._decode_for_conv(g)
+            if self.mode != "on_demand" and slot is None and self._pin_group(g, weights):
+                return self._store[i], None
+            self._current = current = (g, weights, slot, sum(map(_nbytes, weights)))
+        return current[1][i - self.groups[g].start], current[2]
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
         position = len(self._trace) if self._in_forward else None
         main = torch.cuda.current_stream(self.device) if self.prefetch else None
-        weight, slot = self._acquire(i, position, main)
+        weight, _ = self._acquire(i, position, main)
         if position is not None:
             self._trace.append(i)
             if main is not None:
@@ -529,28 +641,43 @@ class Attachment:
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)
         module.__dict__["weight"] = weight
-        if slot is not None:
-            self._conv_slot[i] = slot  # held by the graphs' slots, counted there
-        elif i not in self._store:
-            self._in_use[i] = _nbytes(weight)
+        self._running.add(i)
         self._update_held()
 
     def _after_conv(self, i: int, module: nn.Module, args, output) -> None:
         module.__dict__["weight"] = self._placeholders[i]
-        self._in_use.pop(i, None)
-        slot = self._conv_slot.pop(i, None)
-        if slot is not None:
-            self._graphed.release(slot)
+        self._running.discard(i)
+        if not self._in_forward:
+            self._drop_current()  # a conv called on its own: nothing follows it
         planned, self._planned = self._planned, None
         if planned is not None and output is not None:  # output is None when the conv raised
             self._start_prefetch(*planned)
         self._update_held()
 
+    def _state_dict_start(self) -> None:
+        self._state_dicting = True
+        self._state_group = None
+
+    def _state_dict_end(self) -> None:
+        self._state_dicting = False
+        self._state_group = None
+
+    def _state_dict_weights(self, g: int) -> list[torch.Tensor]:
+        """Group ``g``'s weights for state_dict(): decoded once for all its convs."""
+        if self._state_group is not None and self._state_group[0] == g:
+            return self._state_group[1]
+        weights = self._decode_group(g)
+        self._state_group = (g, weights) if self._state_dicting else None
+        return weights
+
     def _state_dict(self, i: int, module, state_dict, prefix, local_metadata) -> None:
         if getattr(_local, "placeholders", False):
             weight = self._placeholders[i]
+        elif i in self._store:
+            weight = self._store[i].to(self._params[i][1])
         else:
-            weight = (self._store[i] if i in self._store else self._decode(i)).to(self._params[i][1])
+            g = self.group_of[i]
+            weight = _own(self._state_dict_weights(g)[i - self.groups[g].start]).to(self._params[i][1])
         state_dict[prefix + "weight"] = weight.detach()
         if hasattr(state_dict, "move_to_end") and prefix + "bias" in state_dict:
             state_dict.move_to_end(prefix + "bias")  # keep an ordinary conv's key order
@@ -576,7 +703,7 @@ def is_attached(model: nn.Module) -> bool:
 
 
 def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
-           prefetch: bool = True, graphs: bool = False) -> nn.Module:
+           prefetch: bool = True, graphs: bool = False, group_bytes: Optional[int] = None) -> nn.Module:
     """Make ``model`` run from ``pred`` (in place; returns ``model``). See the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -601,7 +728,8 @@ def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optiona
                               f"model that shares it?); give it an ordinary nn.Parameter first")
     if not isinstance(graphs, bool):
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
-    state = Attachment(pred, model, mode, cache_bytes, prefetch, graphs)
+    check_group_bytes(group_bytes)
+    state = Attachment(pred, model, mode, cache_bytes, prefetch, graphs, group_bytes)
     state.install()
     model.__dict__[_ATTR] = state
     return model
@@ -622,7 +750,8 @@ def detach(model: nn.Module, pred=None) -> nn.Module:
 
 def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
                           device: Optional[torch.device] = None, cache_bytes: Optional[int] = None,
-                          prefetch: bool = True, graphs: bool = False) -> nn.Module:
+                          prefetch: bool = True, graphs: bool = False,
+                          group_bytes: Optional[int] = None) -> nn.Module:
     """One call for CLIs (``eval --on-demand``): move both to ``device``, ``eval()``, then attach.
 
     ``mode`` is one of :data:`MODES`, or ``"parameters"``: write the decoded weights into the
@@ -635,4 +764,5 @@ def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
     if mode == "parameters":
         pred.load_into(model)
         return model
-    return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs)
+    return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs,
+                  group_bytes=group_bytes)

@@ -1,4 +1,4 @@
-"""CUDA graphs for on-demand decodes: each represented layer's decode captured once, then replayed.
+"""CUDA graphs for on-demand decodes: each decode group's decode captured once, then replayed.
 
 On a GPU an on-demand forward of a small network is bound by the host: the backend's Python path
 costs about 0.1 ms per layer (argument handling, parameter packing, several launches) where the
@@ -6,16 +6,18 @@ decode's GPU work is a few tens of microseconds and a conv's host time a few mic
 a captured CUDA graph costs a few microseconds of host time. ``attach(..., graphs=True)`` (CUDA,
 on_demand and cached modes; ignored on CPU) decodes through :class:`GraphedDecodes`:
 
-* each layer's decode (the :class:`~nern_fast.inference.LayerDecoder` call, then a copy, cast to the
-  conv's dtype, into a static buffer) is captured once per static buffer it writes, right after one
-  eager decode of that layer (which compiles and tunes the kernels: tuning synchronises, which a
-  capture may not), and replayed from then on;
+* each decode group's decode (consecutive layers decoded by one
+  :class:`~nern_fast.inference.LayerDecoder` call, see :mod:`nern_fast.inference_groups`; then a copy,
+  cast to the convs' dtype, into a static buffer: one copy when the group's output is its layers'
+  weights back to back) is captured once per static buffer it writes, right after one eager decode
+  of that group (which compiles and tunes the kernels: tuning synchronises, which a capture may
+  not), and replayed from then on;
 * with a backend that prepares its parameters (Triton: packing, tf32 rounding or bf16 copies, the
   separable first-layer tables), that preparation is captured once in its own graph, replayed once
-  per forward before the first layer's replay, and every layer graph reads its static result: a
-  layer replay is the decode kernel and the copy, not the whole predictor's packing again;
-* the decoded weight is a view of one of two static buffers ("slots", per conv dtype) of the
-  largest layer's size, used alternately: weight memory is two layers, plus the graphs' shared
+  per forward before the first group's replay, and every group graph reads its static result: a
+  group replay is the decode kernel and the copy, not the whole predictor's packing again;
+* the decoded weights are views of one of two static buffers ("slots", per conv dtype) of the
+  largest group's size, used alternately: weight memory is two groups, plus the graphs' shared
   pool (the decode's working memory, one copy for all graphs, and the static prepared set: a
   packed copy of the predictor and the first-layer tables: 1.2 + 4.4 MB for ResNet-56 at H=280);
 * ordering: a replay into a slot first waits for the event recorded after the last conv that read
@@ -51,20 +53,33 @@ _NO_PACKING = "no packing"  # the backend prepares nothing: layer graphs pack, i
 
 
 class GraphedDecodes:
-    """Per-layer CUDA graphs of a :class:`~nern_fast.inference.LayerDecoder` writing into two
-    static slots. ``decode(i)`` returns ``(weight, slot)`` or None when graphs are off
-    (``disabled`` says why); ``release(slot)`` records that the conv reading ``slot`` is enqueued.
+    """Per-group CUDA graphs of a :class:`~nern_fast.inference.LayerDecoder` writing into two
+    static slots. ``decode(g)`` returns ``(weights of group g's layers, slot)`` or None when graphs
+    are off (``disabled`` says why); ``release(slot)`` records that the convs reading ``slot`` are
+    enqueued.
     """
 
     def __init__(self, decoder, layers, dtypes, device: torch.device):
         self.decoder = decoder
+        self.groups = decoder.groups
         self.shapes = [tuple(layer.shape) for layer in layers]
         self.numels = [layer.num_weights for layer in layers]
         self.dtypes = list(dtypes)
+        # Where each layer sits in its dtype's slot when its group is decoded, and the slots' sizes.
+        self._offsets = [0] * len(layers)
+        self._slot_numels: dict = {}
+        for group in self.groups:
+            used: dict = {}
+            for i in group:
+                self._offsets[i] = used.get(self.dtypes[i], 0)
+                used[self.dtypes[i]] = self._offsets[i] + self.numels[i]
+            for dtype, numel in used.items():
+                self._slot_numels[dtype] = max(self._slot_numels.get(dtype, 0), numel)
+        self._one_dtype = [len({self.dtypes[i] for i in group}) == 1 for group in self.groups]
         self.device = device
         self.disabled: Optional[str] = None
         self.captures = 0
-        self._graphs: dict = {}  # (layer, slot) -> captured graph
+        self._graphs: dict = {}  # (group, slot) -> captured graph
         self._pool = None  # one memory pool shared by every graph (never two replays at once)
         self._capture_stream = None  # on self.device (torch's default one is on the current device)
         self._slots: dict = {}  # dtype -> [two flat buffers of the largest layer of that dtype]
@@ -81,8 +96,8 @@ class GraphedDecodes:
         """Bytes held by the static slots."""
         return sum(b.numel() * b.element_size() for pair in self._slots.values() for b in pair)
 
-    def decode(self, i: int, check: bool = True) -> Optional[tuple[torch.Tensor, int]]:
-        """Layer ``i``'s weight, decoded into the next slot on the current stream, and the slot;
+    def decode(self, g: int, check: bool = True) -> Optional[tuple[list[torch.Tensor], int]]:
+        """Group ``g``'s weights, decoded into the next slot on the current stream, and the slot;
         None when graphs are off (the caller decodes eagerly). ``check=False`` skips the parameter
         check (:meth:`check_parameters`), for decodes inside a forward that began with one."""
         if self.disabled is not None:
@@ -97,22 +112,21 @@ class GraphedDecodes:
                 stream.wait_event(recorded[0])
         if not self._packed and not self._replay_packing():
             return None
-        weight = self._slot_view(i, slot)
-        graph = self._graphs.get((i, slot))
+        graph = self._graphs.get((g, slot))
         if graph is None:
-            graph = self._capture(i, weight)
+            graph = self._capture(g, slot)
             if graph is None:
                 return None
-            self._graphs[(i, slot)] = graph
+            self._graphs[(g, slot)] = graph
         graph.replay()
         self._replayed = self._record(self._replayed, stream)
         self._last_slot = slot
-        return weight, slot
+        return self._slot_views(g, slot), slot
 
     def start_forward(self) -> None:
         """A forward of the root model begins: check the parameters once for the whole forward, and
         start with slot 0, so that the same call position uses the same slot every forward (a
-        layer is captured once per slot its positions use, not twice by alternation drifting
+        group is captured once per slot its positions use, not twice by alternation drifting
         across forwards; the events keep any order safe)."""
         if self.disabled is None:
             self.check_parameters()
@@ -128,8 +142,8 @@ class GraphedDecodes:
             self._key = key
 
     def release(self, slot: int) -> None:
-        """The conv reading ``slot`` is enqueued on the current stream: a later replay into that
-        slot waits for it."""
+        """The convs reading ``slot`` are enqueued on the current stream: a later replay into
+        that slot waits for them."""
         self._read_done[slot] = self._record(self._read_done[slot],
                                              torch.cuda.current_stream(self.device))
 
@@ -160,15 +174,21 @@ class GraphedDecodes:
         return (tuple((p.data_ptr(), p.dtype, p.device) for p in pred.parameters()), pred.precision,
                 ops.requested_backend_name(pred.backend))
 
-    def _slot_view(self, i: int, slot: int) -> torch.Tensor:
-        dtype = self.dtypes[i]
+    def _slot(self, dtype: torch.dtype, slot: int) -> torch.Tensor:
         pair = self._slots.get(dtype)
         if pair is None:
-            size = max(n for n, d in zip(self.numels, self.dtypes) if d == dtype)
+            numel = self._slot_numels[dtype]
             with torch.inference_mode(False):  # ordinary tensors: written outside inference mode too
-                pair = self._slots[dtype] = [torch.empty(size, dtype=dtype, device=self.device)
+                pair = self._slots[dtype] = [torch.empty(numel, dtype=dtype, device=self.device)
                                              for _ in range(2)]
-        return pair[slot][:self.numels[i]].view(self.shapes[i])
+        return pair[slot]
+
+    def _slot_views(self, g: int, slot: int) -> list[torch.Tensor]:
+        views = []
+        for i in self.groups[g]:
+            offset = self._offsets[i]
+            views.append(self._slot(self.dtypes[i], slot)[offset:offset + self.numels[i]].view(self.shapes[i]))
+        return views
 
     def _replay_packing(self) -> bool:
         """Replay the packing graph (captured at the first call) on the current stream; False when
@@ -185,9 +205,16 @@ class GraphedDecodes:
     def _static_prepared(self):
         return None if self._packing in (None, _NO_PACKING) else self._packing[1]
 
-    def _fill(self, i: int, weight: torch.Tensor) -> None:
+    def _fill(self, g: int, slot: int) -> None:
         with torch.inference_mode(False), torch.no_grad():
-            weight.copy_(self.decoder(i, prepared=self._static_prepared()))
+            out = self.decoder.group_output(g, prepared=self._static_prepared())
+            group = self.groups[g]
+            if self.decoder.is_compact(g) and self._one_dtype[g]:  # one copy for the whole group
+                numel = sum(self.numels[i] for i in group)
+                self._slot(self.dtypes[group.start], slot)[:numel].copy_(out.reshape(-1))
+            else:
+                for weight, decoded in zip(self._slot_views(g, slot), self.decoder.split(g, out)):
+                    weight.copy_(decoded)
 
     def _prepare(self):
         with torch.inference_mode(False), torch.no_grad():
@@ -202,9 +229,9 @@ class GraphedDecodes:
         graph = self._captured(lambda: made.append(self._prepare()))
         return None if graph is None else (graph, made[-1])
 
-    def _capture(self, i: int, weight: torch.Tensor):
-        """Capture layer ``i``'s decode into ``weight`` (a slot view); None (graphs off) on failure."""
-        graph = self._captured(lambda: self._fill(i, weight))
+    def _capture(self, g: int, slot: int):
+        """Capture group ``g``'s decode into ``slot``; None (graphs off) on failure."""
+        graph = self._captured(lambda: self._fill(g, slot))
         if graph is not None:
             self.captures += 1
         return graph

@@ -91,6 +91,11 @@ def test_eval_on_demand(trained, capsys):
                  "--on-demand", "--graphs"]) == 0
     c = json.loads(graphed.read_text())
     assert c["reconstructed_accuracy"] == b["reconstructed_accuracy"] and c["graph_replays"] == 0
+    per_layer = root / "d.json"  # one decode call per layer instead of decode groups
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(per_layer),
+                 "--on-demand", "--group-bytes", "0"]) == 0
+    d = json.loads(per_layer.read_text())
+    assert d["reconstructed_accuracy"] == pytest.approx(b["reconstructed_accuracy"], abs=0.5)
 
 
 def test_error_exits(trained, tmp_path, capsys):
@@ -107,6 +112,11 @@ def test_error_exits(trained, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--graphs"]) == 2
     assert "add --on-demand" in capsys.readouterr().err
+    assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--group-bytes", "0"]) == 2
+    assert "--group-bytes applies to --on-demand" in capsys.readouterr().err
+    assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--on-demand",
+                 "--group-bytes", "-5"]) == 2
+    assert "--group-bytes must be 0" in capsys.readouterr().err
     assert main(["fit", "--config", str(config), "--set", "model.checkpoint=/no/such.pt",
                  "--out", str(tmp_path / "z")]) == 2
     assert "/no/such.pt" in capsys.readouterr().err

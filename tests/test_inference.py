@@ -73,9 +73,9 @@ def layer_bytes(pred):
     return [l.num_weights * 4 for l in pred.layout.layers]
 
 
-def materialized_output(model, pred, x):
+def materialized_output(model, pred, x, **attach):
     """The materialized mode's output (what every mode must equal); leaves the model detached."""
-    out = run(pred.attach(model, mode="materialized"), x)
+    out = run(pred.attach(model, mode="materialized", **attach), x)
     pred.detach(model)
     return out
 
@@ -105,7 +105,7 @@ def test_modes_give_identical_outputs(permuted, batch, grad_mode):
 
 def test_on_demand_keeps_no_weight_alive():
     model, pred = make()
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     seen = []
 
     def grab(module, args):  # runs after the attach hook: sees the decoded weight
@@ -173,11 +173,107 @@ def test_layer_decoder_follows_the_backend_setting(monkeypatch):
             decoder(0)
 
 
+def test_decode_groups_are_consecutive_layers_within_the_budget():
+    from nern_fast.inference_groups import default_group_bytes, plan_groups
+    assert plan_groups([5, 5, 5, 20, 1, 1], 10) == [range(0, 2), range(2, 3), range(3, 4), range(4, 6)]
+    assert plan_groups([5, 5, 5], 0) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert plan_groups([5, 5, 5], 100) == [range(0, 3)]
+    assert plan_groups([], 10) == []
+    assert default_group_bytes([4, 10, 6], 30) == 20  # half of largest layer + predictor
+    model, pred = make()
+    for bad in (-1, 1.5, True, "auto"):
+        with pytest.raises(ValueError, match="group_bytes must be a non-negative integer"):
+            pred.attach(model, group_bytes=bad)
+    assert not is_attached(model) and isinstance(model.c0.weight, nn.Parameter)
+
+
+GROUPS_OF_TWO = (2304 + 4608, 9216 + 512)  # ChainNet's layer bytes: groups {c0, c1} and {c2, c3}
+
+
+def test_grouped_on_demand_decodes_each_group_once_per_forward():
+    model, pred = make(permuted=True)
+    group_bytes = max(GROUPS_OF_TWO)
+    x = torch.randn(2, 3, 6, 6)
+    expected = materialized_output(model, pred, x, group_bytes=group_bytes)
+    per_layer = materialized_output(model, pred, x, group_bytes=0)
+    assert torch.allclose(expected, per_layer, rtol=1e-5, atol=1e-6)  # other call sizes, same maths
+    pred.attach(model, mode="on_demand", group_bytes=group_bytes)
+    state = attachment(model)
+    assert state.groups == [range(0, 2), range(2, 4)] and state.largest_group_bytes == max(GROUPS_OF_TWO)
+    seen = {}
+
+    def grab(name):
+        def hook(module, args):
+            seen[name] = weakref.ref(module.weight), module.weight.untyped_storage().data_ptr()
+        return hook
+
+    for name in REPRESENTED:
+        getattr(model, name).register_forward_pre_hook(grab(name))
+    for forward in (1, 2):
+        assert torch.equal(run(model, x), expected)
+        assert state.stats["decodes"] == 2 * forward
+    # c0 and c1 read views of one decode's output; c3 (cropped 1x1) its own copy.
+    assert seen["c0"][1] == seen["c1"][1] and seen["c2"][1] != seen["c3"][1]
+    assert all(ref() is None for ref, _ in seen.values()), "a decoded weight outlived the forward"
+    assert state.stats["held_bytes"] == 0
+    assert state.stats["peak_held_bytes"] == max(GROUPS_OF_TWO)  # one group at a time without prefetch
+    # A conv called on its own decodes its group and keeps nothing.
+    out = model.c1(torch.randn(1, 8, 4, 4))
+    assert out.shape == (1, 16, 4, 4) and state.stats["decodes"] == 5 and state.stats["held_bytes"] == 0
+
+
+def test_grouped_state_dict_and_detach_decode_each_group_once():
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    pred.attach(model, mode="on_demand", group_bytes=max(GROUPS_OF_TWO))
+    state = attachment(model)
+    expected = run(model, x)
+    decodes = state.stats["decodes"]
+    sd = model.state_dict()
+    assert state.stats["decodes"] == decodes + 2 and state._state_group is None
+    for name in REPRESENTED:  # each weight in storage of its own (savable by safetensors, too)
+        w = sd[name + ".weight"]
+        assert w.untyped_storage().nbytes() == w.numel() * w.element_size()
+    pred.detach(model)
+    assert state.stats["decodes"] == decodes + 4
+    pointers = {getattr(model, n).weight.untyped_storage().data_ptr() for n in REPRESENTED}
+    assert len(pointers) == 4
+    for name in REPRESENTED:
+        assert torch.equal(getattr(model, name).weight, sd[name + ".weight"])
+    assert torch.equal(run(model, x), expected)
+
+
+def test_grouped_cached_pins_copies_of_what_fits():
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    group_bytes = max(GROUPS_OF_TWO)
+    expected = materialized_output(model, pred, x, group_bytes=group_bytes)
+    pred.attach(model, mode="cached", cache_bytes=2304 + 512, group_bytes=group_bytes)
+    state = attachment(model)
+    for _ in range(3):
+        assert torch.equal(run(model, x), expected)
+    # c0 and c3 fit: each kept in storage of its own (not the whole group's output)
+    assert state.cached_layers == [0, 3] and state.stats["held_bytes"] == 2304 + 512
+    for i in (0, 3):
+        kept = state._store[i]
+        assert kept.untyped_storage().nbytes() == kept.numel() * 4
+    # c3 is pinned when c2 decodes their group: a hit already in the first forward.
+    assert state.stats["decodes"] == 2 + 2 * 2 and state.stats["cache_hits"] == 1 + 2 * 2
+    pred.detach(model)
+    # Unlimited: each group decoded once, then every conv is a hit.
+    pred.attach(model, mode="cached", group_bytes=group_bytes)
+    for _ in range(2):
+        assert torch.equal(run(model, x), expected)
+    # (c1 and c3 are hits already in the first forward: pinned with their group)
+    assert attachment(model).stats["decodes"] == 2 and attachment(model).stats["cache_hits"] == 2 + 4
+    pred.detach(model)
+
+
 def test_cached_pins_what_fits_across_forwards():
     model, pred = make()
     sizes = layer_bytes(pred)  # 2304, 4608, 9216, 512
     limit = sizes[0] + sizes[1] + sizes[3]  # layer 2 does not fit after 0 and 1; 3 still does
-    pred.attach(model, mode="cached", cache_bytes=limit)
+    pred.attach(model, mode="cached", cache_bytes=limit, group_bytes=0)
     state = attachment(model)
     observed = []
 
@@ -203,7 +299,7 @@ def test_cached_pins_the_first_layers_in_call_order():
     model, pred = make()
     model.twice = True  # call order 0, 0, 1, 2, 3
     sizes = layer_bytes(pred)
-    pred.attach(model, mode="cached", cache_bytes=sizes[0] + sizes[2])
+    pred.attach(model, mode="cached", cache_bytes=sizes[0] + sizes[2], group_bytes=0)
     state = attachment(model)
     run(model, torch.randn(1, 3, 6, 6))
     # 0 pinned (its second call is a hit), 1 fits after 0 and is pinned, 2 no longer fits, 3 fits.
@@ -213,7 +309,7 @@ def test_cached_pins_the_first_layers_in_call_order():
 def test_cached_hits_and_a_layer_larger_than_the_cache():
     model, pred = make()
     sizes = layer_bytes(pred)
-    pred.attach(model, mode="cached", cache_bytes=sizes[2] - 1)  # layer 2 never fits
+    pred.attach(model, mode="cached", cache_bytes=sizes[2] - 1, group_bytes=0)  # layer 2 never fits
     state = attachment(model)
     x = torch.randn(1, 3, 6, 6)
     run(model, x)
@@ -222,7 +318,7 @@ def test_cached_hits_and_a_layer_larger_than_the_cache():
     assert state.stats["decodes"] == 5  # only layer 2 decoded again
     assert state.stats["cache_hits"] == 3
     pred.detach(model)
-    pred.attach(model, mode="cached", cache_bytes=0)  # nothing cached: behaves as on_demand
+    pred.attach(model, mode="cached", cache_bytes=0, group_bytes=0)  # nothing cached: as on_demand
     run(model, x)
     run(model, x)
     assert attachment(model).stats["decodes"] == 8 and attachment(model).stats["held_bytes"] == 0
@@ -230,7 +326,7 @@ def test_cached_hits_and_a_layer_larger_than_the_cache():
 
 def test_unlimited_cache_decodes_each_layer_once():
     model, pred = make()
-    pred.attach(model, mode="cached")
+    pred.attach(model, mode="cached", group_bytes=0)
     for _ in range(3):
         run(model, torch.randn(2, 3, 6, 6))
     stats = attachment(model).stats
@@ -242,13 +338,14 @@ def test_conv_called_twice_in_one_forward():
     model, pred = make()
     model.twice = True
     x = torch.randn(3, 3, 6, 6)
-    pred.attach(model, mode="materialized")
+    pred.attach(model, mode="materialized", group_bytes=0)
     expected = run(model, x)
     pred.detach(model)
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     assert torch.equal(run(model, x), expected)
     state = attachment(model)
-    assert state.stats["decodes"] == 5 and state.stats["held_bytes"] == 0
+    # The second call of c0 reads the weight decoded for the first (the group the convs read).
+    assert state.stats["decodes"] == 4 and state.stats["held_bytes"] == 0
     assert state._order == (0, 0, 1, 2, 3)  # the call order prefetch follows on CUDA
     pred.detach(model)
     assert torch.equal(run(model, x), expected)
@@ -268,7 +365,7 @@ def test_exception_in_forward_leaves_hooks_working():
             run(model, x)
         model.fail = False
         assert all(getattr(model, n).weight.device.type == "meta" for n in REPRESENTED)
-        assert state._in_use == {} and not state._in_forward
+        assert not state._running and state._current is None and not state._in_forward
         assert torch.equal(run(model, x), expected)
         pred.detach(model)
 
@@ -450,24 +547,26 @@ def test_prefetch_logic_with_faked_streams(fake_streams):
     enable, log = fake_streams
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    pred.attach(model, mode="materialized")
+    pred.attach(model, mode="materialized", group_bytes=0)
     expected_once = run(model, x)
     model.twice = True
     expected = run(model, x)
     pred.detach(model)
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     assert torch.equal(run(model, x), expected)  # learns the order (0, 0, 1, 2, 3)
     assert state.stats["prefetched"] == 0 and state._order == (0, 0, 1, 2, 3)
     log.clear()
     assert torch.equal(run(model, x), expected)
-    assert state.stats["prefetched"] == 4 and state.stats["decodes"] == 10
+    # c0's second call reads the first's weight; 1, 2 and 3 come from prefetches (1 planned at
+    # c0's first call, for the call after the second).
+    assert state.stats["prefetched"] == 3 and state.stats["decodes"] == 8
     assert state.stats["held_bytes"] == 0 and state._pending is None
     assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
     # Per prefetch: the side stream waits for the event recorded before the running conv, decodes,
     # records its event; the consumer waits for it and marks the weight used on the main stream.
-    assert log.count(("wait", "side")) == 4 and log.count(("wait", "main")) == 4
-    assert log.count(("record_stream", "main")) == 4
+    assert log.count(("wait", "side")) == 3 and log.count(("wait", "main")) == 3
+    assert log.count(("record_stream", "main")) == 3
     first_wait = log.index(("wait", "side"))
     assert log[first_wait - 1] == ("record", "main") and log[first_wait + 1] == ("record", "side")
     # Another path than the recorded one: the stale prefetch is dropped, results stay exact.
@@ -487,7 +586,7 @@ def test_prefetch_logic_with_faked_streams(fake_streams):
     assert torch.equal(run(model, x), expected_once)
     # Cached mode prefetches only what the cache does not hold.
     pred.detach(model)
-    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[2])
+    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[2], group_bytes=0)
     state = enable(model)
     for _ in range(3):
         assert torch.equal(run(model, x), expected_once)
@@ -517,10 +616,10 @@ def fake_graphs(fake_streams, monkeypatch):
     """Turns on nern_fast.inference_graphs for a CPU attachment, with graphs that re-run the fill."""
     from nern_fast import inference_graphs
 
-    def capture(self, i, weight):
-        self._fill(i, weight)  # eager first, as the real capture
+    def capture(self, g, slot):
+        self._fill(g, slot)  # eager first, as the real capture
         self.captures += 1
-        return FakeGraph(lambda: self._fill(i, weight))
+        return FakeGraph(lambda: self._fill(g, slot))
 
     def capture_packing(self):
         static = self._prepare()  # a backend's prepared set, filled again in place by each replay
@@ -553,8 +652,8 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x)
-    pred.attach(model, mode="on_demand")
+    expected = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     log.clear()
     assert torch.equal(run(model, x), expected)
@@ -573,25 +672,25 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     for grad_mode in ("inference", "no_grad"):
         assert torch.equal(run(model, x, grad_mode), expected)
     assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 16
-    # A conv called twice: the call order (0, 0, 1, 2, 3) gives layer 0 both slots, captured once each.
+    # A conv called twice: the call order (0, 0, 1, 2, 3); the second call reads the first's slot.
     model.twice = True
     pred.detach(model)
-    expected_twice = materialized_output(model, pred, x)
-    pred.attach(model, mode="on_demand")
+    expected_twice = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     for _ in range(2):
         assert torch.equal(run(model, x), expected_twice)
-    assert state.stats["graph_captures"] == 5 and state.stats["graph_replays"] == 10
+    assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 8
     pred.detach(model)
-    assert state._graphed is None and not state._conv_slot
+    assert state._graphed is None and state._current is None
 
 
 def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x)
-    pred.attach(model, mode="on_demand")
+    expected = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model, prefetch=True)
     for _ in range(3):
         assert torch.equal(run(model, x), expected)
@@ -600,7 +699,7 @@ def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
     assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
     pred.detach(model)
     # Cached: the layers that fit are pinned (eager decodes, kept); the others replay graphs.
-    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[0] + layer_bytes(pred)[1])
+    pred.attach(model, mode="cached", cache_bytes=layer_bytes(pred)[0] + layer_bytes(pred)[1], group_bytes=0)
     state = enable(model, prefetch=True)
     for _ in range(3):
         assert torch.equal(run(model, x), expected)
@@ -609,11 +708,48 @@ def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
     pred.detach(model)
 
 
+def test_grouped_prefetch_decodes_the_next_group_on_the_side_stream(fake_streams):
+    enable, log = fake_streams
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    group_bytes = max(GROUPS_OF_TWO)
+    expected = materialized_output(model, pred, x, group_bytes=group_bytes)
+    pred.attach(model, mode="on_demand", group_bytes=group_bytes)
+    state = enable(model)
+    run(model, x)  # learns the order
+    log.clear()
+    for forward in (1, 2):
+        assert torch.equal(run(model, x), expected)
+        # {c0, c1} decoded at c0; {c2, c3} prefetched once, planned at c0 (not again at c1).
+        assert state.stats["prefetched"] == forward and state.stats["decodes"] == 2 + 2 * forward
+    assert log.count(("wait", "side")) == 2 and state.stats["prefetch_dropped"] == 0
+    assert state.stats["held_bytes"] == 0 and state._pending is None
+    assert state.stats["peak_held_bytes"] == sum(GROUPS_OF_TWO)  # the two groups, at most
+    pred.detach(model)
+
+
+def test_grouped_graph_decodes_capture_each_group(fake_graphs):
+    enable, log = fake_graphs
+    model, pred = make(permuted=True)
+    x = torch.randn(2, 3, 6, 6)
+    group_bytes = max(GROUPS_OF_TWO)
+    expected = materialized_output(model, pred, x, group_bytes=group_bytes)
+    pred.attach(model, mode="on_demand", group_bytes=group_bytes)
+    state = enable(model, prefetch=True)
+    for _ in range(3):  # {c0, c1}: one copy of the whole output; {c2, c3}: one per layer (c3 cropped)
+        assert torch.equal(run(model, x), expected)
+    assert state.stats["graph_captures"] == 2 and state.stats["graph_replays"] == 6
+    assert state.stats["held_bytes"] == 2 * state.largest_group_bytes  # the two slots
+    assert state.stats["prefetched"] > 0
+    pred.detach(model)
+    assert torch.equal(run(model, x), expected)
+
+
 def test_graph_decodes_follow_new_parameters_and_skip_autograd(fake_graphs):
     enable, _ = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     run(model, x)
     assert state.stats["graph_captures"] == 4
@@ -624,9 +760,9 @@ def test_graph_decodes_follow_new_parameters_and_skip_autograd(fake_graphs):
     out = run(model, x)
     assert state.stats["graph_captures"] == 8
     pred.detach(model)
-    assert torch.equal(out, materialized_output(model, pred, x))
+    assert torch.equal(out, materialized_output(model, pred, x, group_bytes=0))
     # With autograd on, a conv keeps its weight for backward: decodes run eagerly, no slot is used.
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     xg = x.clone().requires_grad_(True)
     model(xg).sum().backward()
@@ -640,8 +776,8 @@ def _on_demand_with_graph_decodes():
     its input and the materialized output."""
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x)
-    pred.attach(model, mode="on_demand")
+    expected = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = attachment(model)
     state._graphed = graphed_decodes(state)
     return model, pred, x, expected, state
@@ -689,8 +825,8 @@ def test_graph_capture_failure_restores_the_stream_and_names_the_cause(fake_stre
     monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     model, pred, x, expected, state = _on_demand_with_graph_decodes()
-    original_decode = state._graphed.decoder.__class__.__call__
-    monkeypatch.setattr(state._graphed.decoder.__class__, "__call__", host_sync_inside_capture)
+    original_decode = state._graphed.decoder.__class__.group_output
+    monkeypatch.setattr(state._graphed.decoder.__class__, "group_output", host_sync_inside_capture)
     with pytest.warns(RuntimeWarning, match="not permitted when stream is capturing"):
         assert torch.equal(run(model, x), expected)
     assert torch.cuda.current_stream() is main
@@ -773,7 +909,7 @@ def test_triton_prefetch_prepares_on_the_main_stream(triton_preparations, fake_s
     make_triton, taken = triton_preparations
     enable, log = fake_streams
     model, pred, x, expected = make_triton()
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     run(model, x)  # learns the order
     taken()
@@ -792,7 +928,7 @@ def test_triton_graph_decodes_replay_one_packing_per_forward(triton_preparations
     enable, log = fake_graphs
     model, pred, x, expected = make_triton()
     taken()  # the materialized attach
-    pred.attach(model, mode="on_demand")
+    pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     assert torch.equal(run(model, x), expected)
     # First forward: the packing's (faked) capture and its replay, 2 preparations; the layers'
@@ -839,7 +975,7 @@ def test_cuda_prefetch_matches_materialized(batch):
         assert state.stats["prefetched"] > 0
         if mode == "on_demand":
             assert state.stats["held_bytes"] == 0
-            assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+            assert state.stats["peak_held_bytes"] <= 2 * state.largest_group_bytes
         pred.detach(model)
 
 
@@ -935,7 +1071,7 @@ def test_cuda_graphs_match_materialized(backend):
         assert packing_graph == hasattr(state._decoder._backend, "prepare"), state._decoder._backend.name
         if mode == "on_demand":
             assert state.stats["graph_replays"] == state.stats["decodes"]
-            assert state.stats["peak_held_bytes"] <= 2 * state.largest_layer_bytes
+            assert state.stats["peak_held_bytes"] <= 2 * state.largest_group_bytes
         pred.detach(model)
     # The graphs read the parameters' storage: an in-place update is seen by the next replay.
     pred.attach(model, mode="on_demand", graphs=True)

@@ -28,8 +28,12 @@ def register(subparsers) -> None:
     p.add_argument("--on-demand", action="store_true",
                    help="evaluate with the predictor attached on demand (layer-by-layer decode)")
     p.add_argument("--graphs", action="store_true",
-                   help="with --on-demand on CUDA: replay each layer's decode from a CUDA graph "
+                   help="with --on-demand on CUDA: replay each decode from a CUDA graph "
                         "(nern_fast.inference_graphs)")
+    p.add_argument("--group-bytes", type=int, metavar="N",
+                   help="with --on-demand: decode consecutive layers together, up to N bytes of "
+                        "weights per call (0: one layer per call; default: half of largest layer + "
+                        "predictor, nern_fast.inference_groups)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--per-layer", action="store_true", help="print the RMSE of every layer")
     p.set_defaults(func=run)
@@ -54,9 +58,14 @@ def _config(args, recorded: dict):
 def evaluate(args) -> dict:
     import torch
 
-    if args.graphs and not args.on_demand:
+    for flag, given in (("--graphs", args.graphs), ("--group-bytes", args.group_bytes is not None)):
+        if given and not args.on_demand:
+            from nern_fast.config import ConfigError
+            raise ConfigError(f"{flag} applies to --on-demand evaluation; add --on-demand")
+    if args.group_bytes is not None and args.group_bytes < 0:
         from nern_fast.config import ConfigError
-        raise ConfigError("--graphs applies to --on-demand evaluation; add --on-demand")
+        raise ConfigError(f"--group-bytes must be 0 (one layer per decode) or a positive number of "
+                          f"bytes, got {args.group_bytes}")
 
     from nern_fast.io import safe_load
     from nern_fast.predictor import FILE_FORMAT, FastPredictor
@@ -88,7 +97,7 @@ def evaluate(args) -> dict:
             raise ImportError("--on-demand needs nern_fast.inference (pred.attach), which is not "
                               "part of this installation")
         from nern_fast.inference import attachment
-        pred.attach(model, mode="on_demand", graphs=args.graphs)
+        pred.attach(model, mode="on_demand", graphs=args.graphs, group_bytes=args.group_bytes)
         try:
             reconstructed_accuracy = accuracy(model, test())
             graph_replays = attachment(model).stats["graph_replays"]  # 0: not asked, or CPU
