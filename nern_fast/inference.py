@@ -33,20 +33,23 @@ layer is a group of its own). A decode's GPU cost is mostly fixed per call, so f
 are what on-demand inference needs on a GPU (ResNet-56 at H=280: 54 calls → 6 with the default). The
 default (``group_bytes=None``) is half of (largest layer + predictor), which keeps two groups — the
 one the convs read and a prefetched one — within the on-demand bound of largest layer + predictor;
-``group_bytes=0`` decodes one layer per call (each conv's weight exactly while it runs). A group's
-weights are views of one decode output where the layout allows (no crop to a smaller kernel, the
-convs' dtype); weights that are kept (cached pins, materialized, ``state_dict``, ``detach``) get
-storage of their own.
+``group_bytes=0`` decodes one layer per call (each conv's weight exactly while it runs). Groups
+follow the layout's order (the order convs are registered in the model); a model that runs its convs
+in another order may decode a group more than once per forward (``stats["decodes"]`` shows it): pass
+``group_bytes=0`` there. A group's weights are views of one decode output where the layout allows
+(no crop to a smaller kernel, the convs' dtype); weights that are kept (cached pins, materialized,
+``state_dict``, ``detach``) get storage of their own.
 
 Every mode decodes a group with the same call (a row slice of ``pred.decode_kernels``, under
-``no_grad``, cast to the convs' original dtype), so the outputs of the three modes are identical
-for the same backend, precision and groups. (A group's call decodes other rows than
+``no_grad``, cast to the convs' original dtype), so the outputs of the three modes are identical for
+the same backend, precision and groups. (A group's call decodes other rows than
 ``pred.decode_layer(i)``'s, so the values can differ from it in the last bits where the backend's
-arithmetic depends on the call's size.) A :class:`LayerDecoder` makes that call straight to the backend: the row
-indices of every layer, the input checks and the backend choice are made once per device, dtype,
-precision and backend setting instead of at every conv (the per-layer host time is what on_demand
-costs over materialized), and the decodes of one forward share one preparation of the parameters
-(Triton: the packed weights and the first-layer tables, made by the first decode; see LayerDecoder).
+arithmetic depends on the call's size.) A :class:`LayerDecoder` makes that call straight to the
+backend: the row indices of every layer, the input checks and the backend choice are made once per
+device, dtype, precision and backend setting instead of at every conv (the per-layer host time is
+what on_demand costs over materialized), and the decodes of one forward share one preparation of the
+parameters (Triton: the packed weights and the first-layer tables, made by the first decode; see
+LayerDecoder).
 
 Prefetch (CUDA only; ignored on CPU): the first complete forward after attach records the order in
 which the represented convs run (a conv called twice appears twice). In later forwards, as soon as
