@@ -80,6 +80,11 @@ def test_load_attached_and_sizes(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     with torch.inference_mode():
         torch.testing.assert_close(attached(x), plain(x), rtol=1e-5, atol=1e-6)
+    assert len(attachment(attached).groups) < attached_pred.layout.num_layers  # decode groups
+    per_layer, _ = load_compressed(tmp_path / "fp32.nfz", mode="on_demand", group_bytes=0)
+    assert len(attachment(per_layer).groups) == attached_pred.layout.num_layers
+    with torch.inference_mode():
+        torch.testing.assert_close(per_layer(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
 def test_saving_an_attached_model_stores_the_same(tmp_path):

@@ -959,14 +959,15 @@ def _cuda_resnet(depth=20):
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 64])
-def test_cuda_prefetch_matches_materialized(batch):
+@pytest.mark.parametrize("group_bytes", [None, 0])  # decode groups, one call per layer
+def test_cuda_prefetch_matches_materialized(batch, group_bytes):
     model, pred = _cuda_resnet()
     x = torch.randn(batch, 3, 32, 32, device="cuda")
-    pred.attach(model, mode="materialized")
+    pred.attach(model, mode="materialized", group_bytes=group_bytes)
     expected = run(model, x)
     pred.detach(model)
     for mode, cache in (("on_demand", None), ("cached", 2 * 64 * 64 * 9 * 4)):
-        pred.attach(model, mode=mode, cache_bytes=cache, prefetch=True)
+        pred.attach(model, mode=mode, cache_bytes=cache, prefetch=True, group_bytes=group_bytes)
         state = attachment(model)
         assert state.prefetch
         for _ in range(3):
@@ -1060,6 +1061,7 @@ def test_cuda_graphs_match_materialized(backend):
     for mode, prefetch in (("on_demand", False), ("on_demand", True), ("cached", True)):
         cache = 4 * 16 * 16 * 9 * 4 if mode == "cached" else None
         pred.attach(model, mode=mode, cache_bytes=cache, prefetch=prefetch, graphs=True)
+        assert len(attachment(model).groups) < pred.layout.num_layers  # decode groups (default)
         state = attachment(model)
         for _ in range(3):
             assert torch.equal(run(model, x), expected)
