@@ -1,5 +1,6 @@
 """Latency and memory of an attached network's forward: materialized vs on_demand (prefetch off/on,
-CUDA graphs off/on, decode groups or one call per layer) vs cached, on CIFAR ResNets with NeRN's hidden sizes. Complements
+CUDA graphs off/on, decode groups or one call per layer, the decoder's scratch bounded or not) vs
+cached, on CIFAR ResNets with NeRN's hidden sizes. Complements
 ``bench.inference_forward`` (which does not vary ``prefetch`` or ``graphs``). Appends one JSON line per measurement to ``--out`` and prints a table.
 
     python -m bench.inference_prefetch [--device cuda] [--nets resnet20,resnet56] [--batches 1,256]
@@ -44,9 +45,11 @@ NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden si
 PER_LAYER = {"group_bytes": 0}  # one decode call per layer (before decode groups were the default)
 
 
-def variants(largest_layer_bytes: int):
+def variants(largest_layer_bytes: int, predictor_bytes: int):
+    # The decoder's scratch bounded like the held weights (largest layer + predictor per call).
+    bounded = {"workspace_bytes": largest_layer_bytes + predictor_bytes}
     return [("materialized", {}), ("on_demand", {"prefetch": False}), ("on_demand", {"prefetch": True}),
-            ("on_demand", {"prefetch": True, **PER_LAYER}),
+            ("on_demand", {"prefetch": True, **PER_LAYER}), ("on_demand", {"prefetch": True, **bounded}),
             ("cached", {"cache_bytes": 4 * largest_layer_bytes, "prefetch": True}),
             ("on_demand", {"prefetch": False, "graphs": True}), ("on_demand", {"prefetch": True, "graphs": True}),
             ("on_demand", {"prefetch": True, "graphs": True, **PER_LAYER})]
@@ -145,7 +148,7 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"{'net':<9} {'batch':>5} {'mode':<30} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "
+    print(f"{'net':<9} {'batch':>5} {'mode':<40} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "
           f"{'forward_peak_mb':>15} {'held_peak_mb':>12} {'prefetched':>10}")
     for net in args.nets.split(","):
         depth, hidden = NETS[net]
@@ -171,7 +174,7 @@ def main() -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, 32, 32, device=device)
             materialized_ms = whole_materialized_ms = None
-            for mode, kw in variants(largest):
+            for mode, kw in variants(largest, sum(p.numel() * p.element_size() for p in pred.parameters())):
                 pred.attach(model, mode=mode, **kw)
                 state = attachment(model)
 
@@ -193,6 +196,7 @@ def main() -> int:
                 label = mode + ("" if "prefetch" not in kw else f" prefetch={'on' if kw['prefetch'] else 'off'}")
                 label += " graphs" if kw.get("graphs") else ""
                 label += " per-layer" if kw.get("group_bytes") == 0 else ""
+                label += f" ws={kw['workspace_bytes'] / 2**20:.1f}MB" if "workspace_bytes" in kw else ""
                 row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
                        "torch": torch.__version__, "net": net, "hidden": hidden, "precision": args.precision,
                        "backend": backend, "batch": batch, "mode": mode, **kw,
@@ -209,7 +213,7 @@ def main() -> int:
                 with out.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-                print(f"{net:<9} {batch:>5} {label:<30} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
+                print(f"{net:<9} {batch:>5} {label:<40} {median_ms:>10.3f} {median_ms / materialized_ms:>7.2f} "
                       f"{fmt(row['resident_mb']):>11} {fmt(row['forward_peak_mb']):>15} "
                       f"{row['held_peak_mb']:>12.3f} {state.stats['prefetched']:>10}")
                 if device.type == "cuda" and (mode, kw) in WHOLE_GRAPH:
@@ -224,11 +228,11 @@ def main() -> int:
                             whole_materialized_ms = graph_row["median_ms"]
                         graph_row["vs_materialized_whole_graph"] = (
                             graph_row["median_ms"] / whole_materialized_ms if whole_materialized_ms else None)
-                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<30} {graph_row['median_ms']:>10.3f} "
+                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<40} {graph_row['median_ms']:>10.3f} "
                               f"{graph_row['vs_materialized']:>7.2f}   (vs materialized whole-graph "
                               f"{fmt(graph_row['vs_materialized_whole_graph'])})")
                     else:
-                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<30} capture failed: {replay}")
+                        print(f"{net:<9} {batch:>5} {label + ' whole-graph':<40} capture failed: {replay}")
                     with out.open("a") as f:
                         f.write(json.dumps(graph_row) + "\n")
                     del replay

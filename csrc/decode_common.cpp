@@ -306,7 +306,7 @@ TORCH_LIBRARY(nern_fast_C, m) {
       "decode_forward(Tensor[] weights, Tensor[] biases, Tensor meta, Tensor pos_layer, "
       "Tensor pos_filter, Tensor pos_channel, Tensor? coord_rows, Tensor? rows, "
       "Tensor encoding_table, int encoding, int kernel_size, int num_kernels, int num_weights, "
-      "str precision) -> Tensor");
+      "str precision, int workspace_bytes=0) -> Tensor");
   m.def(
       "decode_backward(Tensor grad, Tensor[] weights, Tensor[] biases, Tensor meta, "
       "Tensor pos_layer, Tensor pos_filter, Tensor pos_channel, Tensor? coord_rows, Tensor? rows, "

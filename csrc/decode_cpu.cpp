@@ -633,7 +633,9 @@ at::Tensor decode_forward_cpu(at::TensorList weights, at::TensorList biases, con
                               const c10::optional<at::Tensor>& rows,
                               const at::Tensor& encoding_table, int64_t encoding,
                               int64_t kernel_size, int64_t num_kernels, int64_t num_weights,
-                              c10::string_view precision) {
+                              c10::string_view precision, int64_t /*workspace_bytes*/) {
+  // workspace_bytes bounds the CUDA decoder's tile buffers; the CPU decoder's scratch is a few
+  // cache-sized tiles per thread whatever the call's size, so there is nothing to bound here.
   DecodeProblem p = problem_from_args(weights, biases, meta, pos_layer, pos_filter, pos_channel,
                                       coord_rows, rows, encoding_table, encoding, kernel_size,
                                       num_kernels, num_weights, precision);

@@ -425,14 +425,17 @@ bool capturing(cudaStream_t stream) {
   return true;
 }
 
-// Rows per tile from a memory budget for the tile's buffers: NERN_FAST_CUDA_WORKSPACE_MB, else 1 GiB,
-// but at most half of the device's free memory for large problems (never fewer than 1024 rows). Not
-// while capturing a CUDA graph (capture may forbid the query, and free memory now says nothing about
-// the replays): the 1 GiB default then.
-int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row, cudaStream_t stream) {
+// Rows per tile from a memory budget for the tile's buffers: the call's workspace_bytes (> 0), else
+// NERN_FAST_CUDA_WORKSPACE_MB, else 1 GiB but at most half of the device's free memory for large
+// problems (never fewer than 1024 rows). Not while capturing a CUDA graph (capture may forbid the
+// query, and free memory now says nothing about the replays): the 1 GiB default then.
+int64_t tile_rows(int64_t total_rows, int64_t bytes_per_row, cudaStream_t stream, int64_t workspace_bytes) {
   int64_t budget = kDefaultWorkspace;
   bool explicit_budget = false;
-  if (const char* env = std::getenv("NERN_FAST_CUDA_WORKSPACE_MB")) {
+  if (workspace_bytes > 0) {
+    budget = workspace_bytes;
+    explicit_budget = true;
+  } else if (const char* env = std::getenv("NERN_FAST_CUDA_WORKSPACE_MB")) {
     const long mb = std::strtol(env, nullptr, 10);
     if (mb >= 1 && mb <= (1L << 22)) {
       budget = int64_t(mb) << 20;
@@ -538,7 +541,7 @@ class MatmulPrecisionGuard {
 
 class CudaDecoder {
  public:
-  CudaDecoder(const DecodeProblem& p, bool backward)
+  CudaDecoder(const DecodeProblem& p, bool backward, int64_t workspace_bytes = 0)
       : p_(p),
         bf16_(p.precision == Precision::kBf16),
         cdt_(bf16_ ? at::kBFloat16 : at::kFloat),
@@ -556,7 +559,7 @@ class CudaDecoder {
     const int64_t per_row =
         backward ? last_ * act_ld_ * cbytes_ + 2 * hidden_ * cbytes_ + enc_ld_ * cbytes_ + k2 * (cbytes_ + 4 + 2)
                  : 2 * act_ld_ * cbytes_ + (keep_enc ? enc_ld_ * cbytes_ : 0) + k2 * cbytes_;
-    tile_ = tile_rows(p.num_rows(), per_row, stream_);
+    tile_ = tile_rows(p.num_rows(), per_row, stream_, workspace_bytes);
     if (p.num_rows() == 0) return;
     meta_ = device_meta(p, device_);
     prepare_weights();
@@ -835,13 +838,15 @@ at::Tensor decode_forward_cuda(at::TensorList weights, at::TensorList biases, co
                                const at::Tensor& pos_channel, const c10::optional<at::Tensor>& coord_rows,
                                const c10::optional<at::Tensor>& rows, const at::Tensor& encoding_table,
                                int64_t encoding, int64_t kernel_size, int64_t num_kernels,
-                               int64_t num_weights, c10::string_view precision) {
+                               int64_t num_weights, c10::string_view precision, int64_t workspace_bytes) {
   DecodeProblem p = cuda_problem(weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows,
                                  rows, encoding_table, encoding, kernel_size, num_kernels, num_weights,
                                  precision);
+  TORCH_CHECK(workspace_bytes >= 0, "nern_fast: workspace_bytes must be >= 0 (0: the default budget), got ",
+              workspace_bytes);
   const c10::cuda::CUDAGuard device_guard(p.weights[0].device());
   const MatmulPrecisionGuard matmul_precision(p.precision == Precision::kTf32);
-  return CudaDecoder(p, /*backward=*/false).forward();
+  return CudaDecoder(p, /*backward=*/false, workspace_bytes).forward();
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> decode_backward_cuda(

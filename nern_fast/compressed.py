@@ -412,15 +412,16 @@ def read_compressed(path: PathLike, map_location=None) -> CompressedFile:
 
 def load_compressed(path: PathLike, model_fn: Union[Callable[[], nn.Module], nn.Module, None] = None,
                     mode: str = "parameters", map_location=None, cache_bytes: Optional[int] = None,
-                    prefetch: bool = True, group_bytes: Optional[int] = None) -> tuple[nn.Module, FastPredictor]:
+                    prefetch: bool = True, group_bytes: Optional[int] = None,
+                    workspace_bytes: Optional[int] = None) -> tuple[nn.Module, FastPredictor]:
     """Read a file written by :func:`save_compressed` -> ``(model, predictor)``.
 
     The model comes from ``model_fn`` (a function building it, or a model instance to fill) or,
     without it, from the model spec recorded in the file; it is checked against the recorded
     architecture. ``mode``: "parameters" (the decoded weights written into ordinary parameters: an
     ordinary model), or "on_demand" / "cached" / "materialized" (the model attached to the
-    predictor, see :mod:`nern_fast.inference`; ``cache_bytes``, ``prefetch`` and ``group_bytes`` as
-    in ``attach``). Both are on the device of ``map_location`` (CPU by
+    predictor, see :mod:`nern_fast.inference`; ``cache_bytes``, ``prefetch``, ``group_bytes`` and
+    ``workspace_bytes`` as in ``attach``). Both are on the device of ``map_location`` (CPU by
     default); the model is in ``eval()`` mode, ready for inference.
     """
     from .inference import MODES, attach
@@ -433,7 +434,8 @@ def load_compressed(path: PathLike, model_fn: Union[Callable[[], nn.Module], nn.
     if mode == "parameters":
         pred.load_into(model)
     else:
-        attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, group_bytes=group_bytes)
+        attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, group_bytes=group_bytes,
+               workspace_bytes=workspace_bytes)
     return model, pred
 
 

@@ -3,7 +3,7 @@
 The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
 
     model = pred.attach(model, mode="on_demand", cache_bytes=None, prefetch=True, graphs=False,
-                        group_bytes=None)
+                        group_bytes=None, workspace_bytes=None)
     with torch.inference_mode():
         logits = model(x)                 # the user's forward code is unchanged
     attachment(model).stats              # decodes, cache hits, prefetches, held bytes, ...
@@ -39,6 +39,16 @@ in another order may decode a group more than once per forward (``stats["decodes
 ``group_bytes=0`` there. A group's weights are views of one decode output where the layout allows
 (no crop to a smaller kernel, the convs' dtype); weights that are kept (cached pins, materialized,
 ``state_dict``, ``detach``) get storage of their own.
+
+Decoder scratch (``workspace_bytes``): a decode call also allocates working memory of its own, on
+top of the weights counted above. The Triton fused schedule needs none beyond the separable
+first-layer tables, but the Triton chunked schedule (large hidden sizes) and the CUDA decoder of
+``csrc`` run the MLP over chunks of rows whose activations take up to 256 MB and 1 GiB by default
+(H200, commit 4d93b57, Triton tf32: an on-demand ResNet-18 forward at H=1256, batch 1, needed 324
+MB above its inputs against 55 MB materialized; README's GPU table). ``workspace_bytes=N`` caps that scratch per decode call for the backends that size it
+(``bounded_workspace``: at least one chunk or tile of rows whatever N; smaller chunks mean more,
+smaller launches). ``None`` keeps the backends' defaults. It applies to every decode of the
+attachment, so the modes still decode with the same calls.
 
 Every mode decodes a group with the same call (a row slice of ``pred.decode_kernels``, under
 ``no_grad``, cast to the convs' original dtype), so the outputs of the three modes are identical for
@@ -160,8 +170,9 @@ class LayerDecoder:
     one, :meth:`prepare`).
     """
 
-    def __init__(self, pred, groups: Optional[Sequence[range]] = None):
+    def __init__(self, pred, groups: Optional[Sequence[range]] = None, workspace_bytes: Optional[int] = None):
         self.pred = pred
+        self.workspace_bytes = workspace_bytes  # passed to backends with bounded_workspace
         layers = pred.layout.layers
         self.groups = list(groups) if groups is not None else [range(i, i + 1) for i in range(len(layers))]
         # A group's output splits into its layers' weights without copies when every layer uses
@@ -251,6 +262,8 @@ class LayerDecoder:
         if prepared is None and self._sharing:
             prepared = self.shared_preparation()
         extra = {} if prepared is None else {"prepared": prepared}
+        if self.workspace_bytes is not None and getattr(self._backend, "bounded_workspace", False):
+            extra["workspace_bytes"] = self.workspace_bytes
         return self._backend.decode(weights, biases, pred.layout, pred.encoding, rows, pred.precision,
                                     **extra)
 
@@ -299,7 +312,8 @@ class Attachment:
     """
 
     def __init__(self, pred, model: nn.Module, mode: str, cache_bytes: Optional[int], prefetch: bool,
-                 graphs: bool = False, group_bytes: Optional[int] = None):
+                 graphs: bool = False, group_bytes: Optional[int] = None,
+                 workspace_bytes: Optional[int] = None):
         self.pred = pred
         self.model = model
         self.mode = mode
@@ -322,7 +336,8 @@ class Attachment:
         self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
         self._events = None  # (ready, done): created at the first prefetch, then re-recorded
-        self._decoder = LayerDecoder(pred, self.groups)
+        self.workspace_bytes = workspace_bytes
+        self._decoder = LayerDecoder(pred, self.groups, workspace_bytes)
         # CUDA graphs of the group decodes (nern_fast.inference_graphs): CUDA, on_demand/cached.
         self._graphed = None
         if graphs and self.device.type == "cuda" and mode != "materialized":
@@ -706,7 +721,8 @@ def is_attached(model: nn.Module) -> bool:
 
 
 def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
-           prefetch: bool = True, graphs: bool = False, group_bytes: Optional[int] = None) -> nn.Module:
+           prefetch: bool = True, graphs: bool = False, group_bytes: Optional[int] = None,
+           workspace_bytes: Optional[int] = None) -> nn.Module:
     """Make ``model`` run from ``pred`` (in place; returns ``model``). See the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -732,7 +748,11 @@ def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optiona
     if not isinstance(graphs, bool):
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
     check_group_bytes(group_bytes)
-    state = Attachment(pred, model, mode, cache_bytes, prefetch, graphs, group_bytes)
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
+                                        or workspace_bytes < 1):
+        raise ValueError(f"workspace_bytes must be a positive integer (bytes of decoder scratch per "
+                         f"decode call) or None (the backend's default), got {workspace_bytes!r}")
+    state = Attachment(pred, model, mode, cache_bytes, prefetch, graphs, group_bytes, workspace_bytes)
     state.install()
     model.__dict__[_ATTR] = state
     return model
@@ -754,7 +774,8 @@ def detach(model: nn.Module, pred=None) -> nn.Module:
 def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
                           device: Optional[torch.device] = None, cache_bytes: Optional[int] = None,
                           prefetch: bool = True, graphs: bool = False,
-                          group_bytes: Optional[int] = None) -> nn.Module:
+                          group_bytes: Optional[int] = None,
+                          workspace_bytes: Optional[int] = None) -> nn.Module:
     """One call for CLIs (``eval --on-demand``): move both to ``device``, ``eval()``, then attach.
 
     ``mode`` is one of :data:`MODES`, or ``"parameters"``: write the decoded weights into the
@@ -768,4 +789,4 @@ def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
         pred.load_into(model)
         return model
     return attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs,
-                  group_bytes=group_bytes)
+                  group_bytes=group_bytes, workspace_bytes=workspace_bytes)

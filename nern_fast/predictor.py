@@ -185,11 +185,12 @@ class FastPredictor(nn.Module):
 
     # ------------------------------------------------------------------ inference (nern_fast.inference)
     def attach(self, model: nn.Module, mode: str = "on_demand", cache_bytes: Optional[int] = None,
-               prefetch: bool = True, graphs: bool = False, group_bytes: Optional[int] = None) -> nn.Module:
+               prefetch: bool = True, graphs: bool = False, group_bytes: Optional[int] = None,
+               workspace_bytes: Optional[int] = None) -> nn.Module:
         """Run ``model`` from this predictor: "on_demand", "cached" or "materialized" (see inference)."""
         from .inference import attach
         return attach(self, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, graphs=graphs,
-                      group_bytes=group_bytes)
+                      group_bytes=group_bytes, workspace_bytes=workspace_bytes)
 
     def detach(self, model: nn.Module) -> nn.Module:
         """Undo :meth:`attach`: ``model`` gets ordinary parameters holding the decoded weights."""

@@ -93,7 +93,7 @@ def test_eval_on_demand(trained, capsys):
     assert c["reconstructed_accuracy"] == b["reconstructed_accuracy"] and c["graph_replays"] == 0
     per_layer = root / "d.json"  # one decode call per layer instead of decode groups
     assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", str(per_layer),
-                 "--on-demand", "--group-bytes", "0"]) == 0
+                 "--on-demand", "--group-bytes", "0", "--workspace-bytes", "1000000"]) == 0
     d = json.loads(per_layer.read_text())
     assert d["reconstructed_accuracy"] == pytest.approx(b["reconstructed_accuracy"], abs=0.5)
 
@@ -117,6 +117,9 @@ def test_error_exits(trained, tmp_path, capsys):
     assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--on-demand",
                  "--group-bytes", "-5"]) == 2
     assert "--group-bytes must be 0" in capsys.readouterr().err
+    assert main(["eval", "--predictor", str(tmp_path / "none.pt"), "--on-demand",
+                 "--workspace-bytes", "0"]) == 2
+    assert "--workspace-bytes must be a positive" in capsys.readouterr().err
     assert main(["fit", "--config", str(config), "--set", "model.checkpoint=/no/such.pt",
                  "--out", str(tmp_path / "z")]) == 2
     assert "/no/such.pt" in capsys.readouterr().err

@@ -574,6 +574,28 @@ def test_predictor_uses_csrc_by_default_on_cpu(monkeypatch):
     torch.testing.assert_close(flat, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[needs_cuda, pytest.mark.gpu])])
+def test_workspace_bytes_bounds_the_scratch_not_the_values(device):
+    """decode(..., workspace_bytes=N): the CUDA decoder sizes its tiles from N (1,024 rows at
+    least); the CPU decoder's scratch does not grow with the call and takes N as given."""
+    pred = random_predictor(mixed_layout(crop="max", permuted=True), hidden=24, num_blocks=4,
+                            levels=4).to(device)
+    backend = ops.get_backend("csrc")
+    args = (pred.weights(), pred.biases(), pred.layout, pred.encoding, None, "fp32")
+    with torch.no_grad():
+        default = backend.decode(*args)
+        for workspace in (1, 24 * 8 * 4):
+            assert torch.equal(backend.decode(*args, workspace_bytes=workspace), default)
+    if device == "cuda":  # 29,696 rows: 1,024-row tiles with a tiny workspace, one tile by default
+        from nern_fast.models import cifar_resnet
+        big = random_predictor(WeightLayout.from_model(cifar_resnet(20), include="nern"), hidden=24,
+                               num_blocks=4, levels=4).to(device)
+        args = (big.weights(), big.biases(), big.layout, big.encoding, None, "fp32")
+        with torch.no_grad():
+            torch.testing.assert_close(backend.decode(*args, workspace_bytes=1), backend.decode(*args),
+                                       rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------ torch.library / compile
 def test_opcheck_registrations():
     pred = random_predictor(mixed_layout(crop="average", permuted=True), hidden=8, num_blocks=3, levels=2)
@@ -585,6 +607,8 @@ def test_opcheck_registrations():
     rows = torch.tensor([1, 5, 200, 5])
     args[7] = rows
     torch.library.opcheck(torch.ops.nern_fast_C.decode_forward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nern_fast_C.decode_forward, args + [1 << 20],  # workspace_bytes
                           test_utils=("test_schema", "test_faketensor"))
     for keep in (0, 3):
         torch.library.opcheck(torch.ops.nern_fast_C.decode_forward_saving, args + [keep],

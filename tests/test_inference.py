@@ -187,6 +187,41 @@ def test_decode_groups_are_consecutive_layers_within_the_budget():
     assert not is_attached(model) and isinstance(model.c0.weight, nn.Parameter)
 
 
+def test_workspace_bytes_reaches_the_backends_that_bound_their_scratch(monkeypatch):
+    from nern_fast import ops
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = materialized_output(model, pred, x)
+    eager = ops.get_backend("eager")
+    seen = []
+
+    class Bounded:  # the eager backend, as a backend with bounded_workspace would take the call
+        name, bounded_workspace = "bounded", True
+
+        def decode(self, *args, workspace_bytes=None):
+            seen.append(workspace_bytes)
+            return eager.decode(*args)
+
+    pred.attach(model, mode="on_demand", workspace_bytes=4096)
+    assert attachment(model).workspace_bytes == 4096
+    assert torch.equal(run(model, x), expected)  # eager: no bounded_workspace, not passed to it
+    pred.detach(model)
+    monkeypatch.setattr(ops, "select_backend", lambda request, name="auto": Bounded())
+    pred.attach(model, mode="on_demand", workspace_bytes=4096)
+    assert torch.equal(run(model, x), expected)
+    assert seen and set(seen) == {4096}
+    pred.detach(model)
+    seen.clear()
+    pred.attach(model, mode="on_demand")  # None: the backend's own default
+    run(model, x)
+    assert seen and set(seen) == {None}
+    pred.detach(model)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="workspace_bytes must be a positive integer"):
+            pred.attach(model, workspace_bytes=bad)
+    assert not is_attached(model)
+
+
 GROUPS_OF_TWO = (2304 + 4608, 9216 + 512)  # ChainNet's layer bytes: groups {c0, c1} and {c2, c3}
 
 

@@ -255,6 +255,34 @@ def test_chunked_gradients_are_repeatable_and_independent_of_chunking(device, ch
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_chunked_forward_keeps_to_a_call_workspace(device, monkeypatch):
+    """decode(..., workspace_bytes=N) sizes the chunked forward's activation buffers from N (one
+    chunk quantum at least) instead of NERN_FAST_TRITON_FWD_MEMORY_MB; the values do not change."""
+    from nern_fast.ops import triton_chunked as tc
+    layout = mixed_layout(3, "local", "center", permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", "chunked")
+    plans = []  # (budget, bytes per row, rows per chunk) of each chunked forward
+    chunk_rows = tc._chunk_rows
+
+    def spy(shape, config, row_bytes, budget):
+        rows = chunk_rows(shape, config, row_bytes, budget)
+        plans.append((budget, row_bytes, rows))
+        return rows
+    monkeypatch.setattr(tc, "_chunk_rows", spy)
+    backend = ops.get_backend("triton")
+    args = (pred.weights(), pred.biases(), pred.layout, pred.encoding, None, pred.precision)
+    with torch.no_grad():
+        default = backend.decode(*args)
+        budget, row_bytes, rows = plans[-1]
+        assert budget == 256 << 20 and rows >= pred.layout.num_kernels  # one chunk: all 576 rows
+        small = backend.decode(*args, workspace_bytes=100 * row_bytes)
+    budget, _, rows = plans[-1]
+    assert budget == 100 * row_bytes and rows < pred.layout.num_kernels and rows * row_bytes <= budget
+    assert rel_err(small, default) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chunked_tiles_wider_than_the_hidden_size(device):
     """GPU-sized tiles (BM = 64 > H_S = 48, not a power of two) on a small H: every tile size the
     launcher derives must stay a power of two and every mask right."""

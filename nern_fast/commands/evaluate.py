@@ -34,6 +34,9 @@ def register(subparsers) -> None:
                    help="with --on-demand: decode consecutive layers together, up to N bytes of "
                         "weights per call (0: one layer per call; default: half of largest layer + "
                         "predictor, nern_fast.inference_groups)")
+    p.add_argument("--workspace-bytes", type=int, metavar="N",
+                   help="with --on-demand: at most N bytes of decoder scratch per decode call (the "
+                        "Triton chunked schedule and the CUDA decoder; default: the backend's)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--per-layer", action="store_true", help="print the RMSE of every layer")
     p.set_defaults(func=run)
@@ -58,7 +61,8 @@ def _config(args, recorded: dict):
 def evaluate(args) -> dict:
     import torch
 
-    for flag, given in (("--graphs", args.graphs), ("--group-bytes", args.group_bytes is not None)):
+    for flag, given in (("--graphs", args.graphs), ("--group-bytes", args.group_bytes is not None),
+                        ("--workspace-bytes", args.workspace_bytes is not None)):
         if given and not args.on_demand:
             from nern_fast.config import ConfigError
             raise ConfigError(f"{flag} applies to --on-demand evaluation; add --on-demand")
@@ -66,6 +70,9 @@ def evaluate(args) -> dict:
         from nern_fast.config import ConfigError
         raise ConfigError(f"--group-bytes must be 0 (one layer per decode) or a positive number of "
                           f"bytes, got {args.group_bytes}")
+    if args.workspace_bytes is not None and args.workspace_bytes < 1:
+        from nern_fast.config import ConfigError
+        raise ConfigError(f"--workspace-bytes must be a positive number of bytes, got {args.workspace_bytes}")
 
     from nern_fast.io import safe_load
     from nern_fast.predictor import FILE_FORMAT, FastPredictor
@@ -97,7 +104,8 @@ def evaluate(args) -> dict:
             raise ImportError("--on-demand needs nern_fast.inference (pred.attach), which is not "
                               "part of this installation")
         from nern_fast.inference import attachment
-        pred.attach(model, mode="on_demand", graphs=args.graphs, group_bytes=args.group_bytes)
+        pred.attach(model, mode="on_demand", graphs=args.graphs, group_bytes=args.group_bytes,
+                    workspace_bytes=args.workspace_bytes)
         try:
             reconstructed_accuracy = accuracy(model, test())
             graph_replays = attachment(model).stats["graph_replays"]  # 0: not asked, or CPU

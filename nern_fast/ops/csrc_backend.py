@@ -63,7 +63,7 @@ def build_info() -> dict:
 # ---------------------------------------------------------------------------- op registration
 def _op_args(inputs):
     (weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows, rows, table, encoding,
-     kernel_size, num_kernels, num_weights, precision) = inputs
+     kernel_size, num_kernels, num_weights, precision) = inputs[:14]  # (then workspace_bytes or save_rows)
     return dict(weights=weights, biases=biases, meta=meta, pos_layer=pos_layer, pos_filter=pos_filter,
                 pos_channel=pos_channel, coord_rows=coord_rows, rows=rows, table=table,
                 encoding=encoding, kernel_size=kernel_size, num_kernels=num_kernels,
@@ -71,7 +71,8 @@ def _op_args(inputs):
 
 
 def _decode_forward_fake(weights, biases, meta, pos_layer, pos_filter, pos_channel, coord_rows, rows,
-                         table, encoding, kernel_size, num_kernels, num_weights, precision):
+                         table, encoding, kernel_size, num_kernels, num_weights, precision,
+                         workspace_bytes=0):
     w = weights[0]
     if rows is None:
         return w.new_empty((num_weights,))
@@ -126,7 +127,7 @@ def _run_backward(ctx, grad):
 
 
 def _backward(ctx, grad):
-    return _run_backward(ctx, grad) + (None,) * 12
+    return _run_backward(ctx, grad) + (None,) * 13  # nothing for the non-tensor inputs
 
 
 def _backward_saving(ctx, grad, _grad_activations):
@@ -200,7 +201,10 @@ class CsrcBackend:
             return f"encoding '{request.encoding}' is not supported"
         return None
 
-    def decode(self, weights, biases, layout, encoding, rows, precision) -> torch.Tensor:
+    bounded_workspace = True  # decode(workspace_bytes=...): the CUDA decoder's tile buffers
+
+    def decode(self, weights, biases, layout, encoding, rows, precision,
+               workspace_bytes: Optional[int] = None) -> torch.Tensor:
         device = weights[0].device
         tensors = layout.tensors(device)
         meta = layout.tensors("cpu").meta
@@ -217,7 +221,7 @@ class CsrcBackend:
         with matmul_precision(precision, device):
             if keep > 0:
                 return torch.ops.nern_fast_C.decode_forward_saving(*args, keep)[0]
-            return torch.ops.nern_fast_C.decode_forward(*args)
+            return torch.ops.nern_fast_C.decode_forward(*args, int(workspace_bytes or 0))
 
 
 def register() -> None:

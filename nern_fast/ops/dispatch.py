@@ -9,6 +9,12 @@ A backend may also offer ``prepare(weights, biases, layout, encoding, precision)
 result as ``decode(..., prepared=...)``: work on the parameters done once for several decodes while
 their values stay the same (the Triton backend's packing and first-layer tables;
 ``nern_fast.inference`` shares one for the layer decodes of a forward).
+
+A backend whose forward decode works through a scratch buffer sized by a memory budget (activations
+of a chunk or tile of rows: the Triton chunked schedule, the CUDA decoder of ``csrc``) says so with
+``bounded_workspace = True`` and takes ``decode(..., workspace_bytes=N)``: that call's scratch then
+holds at most N bytes (at least one chunk or tile of rows, whatever N), instead of its default
+budget. ``nern_fast.inference`` uses it to bound what an on-demand decode allocates.
 """
 from __future__ import annotations
 

@@ -23,7 +23,8 @@ Settings (environment variables, read at each call; ``atomic``, ``memory_budget_
                                       deterministic; the chunked backward is always deterministic)
   NERN_FAST_TRITON_BWD_MEMORY_MB=1024 backward working memory (fused: per-program partials and
                                       scratch; chunked: the chunk's activations and the partials)
-  NERN_FAST_TRITON_FWD_MEMORY_MB=256  chunked forward: the chunk's activation buffers
+  NERN_FAST_TRITON_FWD_MEMORY_MB=256  chunked forward: the chunk's activation buffers (a call's
+                                      ``decode(..., workspace_bytes=N)`` wins)
   NERN_FAST_TRITON_CHUNK_ROWS=        chunked: force this many rows per chunk (tests)
   NERN_FAST_TRITON_AUTOTUNE=1         0: take the first candidate configuration, time nothing
   NERN_FAST_TRITON_TUNE_CACHE=        tuning decisions on disk: a path, or 0 (default
@@ -425,15 +426,20 @@ class TritonBackend:
             triton_fused.first_layer_tables(inputs, inputs.packed_params)
         return inputs.packed_params
 
+    bounded_workspace = True  # decode(workspace_bytes=...): the chunked forward's chunk budget
+
     def decode(self, weights, biases, layout: WeightLayout, encoding, rows, precision,
-               prepared: Optional[PackedParameters] = None) -> torch.Tensor:
+               prepared: Optional[PackedParameters] = None,
+               workspace_bytes: Optional[int] = None) -> torch.Tensor:
         device = weights[0].device
         (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = self._layout_arguments(
             layout, encoding, device)
         if rows is not None:
             rows = rows.to(device=device, dtype=torch.long).contiguous()
+        chunk_budget = (self._megabytes("NERN_FAST_TRITON_FWD_MEMORY_MB", 256) if workspace_bytes is None
+                        else int(workspace_bytes))
         settings = (self._kernel_precision(precision), self._first_layer(), self._schedule(), self._atomic(),
-                    self._memory_budget(), self._megabytes("NERN_FAST_TRITON_FWD_MEMORY_MB", 256))
+                    self._memory_budget(), chunk_budget)
         tensors = (rows, koff, woff, meta, coord, pos_l, pos_f, pos_c, table)
         if torch.compiler.is_compiling():  # the custom op packs inside (a traced graph holds no set)
             return triton_decode(list(weights), list(biases), *tensors, *static, *settings)
