@@ -162,8 +162,8 @@ class LayerDecoder:
     arguments, so the values are identical to ``pred.decode_layer(i)``.
 
     Packing once per forward: a backend with ``prepare`` (Triton: the parameters packed as its
-    kernels read them, tf32-rounded or bf16 copies, and the separable first-layer tables of the
-    whole layout) does that work at every call, i.e. once per layer. Between
+    kernels read them, tf32-rounded or bf16 copies) does that work at every call, i.e. once per
+    layer. Between
     :meth:`share_preparation` ``(True)`` and ``(False)`` — an attachment brackets each forward of
     its root model, during which the parameters cannot change — the first decode prepares and the
     others reuse it. ``decode(i, prepared=...)`` takes a set made elsewhere (the CUDA graphs' static
@@ -253,10 +253,10 @@ class LayerDecoder:
         if shared is None or stream in self._shared_streams:
             return
         self._shared_streams.add(stream)
-        for t in shared.params + ([shared.tables[1]] if shared.tables is not None else []):
+        for t in shared.params:  # (a decode's first-layer tables are made on the stream that reads them)
             t.record_stream(stream)
 
-    def _decode_rows(self, rows: torch.Tensor, prepared) -> torch.Tensor:
+    def _decode_rows(self, rows: torch.Tensor, layers: range, prepared) -> torch.Tensor:
         pred = self.pred
         weights, biases = self._parameters()
         if prepared is None and self._sharing:
@@ -264,6 +264,8 @@ class LayerDecoder:
         extra = {} if prepared is None else {"prepared": prepared}
         if self.workspace_bytes is not None and getattr(self._backend, "bounded_workspace", False):
             extra["workspace_bytes"] = self.workspace_bytes
+        if getattr(self._backend, "takes_layer_range", False):
+            extra["layers"] = layers  # e.g. first-layer tables of these layers, not the network's
         return self._backend.decode(weights, biases, pred.layout, pred.encoding, rows, pred.precision,
                                     **extra)
 
@@ -278,13 +280,13 @@ class LayerDecoder:
         """Layer ``i``'s conv weight (C_out, C_in, s, s), decoding that layer's rows alone; call
         under ``no_grad``."""
         self._parameters()
-        out = self._decode_rows(self._rows[i], prepared)
+        out = self._decode_rows(self._rows[i], range(i, i + 1), prepared)
         return self._layer_view(i, out, self.pred.layout.layers[i].kernel_offset)
 
     def group_output(self, g: int, prepared=None) -> torch.Tensor:
         """The backend's output for group ``g``'s rows, (kernels, k*k); call under ``no_grad``."""
         self._parameters()
-        return self._decode_rows(self._group_rows[g], prepared)
+        return self._decode_rows(self._group_rows[g], self.groups[g], prepared)
 
     def split(self, g: int, out: torch.Tensor) -> list[torch.Tensor]:
         """Group ``g``'s output as its layers' conv weights (views of ``out``)."""

@@ -12,14 +12,15 @@ on_demand and cached modes; ignored on CPU) decodes through :class:`GraphedDecod
   weights back to back) is captured once per static buffer it writes, right after one eager decode
   of that group (which compiles and tunes the kernels: tuning synchronises, which a capture may
   not), and replayed from then on;
-* with a backend that prepares its parameters (Triton: packing, tf32 rounding or bf16 copies, the
-  separable first-layer tables), that preparation is captured once in its own graph, replayed once
-  per forward before the first group's replay, and every group graph reads its static result: a
-  group replay is the decode kernel and the copy, not the whole predictor's packing again;
+* with a backend that prepares its parameters (Triton: packing, tf32 rounding or bf16 copies),
+  that preparation is captured once in its own graph, replayed once per forward before the first
+  group's replay, and every group graph reads its static result: a group replay is the group's
+  first-layer tables (those layers' only), the decode kernel and the copy, not the whole
+  predictor's packing again;
 * the decoded weights are views of one of two static buffers ("slots", per conv dtype) of the
   largest group's size, used alternately: weight memory is two groups, plus the graphs' shared
-  pool (the decode's working memory, one copy for all graphs, and the static prepared set: a
-  packed copy of the predictor and the first-layer tables: 1.2 + 4.4 MB for ResNet-56 at H=280);
+  pool (the decode's working memory and tables, one copy for all graphs, and the static prepared
+  set: a packed copy of the predictor, 1.2 MB for ResNet-56 at H=280);
 * ordering: a replay into a slot first waits for the event recorded after the last conv that read
   it was enqueued, and for the previous replay (the graphs share their pool: never two at once),
   unless that event was recorded on the replay's own stream (whose order already guarantees it),
@@ -206,8 +207,14 @@ class GraphedDecodes:
         return None if self._packing in (None, _NO_PACKING) else self._packing[1]
 
     def _fill(self, g: int, slot: int) -> None:
+        static = self._static_prepared()
+        if static is not None:
+            # The group's first-layer tables are built inside its own graph (made during the eager
+            # run before a capture, a graph would read memory freed once the next group's replace
+            # them), and not kept in the static set afterwards.
+            static.tables = None
         with torch.inference_mode(False), torch.no_grad():
-            out = self.decoder.group_output(g, prepared=self._static_prepared())
+            out = self.decoder.group_output(g, prepared=static)
             group = self.groups[g]
             if self.decoder.is_compact(g) and self._one_dtype[g]:  # one copy for the whole group
                 numel = sum(self.numels[i] for i in group)
@@ -215,6 +222,8 @@ class GraphedDecodes:
             else:
                 for weight, decoded in zip(self._slot_views(g, slot), self.decoder.split(g, out)):
                     weight.copy_(decoded)
+        if static is not None:
+            static.tables = None
 
     def _prepare(self):
         with torch.inference_mode(False), torch.no_grad():

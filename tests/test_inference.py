@@ -663,7 +663,7 @@ def fake_graphs(fake_streams, monkeypatch):
 
         def replay():
             fresh = self._prepare()
-            for kept, new in zip(static.params + [static.tables[1]], fresh.params + [fresh.tables[1]]):
+            for kept, new in zip(static.params, fresh.params):
                 kept.copy_(new)
         log.append(("capture_packing", torch.cuda.current_stream().name))
         return FakeGraph(replay), static
@@ -909,11 +909,15 @@ def triton_preparations(monkeypatch):
 def test_triton_decodes_of_a_forward_share_one_preparation(triton_preparations, grad_mode):
     make_triton, taken = triton_preparations
     model, pred, x, expected = make_triton(permuted=True)
-    assert taken() == {"packs": 1, "tables": 1}  # the materialized attach decoded 4 layers; detach 0
+    # One packing per forward (or attach, detach); first-layer tables per decode group ({c0, c1},
+    # {c2}, {c3}: each group's own layers, never the whole network's at once).
+    per_forward = {"packs": 1, "tables": 3}
+    assert taken() == per_forward  # the materialized attach decoded 3 groups; detach 0
     pred.attach(model, mode="on_demand")
+    assert len(attachment(model).groups) == 3
     for _ in range(2):
         assert torch.equal(run(model, x, grad_mode), expected)
-        assert taken() == {"packs": 1, "tables": 1}  # one per forward, not one per layer
+        assert taken() == per_forward  # one packing per forward, not one per group
     assert attachment(model)._decoder._shared is None  # dropped with the forward
     # Outside a root forward nothing vouches for the parameters: each decode prepares for itself.
     with torch.no_grad():
@@ -932,9 +936,9 @@ def test_triton_decodes_of_a_forward_share_one_preparation(triton_preparations, 
     model.fail = False
     taken()
     assert torch.equal(run(model, x, grad_mode), updated)
-    assert taken() == {"packs": 1, "tables": 1}
+    assert taken() == per_forward
     pred.detach(model)
-    assert taken() == {"packs": 1, "tables": 1}  # detach decodes the 4 layers with one preparation
+    assert taken() == per_forward  # detach decodes the 3 groups with one preparation
     assert torch.equal(run(model, x, grad_mode), updated)
 
 
@@ -950,8 +954,8 @@ def test_triton_prefetch_prepares_on_the_main_stream(triton_preparations, fake_s
     taken()
     log.clear()
     assert torch.equal(run(model, x), expected)
-    assert state.stats["prefetched"] == 3 and taken() == {"packs": 1, "tables": 1}
-    shared_tensors = 6 + 1  # the six packed parameter tensors and the tables, once per forward
+    assert state.stats["prefetched"] == 3 and taken() == {"packs": 1, "tables": 4}  # tables per layer
+    shared_tensors = 6  # the six packed parameter tensors, once per forward (tables: per stream)
     assert log.count(("record_stream", "side")) == shared_tensors
     pred.detach(model)
 
@@ -967,11 +971,13 @@ def test_triton_graph_decodes_replay_one_packing_per_forward(triton_preparations
     state = enable(model)
     assert torch.equal(run(model, x), expected)
     # First forward: the packing's (faked) capture and its replay, 2 preparations; the layers'
-    # eager runs and captures read the static set.
-    assert taken() == {"packs": 2, "tables": 2} and log.count(("capture_packing", "main")) == 1
+    # eager runs and captures read the static set, each building its own layer's tables (in its
+    # graph: a capture's eager run and its replay, 2 per layer).
+    assert taken() == {"packs": 2, "tables": 8} and log.count(("capture_packing", "main")) == 1
     for _ in range(2):
         assert torch.equal(run(model, x), expected)
-        assert taken() == {"packs": 1, "tables": 1}  # the packing replay; 4 layer replays pack nothing
+        # the packing replay; the 4 layer replays pack nothing and build their layer's tables
+        assert taken() == {"packs": 1, "tables": 4}
     assert state.stats["graph_replays"] == 12 and state.stats["graph_captures"] == 4
     with torch.no_grad():
         pred.layers[1].bias.add_(0.1)  # in place: the next packing replay sees it

@@ -502,9 +502,10 @@ def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
 @pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_prepared_parameters_serve_several_calls(precision, schedule, device, chunked, monkeypatch):
-    """A prepared set (packing + first-layer tables, made once) gives every per-layer subset decode
-    and its gradients exactly what a call packing for itself gives; a set made for other tensors or
-    another precision is refused."""
+    """A prepared set (packing made once, first-layer tables kept for the calls of one layer range)
+    gives every per-layer subset decode and its gradients exactly what a call packing for itself
+    gives, with the whole network's tables or only the layer's (``layers=``); a set made for other
+    tensors or another precision is refused."""
     if schedule == "chunked":
         chunked(rows=40)
     monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
@@ -520,25 +521,65 @@ def test_prepared_parameters_serve_several_calls(precision, schedule, device, ch
                         lambda *a, _f=triton_fused._build_tables: tables.append(1) or _f(*a))
     with torch.no_grad():
         prepared = backend.prepare(w, b, layout, pred.encoding, precision)
-    assert len(packs) == 1 and len(tables) == 1
-    for layer in layout.layers:
+    assert len(packs) == 1 and len(tables) == 0  # tables: built by the first call that needs them
+    with torch.no_grad():
+        backend.decode(w, b, layout, pred.encoding, None, precision, prepared=prepared)
+        backend.decode(w, b, layout, pred.encoding, None, precision, prepared=prepared)
+    assert len(packs) == 1 and len(tables) == 1  # kept for the next call of the same range
+    for i, layer in enumerate(layout.layers):
         rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels, device=device)
         g = torch.randn((len(rows), layout.kernel_size ** 2), device=device)
         results = []
-        for extra in ({"prepared": prepared}, {}):
+        for extra in ({}, {"prepared": prepared}, {"layers": range(i, i + 1)},
+                      {"prepared": prepared, "layers": range(i, i + 1)}):
             out = backend.decode(w, b, layout, pred.encoding, rows, precision, **extra)
             results.append((out, torch.autograd.grad((out * g).sum(), w + b)))
-        (out, grads), (plain, plain_grads) = results
-        assert torch.equal(out, plain), layer.name
-        for got, want in zip(grads, plain_grads):
-            assert torch.equal(got, want), layer.name
-    assert len(packs) == 1 + len(layout.layers) and len(tables) == 1 + len(layout.layers)  # the plain calls
+        (plain, plain_grads), *others = results
+        for k, (out, grads) in enumerate(others):
+            assert torch.equal(out, plain), (layer.name, k)
+            for got, want in zip(grads, plain_grads):
+                assert torch.equal(got, want), (layer.name, k)
+    assert len(packs) == 1 + 2 * len(layout.layers)  # the calls without a prepared set
     other = [t.detach().clone() for t in w]
     with pytest.raises(ValueError, match="prepare"):
         backend.decode(other, b, layout, pred.encoding, None, precision, prepared=prepared)
     with pytest.raises(ValueError, match="prepare"):
         backend.decode(w, b, layout, pred.encoding, None, "tf32" if precision == "fp32" else "fp32",
                        prepared=prepared)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+def test_layer_range_tables_hold_those_layers_only(schedule, device, chunked, monkeypatch):
+    """decode(rows, layers=range(a, b)): the first-layer tables have L + Σ C_out + Σ C_in rows of
+    layers a..b-1 (the filter and channel offsets rebased to them), the values are those of the
+    whole network's tables; an empty or out-of-layout range, or a full decode with one, is refused."""
+    if schedule == "chunked":
+        chunked(rows=40)
+    monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
+    from nern_fast.ops import triton_fused
+    layout = mixed_layout(3, "local", "max", permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    w, b = pred.weights(), pred.biases()
+    backend = ops.get_backend("triton")
+    table_rows = []
+    monkeypatch.setattr(triton_fused, "_build_tables", lambda inputs, w1, _f=triton_fused._build_tables: (
+        table_rows.append(inputs.shape.table_rows) or _f(inputs, w1)))
+    specs = layout.layers
+    for layers in (range(1, 3), range(0, 1), range(3, 4), range(0, len(specs))):
+        first, last = specs[layers.start], specs[layers.stop - 1]
+        rows = torch.arange(first.kernel_offset, last.kernel_offset + last.num_kernels, device=device)
+        with torch.no_grad():
+            whole = backend.decode(w, b, layout, pred.encoding, rows, pred.precision)
+            ranged = backend.decode(w, b, layout, pred.encoding, rows, pred.precision, layers=layers)
+        assert torch.equal(ranged, whole), layers
+        expected = len(specs) + sum(specs[i].c_out + specs[i].c_in for i in layers)
+        assert table_rows[-2:] == [len(specs) + sum(l.c_out + l.c_in for l in specs), expected], layers
+    for bad in (range(2, 2), range(0, len(specs) + 1), range(0, 4, 2)):
+        with pytest.raises(ValueError, match="layers must be a non-empty range"):
+            backend.decode(w, b, layout, pred.encoding, rows, pred.precision, layers=bad)
+    with pytest.raises(ValueError, match="layers must be a non-empty range"):
+        backend.decode(w, b, layout, pred.encoding, None, pred.precision, layers=range(0, 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)

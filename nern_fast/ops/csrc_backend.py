@@ -127,7 +127,9 @@ def _run_backward(ctx, grad):
 
 
 def _backward(ctx, grad):
-    return _run_backward(ctx, grad) + (None,) * 13  # nothing for the non-tensor inputs
+    # Nothing for the other inputs, as many as autograd counts: torch 2.11 leaves an argument given
+    # at its schema default (workspace_bytes=0) out of them, 2.14 keeps it.
+    return _run_backward(ctx, grad) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 def _backward_saving(ctx, grad, _grad_activations):

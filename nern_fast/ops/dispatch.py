@@ -15,6 +15,11 @@ of a chunk or tile of rows: the Triton chunked schedule, the CUDA decoder of ``c
 ``bounded_workspace = True`` and takes ``decode(..., workspace_bytes=N)``: that call's scratch then
 holds at most N bytes (at least one chunk or tile of rows, whatever N), instead of its default
 budget. ``nern_fast.inference`` uses it to bound what an on-demand decode allocates.
+
+A backend with ``takes_layer_range = True`` takes ``decode(..., layers=range(a, b))`` for a subset
+call whose rows all lie in layers a..b-1 (the caller's promise: checking it would read the rows
+back from the device): work sized by the whole network, such as the Triton backend's separable
+first-layer tables, is then sized by those layers.
 """
 from __future__ import annotations
 

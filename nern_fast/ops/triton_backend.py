@@ -405,14 +405,18 @@ class TritonBackend:
                  encoding.kind == "ffn"))
 
     def prepare(self, weights, biases, layout: WeightLayout, encoding, precision) -> PackedParameters:
-        """The parameters packed as the kernels read them, and the layout's separable first-layer
-        tables, made once for several decodes of ``layout`` from these parameters while their values
-        do not change — the layer decodes of one on-demand forward — instead of at every call::
+        """The parameters packed as the kernels read them, made once for several decodes of
+        ``layout`` from these parameters while their values do not change — the layer decodes of one
+        on-demand forward — instead of at every call::
 
             prepared = backend.prepare(weights, biases, layout, encoding, precision)
-            for rows in per_layer_rows:
-                backend.decode(weights, biases, layout, encoding, rows, precision, prepared=prepared)
+            for rows, layers in per_layer_calls:
+                backend.decode(weights, biases, layout, encoding, rows, precision, prepared=prepared,
+                               layers=layers)
 
+        The separable first-layer tables are built by the first decode that needs them and kept in
+        the set for the next decodes with the same layer range (one range's tables at a time: a call
+        for another range replaces them, so decodes layer by layer never hold the whole network's).
         A call checks that the prepared set belongs to the same parameter tensors (identity and
         storage) and precision; their values are the caller's promise (an in-place update needs a
         new ``prepare``; a CUDA graph that captured ``prepare`` refreshes the set in place).
@@ -422,18 +426,55 @@ class TritonBackend:
         inputs = make_launch_inputs(list(weights), list(biases), None, *tensors, *static,
                                     self._kernel_precision(precision))
         with torch.no_grad(), _on_device(device):
-            inputs.packed_params = inputs.prepare()
-            triton_fused.first_layer_tables(inputs, inputs.packed_params)
-        return inputs.packed_params
+            return inputs.prepare()
+
+    def _range_arguments(self, layout: WeightLayout, encoding, device: torch.device, layers: range) -> tuple:
+        """The layout arguments of a call whose rows all lie in the consecutive ``layers``: the same
+        but for the filter and channel positions (those layers' only) and the per-layer table
+        offsets in ``meta`` (rebased to them), so that its separable first-layer tables hold
+        L + Σ C_out + Σ C_in rows of those layers instead of the whole network's (on a ResNet-56 at
+        H=280 with local normalisation: 4.4 MB, more than its conv weights). Kept per range."""
+        tensors, static = self._layout_arguments(layout, encoding, device)
+        if layers.start == 0 and layers.stop == layout.num_layers:
+            return tensors, static
+        if torch.compiler.is_compiling():
+            return self._build_range_arguments(layout, tensors, static, layers)
+        key = ("range", id(layout), encoding.kind, encoding.levels, encoding.base,
+               tuple(encoding.gauss_scale), str(device), layers.start, layers.stop)
+        entry = self._layout_args.get(key)
+        if entry is not None and entry[0]() is layout:
+            return entry[1]
+        args = self._build_range_arguments(layout, tensors, static, layers)
+        self._layout_args[key] = (weakref.ref(layout), args)
+        return args
+
+    @staticmethod
+    def _build_range_arguments(layout: WeightLayout, tensors: tuple, static: tuple, layers: range) -> tuple:
+        koff, woff, meta, coord, pos_l, pos_f, pos_c, table = tensors
+        specs = layout.layers
+        f0 = sum(l.c_out for l in specs[:layers.start])
+        c0 = sum(l.c_in for l in specs[:layers.start])
+        f1 = f0 + sum(specs[i].c_out for i in layers)
+        c1 = c0 + sum(specs[i].c_in for i in layers)
+        meta = meta.clone()
+        meta[:, 6] -= f0  # table rows of the range's filters / channels start at 0
+        meta[:, 7] -= c0
+        return (koff, woff, meta, coord, pos_l, pos_f[f0:f1], pos_c[c0:c1], table), static
 
     bounded_workspace = True  # decode(workspace_bytes=...): the chunked forward's chunk budget
+    takes_layer_range = True  # decode(layers=range(a, b)): every row lies in layers a..b-1
 
     def decode(self, weights, biases, layout: WeightLayout, encoding, rows, precision,
-               prepared: Optional[PackedParameters] = None,
-               workspace_bytes: Optional[int] = None) -> torch.Tensor:
+               prepared: Optional[PackedParameters] = None, workspace_bytes: Optional[int] = None,
+               layers: Optional[range] = None) -> torch.Tensor:
         device = weights[0].device
-        (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = self._layout_arguments(
-            layout, encoding, device)
+        if layers is not None and (rows is None or layers.start < 0 or layers.stop > layout.num_layers
+                                   or len(layers) == 0 or layers.step != 1):
+            raise ValueError(f"layers must be a non-empty range of consecutive layers of the layout "
+                             f"(0..{layout.num_layers}) holding every row of a subset call, got {layers!r}")
+        (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = (
+            self._layout_arguments(layout, encoding, device) if layers is None
+            else self._range_arguments(layout, encoding, device, layers))
         if rows is not None:
             rows = rows.to(device=device, dtype=torch.long).contiguous()
         chunk_budget = (self._megabytes("NERN_FAST_TRITON_FWD_MEMORY_MB", 256) if workspace_bytes is None
