@@ -97,11 +97,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def git_commit(repo: Path = REPO) -> str:
     """Short commit of ``repo`` (this repository by default), with ``+dirty`` when tracked files
-    differ from it."""
+    differ from it — results files under bench/results/ aside (a benchmark appending its rows
+    must not mark the next one's code as changed)."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)bench/results"], cwd=repo,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

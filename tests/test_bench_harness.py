@@ -294,3 +294,27 @@ def test_gpu_activities_leave_out_annotation_ranges():
               SimpleNamespace(name="gemm", device_type=cuda, is_user_annotation=False),
               SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False)]
     assert [e.name for e in harness.gpu_activities(events)] == ["gemm"]
+
+
+def test_git_commit_marks_code_changes_not_results(tmp_path):
+    import os
+    import subprocess
+
+    from bench.harness import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                            "GIT_COMMITTER_EMAIL": "t@t", "HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")})
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "rows.jsonl").write_text("{}\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    clean = git_commit(tmp_path)
+    assert clean and "+dirty" not in clean and clean != "unknown"
+    (tmp_path / "bench" / "results" / "rows.jsonl").write_text("{}\n{}\n")  # a benchmark's new rows
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "+dirty"
