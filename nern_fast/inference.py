@@ -23,8 +23,8 @@ The API (stable; ``bench/inference_forward.py`` and the CLI use it)::
   forwards, the others are decoded on demand every time. Nothing is ever evicted: the convs run in
   the same order every forward, where an LRU cache smaller than the network would evict every
   layer just before its next use and hit nothing. The cache fills during forwards (the first
-  forward decodes every layer, in call order, so the first layers that fit are pinned), not at
-  attach.
+  forward decodes every group in call order and pins each group's layers that still fit, so the
+  first layers that fit are pinned), not at attach. A pinned layer has storage of its own.
 * ``"materialized"``: every layer is decoded once, at attach time (the baseline).
 
 Decode groups (:mod:`nern_fast.inference_groups`): consecutive represented layers (layout order)
