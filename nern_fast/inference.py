@@ -256,9 +256,9 @@ class LayerDecoder:
         for t in shared.params:  # (a decode's first-layer tables are made on the stream that reads them)
             t.record_stream(stream)
 
-    def _decode_rows(self, rows: torch.Tensor, layers: range, prepared) -> torch.Tensor:
+    def _decode_rows(self, weights: list, biases: list, rows: torch.Tensor, layers: range,
+                     prepared) -> torch.Tensor:
         pred = self.pred
-        weights, biases = self._parameters()
         if prepared is None and self._sharing:
             prepared = self.shared_preparation()
         extra = {} if prepared is None else {"prepared": prepared}
@@ -279,14 +279,14 @@ class LayerDecoder:
     def __call__(self, i: int, prepared=None) -> torch.Tensor:
         """Layer ``i``'s conv weight (C_out, C_in, s, s), decoding that layer's rows alone; call
         under ``no_grad``."""
-        self._parameters()
-        out = self._decode_rows(self._rows[i], range(i, i + 1), prepared)
+        weights, biases = self._parameters()  # (first: the rows are rebuilt for a new device)
+        out = self._decode_rows(weights, biases, self._rows[i], range(i, i + 1), prepared)
         return self._layer_view(i, out, self.pred.layout.layers[i].kernel_offset)
 
     def group_output(self, g: int, prepared=None) -> torch.Tensor:
         """The backend's output for group ``g``'s rows, (kernels, k*k); call under ``no_grad``."""
-        self._parameters()
-        return self._decode_rows(self._group_rows[g], self.groups[g], prepared)
+        weights, biases = self._parameters()
+        return self._decode_rows(weights, biases, self._group_rows[g], self.groups[g], prepared)
 
     def split(self, g: int, out: torch.Tensor) -> list[torch.Tensor]:
         """Group ``g``'s output as its layers' conv weights (views of ``out``)."""
