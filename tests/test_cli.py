@@ -96,6 +96,9 @@ def test_eval_on_demand(trained, capsys):
                  "--on-demand", "--group-bytes", "0", "--workspace-bytes", "1000000"]) == 0
     d = json.loads(per_layer.read_text())
     assert d["reconstructed_accuracy"] == pytest.approx(b["reconstructed_accuracy"], abs=0.5)
+    layers = len(d["per_layer_rmse"])
+    assert d["decode_groups"] == layers and 1 <= b["decode_groups"] < layers  # groups by default
+    assert 0 < d["peak_held_bytes"] <= b["peak_held_bytes"] and a["decode_groups"] is None
 
 
 def test_error_exits(trained, tmp_path, capsys):

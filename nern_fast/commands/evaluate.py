@@ -96,7 +96,7 @@ def evaluate(args) -> dict:
                                      cfg.data.max_eval_batches)
     original = layout.flatten(model).to(device).float()
     original_accuracy = accuracy(model, test())
-    graph_replays = 0
+    graph_replays, decode_groups, peak_held_bytes = 0, None, None
     with torch.no_grad():
         decoded = pred.decode_flat().float()
     if args.on_demand:
@@ -108,7 +108,9 @@ def evaluate(args) -> dict:
                     workspace_bytes=args.workspace_bytes)
         try:
             reconstructed_accuracy = accuracy(model, test())
-            graph_replays = attachment(model).stats["graph_replays"]  # 0: not asked, or CPU
+            state = attachment(model)
+            graph_replays = state.stats["graph_replays"]  # 0: not asked, or CPU
+            decode_groups, peak_held_bytes = len(state.groups), state.stats["peak_held_bytes"]
         finally:
             pred.detach(model)  # leaves the decoded weights in the model (not used after this)
     else:
@@ -120,6 +122,8 @@ def evaluate(args) -> dict:
         "device": str(device), "backend": backend_name(pred),
         "mode": "on_demand" if args.on_demand else "materialized",
         "graph_replays": graph_replays,
+        "decode_groups": decode_groups,  # decode calls per forward (on demand)
+        "peak_held_bytes": peak_held_bytes,  # decoded weights held at once (on demand)
         "original_accuracy": original_accuracy, "reconstructed_accuracy": reconstructed_accuracy,
         "accuracy_drop": original_accuracy - reconstructed_accuracy,
         "reconstruction_rmse": rmse(decoded, original),
@@ -146,6 +150,9 @@ def run(args) -> int:
           f"conv weights)")
     print(f"  network parameters:  {r['model_parameters']:,} original, {r['stored_parameters']:,} "
           f"stored with the predictor ({r['unrepresented_parameters']:,} not represented)")
+    if r["decode_groups"] is not None:
+        print(f"  on demand:           {r['decode_groups']} decode calls per forward, at most "
+              f"{r['peak_held_bytes']:,} bytes of decoded weights held at once")
     if args.per_layer:
         width = max(len(n) for n in r["per_layer_rmse"])
         for name, value in r["per_layer_rmse"].items():
