@@ -6,8 +6,12 @@ Providers:
   NeRN-style loop, write it into the convs, then run (the baseline of the speed-up column);
 * ``on_demand`` / ``cached`` / ``materialized``: ``pred.attach(model, mode=...)`` from
   nern_fast.inference (issue #6), timing one forward of the attached model. ``materialized`` and
-  ``cached`` decode during attach (set-up, not timed); ``on_demand`` decodes each layer as it runs.
-Peak memory is the column to watch here (on_demand should hold about one layer's weights).
+  ``cached`` decode during attach (set-up, not timed); ``on_demand`` decodes each decode group as
+  its convs run;
+* ``on_demand_bounded``: on_demand with each decode call's scratch capped at largest layer +
+  predictor (``workspace_bytes``: the Triton chunked schedule's and csrc CUDA's activation buffers).
+Peak memory is the column to watch here (on_demand holds at most two decode groups' weights, plus
+what a decode call works in).
 Run alone: ``python -m bench.inference_forward [--quick] [--device cuda]``."""
 from __future__ import annotations
 
@@ -36,8 +40,16 @@ class NernReconstructProvider(Provider):
 
 
 class AttachProvider(Provider):
-    def __init__(self, mode: str):
-        self.name = mode
+    def __init__(self, mode: str, bounded: bool = False):
+        self.name = mode + ("_bounded" if bounded else "")
+        self.mode = mode
+        self.bounded = bounded  # workspace_bytes = largest layer + predictor
+
+    def attach_options(self, pred) -> dict:
+        if not self.bounded:
+            return {}
+        largest = max(l.num_weights for l in pred.layout.layers) * 4
+        return {"workspace_bytes": largest + sum(p.numel() * p.element_size() for p in pred.parameters())}
 
     def unavailable_reason(self, work, precision, subset, needs_grad):
         if not hasattr(FastPredictor, "attach") or not hasattr(FastPredictor, "detach"):
@@ -51,7 +63,8 @@ class InferenceForward(Operation):
     needs_model = True
 
     def providers(self):
-        return [NernReconstructProvider(), DenseProvider()] + [AttachProvider(m) for m in ATTACH_MODES]
+        return ([NernReconstructProvider(), DenseProvider()] + [AttachProvider(m) for m in ATTACH_MODES]
+                + [AttachProvider("on_demand", bounded=True)])
 
     def decode_flops_implied(self, case, work, provider):
         return 0.0 if isinstance(provider, DenseProvider) else decode_flops(work.layout.num_kernels, case.hidden)
@@ -83,7 +96,7 @@ class InferenceForward(Operation):
         saved_precision = pred.precision
         pred.precision = precision
         try:
-            attached = pred.attach(model, mode=provider.name)
+            attached = pred.attach(model, mode=provider.mode, **provider.attach_options(pred))
         except Exception:
             pred.precision = saved_precision
             raise
