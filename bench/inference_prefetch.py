@@ -34,7 +34,7 @@ import torch
 
 from nern_fast import FastPredictor, ops
 from nern_fast.inference import LayerDecoder, attachment
-from nern_fast.inference_groups import default_group_bytes, plan_groups
+from nern_fast.inference_groups import groups_for
 from nern_fast.models import cifar_resnet
 
 from .harness import git_commit
@@ -100,8 +100,8 @@ def decode_call_times(pred, device: torch.device, repeats: int) -> dict:
     call preparing for itself, and sharing one preparation per round as an on-demand forward does),
     and for the default decode groups (one call per group, sharing one preparation)."""
     decoder = LayerDecoder(pred)
-    sizes = [l.num_weights * 4 for l in pred.layout.layers]
-    groups = plan_groups(sizes, default_group_bytes(sizes, sum(p.numel() * 4 for p in pred.parameters())))
+    _, groups = groups_for([l.num_weights * 4 for l in pred.layout.layers],
+                           sum(p.numel() * 4 for p in pred.parameters()))
     grouped = LayerDecoder(pred, groups)
     layers = range(pred.layout.num_layers)
     # name: (the LayerDecoder whose preparation is shared or not, the call, shared, call arguments)

@@ -115,7 +115,7 @@ from torch import nn
 
 from . import ops
 from .inference_graphs import GraphedDecodes
-from .inference_groups import check_group_bytes, default_group_bytes, plan_groups
+from .inference_groups import check_group_bytes, groups_for
 
 MODES = ("on_demand", "cached", "materialized")
 _ATTR = "_nern_fast_attachment"
@@ -330,9 +330,7 @@ class Attachment:
                               for l, c in zip(layout.layers, self.convs)]
         self.layer_bytes = [l.num_weights * p.element_size()
                             for l, p in zip(layout.layers, self._placeholders)]
-        self.group_bytes = (default_group_bytes(self.layer_bytes, self.predictor_bytes)
-                            if group_bytes is None else group_bytes)
-        self.groups = plan_groups(self.layer_bytes, self.group_bytes)
+        self.group_bytes, self.groups = groups_for(self.layer_bytes, self.predictor_bytes, group_bytes)
         self.group_of = [g for g, group in enumerate(self.groups) for _ in group]
         self.device = pred.layers[0].weight.device
         self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
@@ -347,9 +345,9 @@ class Attachment:
                                            [dtype for dtype, _, _ in self._params], self.device)
         self._store: "OrderedDict[int, torch.Tensor]" = OrderedDict()  # all layers, or the pinned ones
         self._store_bytes = 0
-        self._current = None  # (group, weights, graph slot or None, bytes): the group convs read now
+        self._current = None  # (group, weights, graph slot or None, held bytes): the group convs read now
         self._running: set[int] = set()  # convs whose decoded weight is set on them (running)
-        self._pending = None  # (group, position, weights, event, graph slot): a prefetch not yet used
+        self._pending = None  # (group, position, weights, event, graph slot, held bytes): a prefetch not yet used
         self._planned = None  # (group, call position, event): to prefetch once the running conv is launched
         self._order: Optional[tuple[int, ...]] = None  # conv call order of the last complete forward
         self._next_group_call: list = []  # per call position: the next position reading another group
@@ -520,10 +518,15 @@ class Attachment:
         if current is not None and current[2] is not None and self._graphed is not None:
             self._graphed.release(current[2])
 
+    @staticmethod
+    def _held(weights: list[torch.Tensor], slot: Optional[int]) -> int:
+        """Bytes a decoded group holds of its own (none in a graph slot: the slots are counted)."""
+        return 0 if slot is not None else sum(map(_nbytes, weights))
+
     def _held_bytes(self) -> int:
         current, pending = self._current, self._pending
-        current = current[3] if current is not None and current[2] is None else 0
-        pending = sum(map(_nbytes, pending[2])) if pending is not None and pending[4] is None else 0
+        current = current[3] if current is not None else 0
+        pending = pending[5] if pending is not None else 0
         slots = self._graphed.slot_bytes if self._graphed is not None else 0
         return self._store_bytes + current + pending + slots
 
@@ -575,7 +578,7 @@ class Attachment:
             weights, slot = self._decode_for_conv(g)
             done.record(side)
         self._decoder.shared_used_on(side)
-        self._pending = (g, position, weights, done, slot)
+        self._pending = (g, position, weights, done, slot, self._held(weights, slot))
 
     def _take_prefetched(self, g: int, position: int, main) -> Optional[tuple]:
         """(weights, graph slot or None) prefetched for this conv call's group, or None."""
@@ -585,7 +588,7 @@ class Attachment:
         if pending[:2] != (g, position):
             self.stats["prefetch_dropped"] += 1
             return None  # another path than last time; freeing on the side stream is safe
-        _, _, weights, event, slot = pending
+        _, _, weights, event, slot, _ = pending
         main.wait_event(event)
         if slot is None:
             for weight in weights:  # freed later only after the main stream is done with them
@@ -646,7 +649,7 @@ class Attachment:
             weights, slot = taken if taken is not None else self._decode_for_conv(g)
             if self.mode != "on_demand" and slot is None and self._pin_group(g, weights):
                 return self._store[i], None
-            self._current = current = (g, weights, slot, sum(map(_nbytes, weights)))
+            self._current = current = (g, weights, slot, self._held(weights, slot))
         return current[1][i - self.groups[g].start], current[2]
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:

@@ -32,6 +32,13 @@ def check_group_bytes(group_bytes: Optional[int]) -> None:
                          f"decode call; 0: one layer per call) or None (automatic), got {group_bytes!r}")
 
 
+def groups_for(layer_bytes: Sequence[int], predictor_bytes: int,
+               group_bytes: Optional[int] = None) -> tuple[int, list[range]]:
+    """(budget, groups) of an attachment: ``group_bytes``, or the default budget when None."""
+    budget = default_group_bytes(layer_bytes, predictor_bytes) if group_bytes is None else group_bytes
+    return budget, plan_groups(layer_bytes, budget)
+
+
 def plan_groups(layer_bytes: Sequence[int], budget: int) -> list[range]:
     """Split layers ``0..n-1`` (layout order) into consecutive groups of at most ``budget`` bytes
     of weights each; a layer larger than the budget is a group of its own (``budget=0``: one layer

@@ -7,8 +7,8 @@ reason instead of falling back.
 
 A backend may also offer ``prepare(weights, biases, layout, encoding, precision)`` and take its
 result as ``decode(..., prepared=...)``: work on the parameters done once for several decodes while
-their values stay the same (the Triton backend's packing and first-layer tables;
-``nern_fast.inference`` shares one for the layer decodes of a forward).
+their values stay the same (the Triton backend's packing, and the first-layer tables of the calls'
+layer range; ``nern_fast.inference`` shares one for the decodes of a forward).
 
 A backend whose forward decode works through a scratch buffer sized by a memory budget (activations
 of a chunk or tile of rows: the Triton chunked schedule, the CUDA decoder of ``csrc``) says so with

@@ -380,21 +380,30 @@ class TritonBackend:
             return f"precision '{request.precision}' is not supported"
         return None
 
-    def _layout_arguments(self, layout: WeightLayout, encoding, device: torch.device) -> tuple:
-        """(layout tensors, kernel_size, num_kernels, num_weights, crop_flags, ffn) of a layout, kept
-        per (layout, encoding, device) — layouts are immutable — so repeated calls build nothing."""
+    def _kept(self, layout: WeightLayout, key: tuple, build: Callable[[], tuple]) -> tuple:
+        """``build()``, kept under ``key`` while ``layout`` lives (layouts are immutable), so that
+        repeated calls build nothing; not kept while torch.compile traces."""
         if torch.compiler.is_compiling():
-            return self._build_layout_arguments(layout, encoding, device)
-        key = (id(layout), encoding.kind, encoding.levels, encoding.base, tuple(encoding.gauss_scale),
-               str(device))
+            return build()
         entry = self._layout_args.get(key)
         if entry is not None and entry[0]() is layout:
             return entry[1]
-        args = self._build_layout_arguments(layout, encoding, device)
-        if len(self._layout_args) > 64:
+        args = build()
+        if len(self._layout_args) > 1024:  # (layouts and their decode groups' layer ranges)
             self._layout_args.clear()
         self._layout_args[key] = (weakref.ref(layout), args)
         return args
+
+    @staticmethod
+    def _layout_key(layout: WeightLayout, encoding, device: torch.device) -> tuple:
+        return (id(layout), encoding.kind, encoding.levels, encoding.base, tuple(encoding.gauss_scale),
+                str(device))
+
+    def _layout_arguments(self, layout: WeightLayout, encoding, device: torch.device) -> tuple:
+        """(layout tensors, kernel_size, num_kernels, num_weights, crop_flags, ffn) of a layout, kept
+        per (layout, encoding, device)."""
+        return self._kept(layout, self._layout_key(layout, encoding, device),
+                          lambda: self._build_layout_arguments(layout, encoding, device))
 
     @staticmethod
     def _build_layout_arguments(layout: WeightLayout, encoding, device: torch.device) -> tuple:
@@ -437,16 +446,8 @@ class TritonBackend:
         tensors, static = self._layout_arguments(layout, encoding, device)
         if layers.start == 0 and layers.stop == layout.num_layers:
             return tensors, static
-        if torch.compiler.is_compiling():
-            return self._build_range_arguments(layout, tensors, static, layers)
-        key = ("range", id(layout), encoding.kind, encoding.levels, encoding.base,
-               tuple(encoding.gauss_scale), str(device), layers.start, layers.stop)
-        entry = self._layout_args.get(key)
-        if entry is not None and entry[0]() is layout:
-            return entry[1]
-        args = self._build_range_arguments(layout, tensors, static, layers)
-        self._layout_args[key] = (weakref.ref(layout), args)
-        return args
+        return self._kept(layout, self._layout_key(layout, encoding, device) + (layers.start, layers.stop),
+                          lambda: self._build_range_arguments(layout, tensors, static, layers))
 
     @staticmethod
     def _build_range_arguments(layout: WeightLayout, tensors: tuple, static: tuple, layers: range) -> tuple:

@@ -221,7 +221,8 @@ class PackedParameters:
 
     ``prepared_for`` is set by ``TritonBackend.prepare``: such a set is handed to several calls
     (``decode(..., prepared=...)``) for the parameters it was packed from, with the precision it
-    was packed for, and its tables are built once for all of them.
+    was packed for; its tables are built by the first call that needs them and kept for the next
+    calls with the same layout tensors (one layer range's at a time).
     """
 
     params: list

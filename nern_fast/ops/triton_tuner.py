@@ -185,8 +185,9 @@ SMALL_CALL_ROWS = 8192  # a fused forward of at most this many rows also tries n
 
 def _small_call_tiles(kind: str, shape: DecodeShape, tiles: list) -> list:
     """Narrower row tiles (32 and 16 rows, 4 warps, 2 programs per SM) for small fused forwards,
-    after the usual ones, for the tuner. An on-demand layer decode is a call of 256-4,096 rows
-    (ResNet-56): with 64- or 128-row tiles 2-64 programs work on a GPU of 132 SMs, each running
+    after the usual ones, for the tuner. An on-demand decode of one layer is a call of 256-4,096
+    rows (ResNet-56; a decode group's last call 8,192): with 64- or 128-row tiles 2-64 programs work
+    on a GPU of 132 SMs, each running
     every MLP layer of its tile one after the other, so the call takes about one program's time;
     more, smaller tiles spread it over more SMs at the price of reading the weights once per tile,
     and of Hopper's wgmma (sm_90 compiles, triton 3.8: below 64 rows the products are mma.sync;
