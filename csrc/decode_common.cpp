@@ -271,12 +271,18 @@ SeparableTables build_tables(const DecodeProblem& p, const MatmulFn& mm,
   t.filter_begin = r.filter_begin;
   t.channel_begin = r.channel_begin;
   const int64_t filters = r.filter_end - r.filter_begin, channels = r.channel_end - r.channel_begin;
-  t.enc_layer = encode_index(p.pos_layer.to(dtype), freqs);
+  // The layer term of the range's layers only: its GEMM then has the same rows whether these
+  // layers are decoded within the whole layout or as a layout of their own (a decode group's
+  // rebased layout), so both give the same bits.
+  const at::Tensor layer_of_filter = filter_layers(p).narrow(0, r.filter_begin, filters);
+  const int64_t* lf = layer_of_filter.data_ptr<int64_t>();
+  const int64_t first_layer = filters ? lf[0] : 0, last_layer = filters ? lf[filters - 1] : 0;
+  t.enc_layer = encode_index(p.pos_layer.narrow(0, first_layer, last_layer - first_layer + 1).to(dtype), freqs);
   t.enc_filter = encode_index(p.pos_filter.narrow(0, r.filter_begin, filters).to(dtype), freqs);
   t.enc_channel = encode_index(p.pos_channel.narrow(0, r.channel_begin, channels).to(dtype), freqs);
-  t.filter_layer = filter_layers(p).narrow(0, r.filter_begin, filters).to(device);
+  t.filter_layer = (layer_of_filter - first_layer).to(device);
   std::vector<at::Tensor> blocks = first_layer_blocks(p);
-  at::Tensor layer_term = mm(t.enc_layer, blocks[0].t());  // (L, H)
+  at::Tensor layer_term = mm(t.enc_layer, blocks[0].t());  // (layers of the range, H)
   t.filter = (mm(t.enc_filter, blocks[1].t()) + layer_term.index_select(0, t.filter_layer) +
               p.biases[0])
                  .contiguous();
@@ -289,7 +295,7 @@ void first_layer_grads(const DecodeProblem& p, const SeparableTables& t, const a
                        at::Tensor& grad_b0) {
   // Every kernel of layer l has exactly one filter: the layer term's gradient is the sum of the
   // layer's filter gradients, and the bias gradient the sum of those.
-  at::Tensor g_layer = at::zeros({p.num_layers, p.hidden}, g_filter.options());
+  at::Tensor g_layer = at::zeros({t.enc_layer.size(0), p.hidden}, g_filter.options());
   g_layer.index_add_(0, t.filter_layer, g_filter);
   const int64_t step = 2 * p.levels;
   grad_w0 = at::empty_like(p.weights[0]);

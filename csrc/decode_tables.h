@@ -21,10 +21,10 @@ struct SeparableTables {
   int64_t filter_begin = 0, channel_begin = 0;
   at::Tensor filter;        // (F, H): W1_f·e_f(f) + W1_l·e_l(layer of f) + b1
   at::Tensor channel;       // (C, H): W1_c·e_c(c)
-  at::Tensor enc_layer;     // (L, 2·levels) encodings, kept for the gradient of W1
+  at::Tensor enc_layer;     // (L', 2·levels) encodings of the range's L' layers, kept for the gradient of W1
   at::Tensor enc_filter;    // (F, 2·levels)
   at::Tensor enc_channel;   // (C, 2·levels)
-  at::Tensor filter_layer;  // (F,) int64: layer of every filter, on the device
+  at::Tensor filter_layer;  // (F,) int64: layer of every filter (its row of enc_layer), on the device
 };
 
 struct TableRange {

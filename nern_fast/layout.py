@@ -61,6 +61,25 @@ class LayerSpec:
         return self.num_kernels * self.shape[2] * self.shape[3]
 
 
+@dataclass(frozen=True)
+class LayerRange:
+    """Consecutive layers ``layers`` of a layout and the spans ``(start, stop)`` they occupy in its
+    flat index spaces: kernels, weights, filters (Σ C_out) and channels (Σ C_in). A decode whose rows
+    all lie in these layers needs only their positions and first-layer table rows."""
+
+    layers: range
+    kernels: tuple[int, int]
+    weights: tuple[int, int]
+    filters: tuple[int, int]
+    channels: tuple[int, int]
+    layout_layers: int  # how many layers the layout has
+
+    @property
+    def is_whole(self) -> bool:
+        """Whether the range is every layer of its layout (nothing to slice)."""
+        return self.layers.start == 0 and self.layers.stop == self.layout_layers
+
+
 def crop_window(kernel_size: int, size: int) -> tuple[int, int]:
     """NeRN's centre crop bounds ``[lo, hi)`` of a ``size`` kernel inside a k×k output."""
     return int(kernel_size / 2 - size / 2), int(kernel_size / 2 + size / 2)
@@ -359,6 +378,24 @@ class WeightLayout:
                     return l
             raise KeyError(f"no represented layer named '{key}'; layers: {self.names}")
         return self.layers[key]
+
+    def layer_range(self, layers: range) -> LayerRange:
+        """Where the consecutive ``layers`` (a non-empty ``range`` with step 1 inside
+        0..num_layers) lie in the flat index spaces; ValueError otherwise."""
+        if not isinstance(layers, range) or layers.step != 1 or len(layers) == 0 or \
+                layers.start < 0 or layers.stop > self.num_layers:
+            raise ValueError(f"layers must be a non-empty range of consecutive layers of the layout "
+                             f"(within 0..{self.num_layers}), got {layers!r}")
+        specs = self.layers
+        first, last = specs[layers.start], specs[layers.stop - 1]
+        f0 = sum(l.c_out for l in specs[:layers.start])
+        c0 = sum(l.c_in for l in specs[:layers.start])
+        return LayerRange(layers,
+                          (first.kernel_offset, last.kernel_offset + last.num_kernels),
+                          (first.weight_offset, last.weight_offset + last.num_weights),
+                          (f0, f0 + sum(specs[i].c_out for i in layers)),
+                          (c0, c0 + sum(specs[i].c_in for i in layers)),
+                          self.num_layers)
 
     def layer_coord_rows(self, index: int) -> Optional[torch.Tensor]:
         return self._coord_rows.get(index)

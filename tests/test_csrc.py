@@ -161,6 +161,52 @@ def test_subset_of_some_layers_builds_their_tables_only(layers, precision):
         assert_matches(out, ref, grads, ref_grads)
 
 
+def check_layer_ranges(device, encoding, precision):
+    """decode(rows, layers=range(a, b)) decodes those layers as a layout of their own (offsets,
+    positions and coordinate rows rebased): output and every gradient bit for bit those of the same
+    rows without it, the range's layout arguments built once per range; refusals."""
+    layout = mixed_layout(crop="max", permuted=True)
+    pred = random_predictor(layout, hidden=40, num_blocks=4, levels=6, encoding=encoding).to(device)
+    backend = csrc_backend.CsrcBackend()
+    w, b = params(pred)
+    for layers in (range(1, 3), range(0, 1), range(3, 4), range(2, 4), range(0, 4)):
+        span = layout.layer_range(layers)
+        rows = torch.arange(*span.kernels, device=device)
+        rows = torch.cat([rows.flip(0), rows[:3]])  # any order, repeated rows accumulate
+        results = []
+        for extra in ({}, {"layers": layers}):
+            out = backend.decode(w, b, layout, pred.encoding, rows, precision, **extra)
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), device=device)
+                                         .reshape(out.shape)).sum(), w + b)
+            results.append((out.detach(), grads))
+        (out, grads), (ranged, ranged_grads) = results
+        assert torch.equal(ranged, out), layers
+        for g, r in zip(ranged_grads, grads):
+            assert torch.equal(g, r), layers
+    built = len(backend._range_args)
+    with torch.no_grad():
+        backend.decode(w, b, layout, pred.encoding, rows[rows >= layout.layers[2].kernel_offset], precision,
+                       layers=range(2, 4))
+    assert len(backend._range_args) == built == 4  # (the whole range needs no arguments of its own)
+    for bad in (range(2, 2), range(0, 5), range(0, 4, 2)):
+        with pytest.raises(ValueError, match="layers must be a non-empty range"):
+            backend.decode(w, b, layout, pred.encoding, rows, precision, layers=bad)
+    with pytest.raises(ValueError, match="is for subset calls"):
+        backend.decode(w, b, layout, pred.encoding, None, precision, layers=range(0, 1))
+    return backend, pred
+
+
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layer_range_decodes_those_layers_as_a_layout_of_their_own(encoding, precision):
+    backend, pred = check_layer_ranges("cpu", encoding, precision)
+    layout = pred.layout
+    outside = torch.tensor([layout.layers[1].kernel_offset - 1])  # the last row of layer 0
+    with pytest.raises(ValueError, match="rows must lie in layers 1..2"):
+        backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside, precision,
+                       layers=range(1, 3))
+
+
 def test_float64_matches_reference_tightly_and_gradcheck():
     pred = random_predictor(mixed_layout(crop="average", permuted=True), hidden=24, num_blocks=3,
                             levels=4, dtype=torch.float64)
@@ -797,6 +843,22 @@ def test_cuda_case_bf16_kernel_sizes_blocks_and_subsets(kernel_size, num_blocks,
     rows = torch.cat([torch.randint(0, layout.num_kernels, (1500,), generator=g),
                       torch.tensor([3, 3, layout.num_kernels - 1])]).cuda()
     assert_within_eager_error(pred, "bf16", max_factor=4.0, rows=rows)
+
+
+@cuda_case
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16"])
+def test_cuda_case_layer_range(encoding, precision):
+    """Layer ranges on CUDA (the first-layer tables of those layers only): the same bits as without
+    them; a row outside the range is decoded as zeros (nothing read out of bounds)."""
+    backend, pred = check_layer_ranges("cuda", encoding, precision)
+    layout = pred.layout
+    outside = torch.tensor([layout.layers[1].kernel_offset - 1, layout.layers[1].kernel_offset], device="cuda")
+    with torch.no_grad():
+        out = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside, precision,
+                             layers=range(1, 3))
+        inside = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside[1:], precision)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1:], inside)
 
 
 @cuda_case

@@ -164,3 +164,22 @@ def test_describe_round_trip_and_check_model():
 def test_table_lists_every_layer():
     table = WeightLayout.from_model(cifar_resnet(20), include="nern").table()
     assert table.count("layer") >= 18 and "29696" in table
+
+
+def test_layer_range_spans_and_refusals():
+    """A range of consecutive layers: where its kernels, weights, filters and channels lie in the
+    layout's flat index spaces (what a decode group's call slices), and clear refusals."""
+    layout = mixed_layout()  # (8, 8, 3, 3), (16, 8, 3, 3), (16, 16, 3, 3), (8, 16, 1, 1)
+    span = layout.layer_range(range(1, 3))
+    assert span.kernels == (64, 64 + 128 + 256)
+    assert span.weights == (64 * 9, (64 + 128 + 256) * 9)
+    assert span.filters == (8, 8 + 16 + 16) and span.channels == (8, 8 + 8 + 16)
+    assert not span.is_whole and layout.layer_range(range(0, 4)).is_whole
+    last = layout.layer_range(range(3, 4))
+    assert last.kernels == (448, 576) and last.weights == (448 * 9, 448 * 9 + 128)
+    tensors = layout.tensors()
+    assert tensors.pos_filter[slice(*span.filters)].tolist() == \
+        torch.cat([torch.arange(16) / 16, torch.arange(16) / 16]).tolist()
+    for bad in (range(2, 2), range(-1, 2), range(0, 5), range(0, 4, 2), [1, 2]):
+        with pytest.raises(ValueError, match="layers must be a non-empty range"):
+            layout.layer_range(bad)

@@ -25,7 +25,9 @@ from typing import Optional
 import torch
 
 from ..reference import matmul_precision
-from .dispatch import DecodeRequest, record_load_error, register_backend
+from ..layout import LayerRange
+from .dispatch import DecodeRequest, call_layer_range, record_load_error, register_backend
+from .layout_cache import LayoutCache
 
 NAME = "csrc"
 PRIORITY = 20
@@ -204,26 +206,67 @@ class CsrcBackend:
         return None
 
     bounded_workspace = True  # decode(workspace_bytes=...): the CUDA decoder's tile buffers
+    takes_layer_range = True  # decode(layers=range(a, b)): every row lies in layers a..b-1
+
+    def __init__(self):
+        self._range_args = LayoutCache()  # layout arguments of decode groups' layer ranges
 
     def decode(self, weights, biases, layout, encoding, rows, precision,
-               workspace_bytes: Optional[int] = None) -> torch.Tensor:
+               workspace_bytes: Optional[int] = None, layers: Optional[range] = None) -> torch.Tensor:
         device = weights[0].device
-        tensors = layout.tensors(device)
-        meta = layout.tensors("cpu").meta
         if rows is not None:
             rows = rows.to(torch.long).contiguous()
-        args = ([w.contiguous() for w in weights], [b.contiguous() for b in biases], meta,
-                tensors.pos_layer, tensors.pos_filter, tensors.pos_channel, tensors.coord_rows, rows,
-                encoding.kernel_table(device), ENCODING_IDS[encoding.kind],
-                layout.kernel_size, layout.num_kernels, layout.num_weights, precision)
+        span = None if layers is None else call_layer_range(layout, layers, rows)
+        if span is None or span.is_whole:
+            tensors = layout.tensors(device)
+            layout_args = (layout.tensors("cpu").meta, tensors.pos_layer, tensors.pos_filter,
+                           tensors.pos_channel, tensors.coord_rows)
+            sizes = (layout.num_kernels, layout.num_weights)
+        else:
+            layout_args, sizes = self._range_arguments(layout, device, span)
+            rows = self._rows_in_range(rows, span)
+        args = ([w.contiguous() for w in weights], [b.contiguous() for b in biases], *layout_args, rows,
+                encoding.kernel_table(device), ENCODING_IDS[encoding.kind], layout.kernel_size, *sizes,
+                precision)
         keep = 0
         if device.type == "cpu" and len(weights) >= 3 and torch.is_grad_enabled() and \
                 any(t.requires_grad for t in (*weights, *biases)):
-            keep = rows_to_keep(weights, precision, layout.num_kernels if rows is None else rows.shape[0])
+            keep = rows_to_keep(weights, precision, sizes[0] if rows is None else rows.shape[0])
         with matmul_precision(precision, device):
             if keep > 0:
                 return torch.ops.nern_fast_C.decode_forward_saving(*args, keep)[0]
             return torch.ops.nern_fast_C.decode_forward(*args, int(workspace_bytes or 0))
+
+    def _range_arguments(self, layout, device: torch.device, span: LayerRange) -> tuple:
+        """The layout arguments of the layers of ``span`` as a layout of their own (meta rows with
+        every offset rebased to the first of them, their positions and coordinate rows): the
+        decoders then size what depends on the network (the CUDA decoder's first-layer tables,
+        ΣC_out + ΣC_in rows; the CPU decoder's search over layers) by those layers. Kept per range."""
+        key = (id(layout), str(device), span.layers.start, span.layers.stop)
+        return self._range_args.get(layout, key, lambda: self._build_range_arguments(layout, device, span))
+
+    @staticmethod
+    def _build_range_arguments(layout, device: torch.device, span: LayerRange) -> tuple:
+        tensors = layout.tensors(device)
+        (k0, k1), (w0, w1), (f0, f1), (c0, c1) = span.kernels, span.weights, span.filters, span.channels
+        meta = layout.tensors("cpu").meta[span.layers.start:span.layers.stop].clone()
+        meta -= torch.tensor([k0, w0, 0, 0, 0, 0, f0, c0], dtype=meta.dtype)  # (columns: see LayoutTensors)
+        layers = slice(span.layers.start, span.layers.stop)
+        coord = None if tensors.coord_rows is None else tensors.coord_rows[k0:k1]
+        return ((meta, tensors.pos_layer[layers], tensors.pos_filter[f0:f1], tensors.pos_channel[c0:c1],
+                 coord), (k1 - k0, w1 - w0))
+
+    @staticmethod
+    def _rows_in_range(rows: torch.Tensor, span: LayerRange) -> torch.Tensor:
+        """Global kernel indices as indices of the range's own layout. On CPU the promise that they
+        lie in the range is checked (on CUDA that would read them back: there a row outside it is
+        decoded as zeros, never read out of bounds)."""
+        k0, k1 = span.kernels
+        if rows.device.type == "cpu" and rows.numel() and (int(rows.min()) < k0 or int(rows.max()) >= k1):
+            raise ValueError(f"rows must lie in layers {span.layers.start}..{span.layers.stop - 1} "
+                             f"(kernels {k0}..{k1 - 1}) when layers={span.layers!r} is given, got "
+                             f"{int(rows.min())}..{int(rows.max())}")
+        return rows - k0 if k0 else rows
 
 
 def register() -> None:

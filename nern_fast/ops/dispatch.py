@@ -19,7 +19,8 @@ budget. ``nern_fast.inference`` uses it to bound what an on-demand decode alloca
 A backend with ``takes_layer_range = True`` takes ``decode(..., layers=range(a, b))`` for a subset
 call whose rows all lie in layers a..b-1 (the caller's promise: checking it would read the rows
 back from the device): work sized by the whole network, such as the Triton backend's separable
-first-layer tables, is then sized by those layers.
+first-layer tables or the CUDA decoder of ``csrc``'s, is then sized by those layers
+(:func:`call_layer_range` checks the argument).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from typing import Optional, Protocol, Sequence
 import torch
 
 from ..encoding import EncodingSpec
-from ..layout import WeightLayout
+from ..layout import LayerRange, WeightLayout
 
 ENV_BACKEND = "NERN_FAST_BACKEND"
 
@@ -134,3 +135,12 @@ def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
             return backend
         reasons.append(f"{backend.name}: {reason}")
     raise BackendUnavailable("no backend can decode this call: " + "; ".join(reasons))
+
+
+def call_layer_range(layout: WeightLayout, layers: range, rows: Optional[torch.Tensor]) -> LayerRange:
+    """The spans of ``decode(..., layers=...)``'s layers; ValueError for a full decode (rows=None)
+    or a range that is not non-empty, consecutive and inside the layout."""
+    if rows is None:
+        raise ValueError(f"layers={layers!r} is for subset calls (rows given, all inside those "
+                         f"layers); a full decode (rows=None) covers every layer")
+    return layout.layer_range(layers)

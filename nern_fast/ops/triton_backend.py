@@ -39,15 +39,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from typing import Callable, List, Optional
 
 import torch
 import triton  # noqa: F401  (a missing triton makes register() fail: recorded, not fatal)
 
-from ..layout import WeightLayout
+from ..layout import LayerRange, WeightLayout
 from . import triton_chunked, triton_fused
-from .dispatch import DecodeRequest, register_backend
+from .dispatch import DecodeRequest, call_layer_range, register_backend
+from .layout_cache import LayoutCache
 from .triton_inputs import (INTERPRETED, INTERPRETER_PROBLEM, MAX_HIDDEN, MAX_KERNEL_SIZE, DecodeShape,
                             LaunchInputs, PackedParameters, clear_parameter_cache, cross_call_reuse,
                             env_flag, make_launch_inputs, slot_layout, unpack_gradients)
@@ -316,7 +316,7 @@ class TritonBackend:
         self.memory_budget_mb = memory_budget_mb
         self.first_layer = first_layer
         self.schedule = schedule
-        self._layout_args: dict = {}  # per-layout constant arguments (see _layout_arguments)
+        self._layout_args = LayoutCache()  # per-layout constant arguments (see _layout_arguments)
 
     # Settings: an attribute set on the object wins over the environment variable.
     def _atomic(self) -> bool:
@@ -380,20 +380,6 @@ class TritonBackend:
             return f"precision '{request.precision}' is not supported"
         return None
 
-    def _kept(self, layout: WeightLayout, key: tuple, build: Callable[[], tuple]) -> tuple:
-        """``build()``, kept under ``key`` while ``layout`` lives (layouts are immutable), so that
-        repeated calls build nothing; not kept while torch.compile traces."""
-        if torch.compiler.is_compiling():
-            return build()
-        entry = self._layout_args.get(key)
-        if entry is not None and entry[0]() is layout:
-            return entry[1]
-        args = build()
-        if len(self._layout_args) > 1024:  # (layouts and their decode groups' layer ranges)
-            self._layout_args.clear()
-        self._layout_args[key] = (weakref.ref(layout), args)
-        return args
-
     @staticmethod
     def _layout_key(layout: WeightLayout, encoding, device: torch.device) -> tuple:
         return (id(layout), encoding.kind, encoding.levels, encoding.base, tuple(encoding.gauss_scale),
@@ -402,8 +388,8 @@ class TritonBackend:
     def _layout_arguments(self, layout: WeightLayout, encoding, device: torch.device) -> tuple:
         """(layout tensors, kernel_size, num_kernels, num_weights, crop_flags, ffn) of a layout, kept
         per (layout, encoding, device)."""
-        return self._kept(layout, self._layout_key(layout, encoding, device),
-                          lambda: self._build_layout_arguments(layout, encoding, device))
+        return self._layout_args.get(layout, self._layout_key(layout, encoding, device),
+                                     lambda: self._build_layout_arguments(layout, encoding, device))
 
     @staticmethod
     def _build_layout_arguments(layout: WeightLayout, encoding, device: torch.device) -> tuple:
@@ -437,26 +423,22 @@ class TritonBackend:
         with torch.no_grad(), _on_device(device):
             return inputs.prepare()
 
-    def _range_arguments(self, layout: WeightLayout, encoding, device: torch.device, layers: range) -> tuple:
-        """The layout arguments of a call whose rows all lie in the consecutive ``layers``: the same
+    def _range_arguments(self, layout: WeightLayout, encoding, device: torch.device, span: LayerRange) -> tuple:
+        """The layout arguments of a call whose rows all lie in the layers of ``span``: the same
         but for the filter and channel positions (those layers' only) and the per-layer table
         offsets in ``meta`` (rebased to them), so that its separable first-layer tables hold
         L + Σ C_out + Σ C_in rows of those layers instead of the whole network's (on a ResNet-56 at
         H=280 with local normalisation: 4.4 MB, more than its conv weights). Kept per range."""
         tensors, static = self._layout_arguments(layout, encoding, device)
-        if layers.start == 0 and layers.stop == layout.num_layers:
+        if span.is_whole:
             return tensors, static
-        return self._kept(layout, self._layout_key(layout, encoding, device) + (layers.start, layers.stop),
-                          lambda: self._build_range_arguments(layout, tensors, static, layers))
+        key = self._layout_key(layout, encoding, device) + (span.layers.start, span.layers.stop)
+        return self._layout_args.get(layout, key, lambda: self._build_range_arguments(tensors, static, span))
 
     @staticmethod
-    def _build_range_arguments(layout: WeightLayout, tensors: tuple, static: tuple, layers: range) -> tuple:
+    def _build_range_arguments(tensors: tuple, static: tuple, span: LayerRange) -> tuple:
         koff, woff, meta, coord, pos_l, pos_f, pos_c, table = tensors
-        specs = layout.layers
-        f0 = sum(l.c_out for l in specs[:layers.start])
-        c0 = sum(l.c_in for l in specs[:layers.start])
-        f1 = f0 + sum(specs[i].c_out for i in layers)
-        c1 = c0 + sum(specs[i].c_in for i in layers)
+        (f0, f1), (c0, c1) = span.filters, span.channels
         meta = meta.clone()
         meta[:, 6] -= f0  # table rows of the range's filters / channels start at 0
         meta[:, 7] -= c0
@@ -469,13 +451,9 @@ class TritonBackend:
                prepared: Optional[PackedParameters] = None, workspace_bytes: Optional[int] = None,
                layers: Optional[range] = None) -> torch.Tensor:
         device = weights[0].device
-        if layers is not None and (rows is None or layers.start < 0 or layers.stop > layout.num_layers
-                                   or len(layers) == 0 or layers.step != 1):
-            raise ValueError(f"layers must be a non-empty range of consecutive layers of the layout "
-                             f"(0..{layout.num_layers}) holding every row of a subset call, got {layers!r}")
         (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = (
             self._layout_arguments(layout, encoding, device) if layers is None
-            else self._range_arguments(layout, encoding, device, layers))
+            else self._range_arguments(layout, encoding, device, call_layer_range(layout, layers, rows)))
         if rows is not None:
             rows = rows.to(device=device, dtype=torch.long).contiguous()
         chunk_budget = (self._megabytes("NERN_FAST_TRITON_FWD_MEMORY_MB", 256) if workspace_bytes is None
