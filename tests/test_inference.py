@@ -891,12 +891,16 @@ def triton_preparations(monkeypatch):
     monkeypatch.setattr(triton_inputs, "pack_parameters", counted("packs", triton_inputs.pack_parameters))
     monkeypatch.setattr(triton_fused, "_build_tables", counted("tables", triton_fused._build_tables))
 
-    def make_triton(permuted=False):
-        """model, predictor (Triton), an input and the materialized output (model detached)."""
+    def make_triton(permuted=False, **attach):
+        """model, predictor (Triton), an input and the materialized output (model detached) of an
+        attachment made with ``attach`` (give the decode groups the test's attachment uses: under
+        the interpreter a row's bits may depend on its place in a tile — numpy's sgemm rounds by
+        position on some CPUs, e.g. OpenBLAS's Haswell kernels — so a layer decoded alone and in a
+        group can differ in the last bit; one attachment always decodes through the same groups)."""
         model, pred = make(permuted)
         pred.backend = "triton"
         x = torch.randn(2, 3, 6, 6)
-        return model, pred, x, materialized_output(model, pred, x)
+        return model, pred, x, materialized_output(model, pred, x, **attach)
 
     def taken():
         got = dict(counts)
@@ -947,7 +951,7 @@ def test_triton_prefetch_prepares_on_the_main_stream(triton_preparations, fake_s
     main stream before the event the side stream waits for, and marked used by the side stream."""
     make_triton, taken = triton_preparations
     enable, log = fake_streams
-    model, pred, x, expected = make_triton()
+    model, pred, x, expected = make_triton(group_bytes=0)
     pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
     run(model, x)  # learns the order
@@ -965,7 +969,7 @@ def test_triton_graph_decodes_replay_one_packing_per_forward(triton_preparations
     first layer's replay; the layer graphs read its static set and pack nothing."""
     make_triton, taken = triton_preparations
     enable, log = fake_graphs
-    model, pred, x, expected = make_triton()
+    model, pred, x, expected = make_triton(group_bytes=0)
     taken()  # the materialized attach
     pred.attach(model, mode="on_demand", group_bytes=0)
     state = enable(model)
@@ -983,7 +987,7 @@ def test_triton_graph_decodes_replay_one_packing_per_forward(triton_preparations
         pred.layers[1].bias.add_(0.1)  # in place: the next packing replay sees it
     out = run(model, x)
     pred.detach(model)
-    assert torch.equal(out, materialized_output(model, pred, x))
+    assert torch.equal(out, materialized_output(model, pred, x, group_bytes=0))
 
 
 # ---------------------------------------------------------------------- CUDA: prefetch on a side stream

@@ -88,6 +88,18 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x - ref).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
+def assert_same_decode(got: torch.Tensor, want: torch.Tensor, what=None) -> None:
+    """Bit for bit on a GPU. Under the interpreter a tile's ``tl.dot`` is numpy's sgemm, whose
+    rounding on some CPUs (OpenBLAS's Haswell kernels; not its AVX-512 ones) depends on a row's
+    place in the tile: first-layer tables built for another range of rows may then differ in the
+    last bits. There: equal to a few float32 ulps."""
+    if got.device.type == "cuda":
+        assert torch.equal(got, want), what
+    else:
+        scale = max(want.abs().max().item(), 1e-30)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}")
+
+
 def decode_and_grads(pred, backend, rows=None, grad_seed=1, precision=None):
     """Output of one decode and the gradients of <output, G> for a fixed random G."""
     weights, biases = pred.weights(), pred.biases()
@@ -504,8 +516,8 @@ def test_parameter_changes_are_seen_between_calls(reuse, device, monkeypatch):
 def test_prepared_parameters_serve_several_calls(precision, schedule, device, chunked, monkeypatch):
     """A prepared set (packing made once, first-layer tables kept for the calls of one layer range)
     gives every per-layer subset decode and its gradients exactly what a call packing for itself
-    gives, with the whole network's tables or only the layer's (``layers=``); a set made for other
-    tensors or another precision is refused."""
+    gives, with the whole network's tables or only the layer's (``layers=``: see
+    assert_same_decode); a set made for other tensors or another precision is refused."""
     if schedule == "chunked":
         chunked(rows=40)
     monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
@@ -536,9 +548,11 @@ def test_prepared_parameters_serve_several_calls(precision, schedule, device, ch
             results.append((out, torch.autograd.grad((out * g).sum(), w + b)))
         (plain, plain_grads), *others = results
         for k, (out, grads) in enumerate(others):
-            assert torch.equal(out, plain), (layer.name, k)
-            for got, want in zip(grads, plain_grads):
-                assert torch.equal(got, want), (layer.name, k)
+            for got, want in zip((out, *grads), (plain, *plain_grads)):
+                if k == 0:  # the whole network's tables, as the plain call's
+                    assert torch.equal(got, want), (layer.name, k)
+                else:  # the layer's own tables
+                    assert_same_decode(got, want, (layer.name, k))
     assert len(packs) == 1 + 2 * len(layout.layers)  # the calls without a prepared set
     other = [t.detach().clone() for t in w]
     with pytest.raises(ValueError, match="prepare"):
@@ -553,7 +567,7 @@ def test_prepared_parameters_serve_several_calls(precision, schedule, device, ch
 def test_layer_range_tables_hold_those_layers_only(schedule, device, chunked, monkeypatch):
     """decode(rows, layers=range(a, b)): the first-layer tables have L + Σ C_out + Σ C_in rows of
     layers a..b-1 (the filter and channel offsets rebased to them), the values are those of the
-    whole network's tables; an empty or out-of-layout range, or a full decode with one, is refused."""
+    whole network's tables (see assert_same_decode); an empty or out-of-layout range, or a full decode with one, is refused."""
     if schedule == "chunked":
         chunked(rows=40)
     monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", "separable")
@@ -572,7 +586,7 @@ def test_layer_range_tables_hold_those_layers_only(schedule, device, chunked, mo
         with torch.no_grad():
             whole = backend.decode(w, b, layout, pred.encoding, rows, pred.precision)
             ranged = backend.decode(w, b, layout, pred.encoding, rows, pred.precision, layers=layers)
-        assert torch.equal(ranged, whole), layers
+        assert_same_decode(ranged, whole, layers)
         expected = len(specs) + sum(specs[i].c_out + specs[i].c_in for i in layers)
         assert table_rows[-2:] == [len(specs) + sum(l.c_out + l.c_in for l in specs), expected], layers
     for bad in (range(2, 2), range(0, len(specs) + 1), range(0, 4, 2)):
