@@ -14,8 +14,9 @@ NeRN's two forms are converted on the way in (:func:`coord_rows_from_crossfilter
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -217,8 +218,8 @@ class LayoutTensors:
         self.pos_layer = pos_layer.to(device)
         self.pos_filter = torch.cat(pos_filter).to(device)
         self.pos_channel = torch.cat(pos_channel).to(device)
-        self.filter_offsets = torch.tensor([0] + list(_cumsum(l.c_out for l in layers)), **long)
-        self.channel_offsets = torch.tensor([0] + list(_cumsum(l.c_in for l in layers)), **long)
+        self.filter_offsets = torch.tensor(layout._filter_starts, **long)
+        self.channel_offsets = torch.tensor(layout._channel_starts, **long)
         rows = layout.coord_rows()
         self.coord_rows = None if rows is None else rows.to(device)
         # One int32 table per layer for compiled kernels:
@@ -230,13 +231,6 @@ class LayoutTensors:
     def layer_of(self, rows: torch.Tensor) -> torch.Tensor:
         """Layer index of each flat kernel index."""
         return torch.searchsorted(self.kernel_offsets, rows, right=True) - 1
-
-
-def _cumsum(values: Iterable[int]) -> Iterable[int]:
-    total = 0
-    for v in values:
-        total += v
-        yield total
 
 
 class WeightLayout:
@@ -293,6 +287,11 @@ class WeightLayout:
         self.model_signature = (None if model_signature is None else
                                 tuple((str(n), tuple(int(x) for x in sh)) for n, sh in model_signature))
         self._tensors: dict[str, LayoutTensors] = {}
+        # Where each layer's filters / channels start in Σ C_out / Σ C_in (and the totals, last),
+        # and the LayerRange of each range asked for: a decode call asks for one (O(1) per call).
+        self._filter_starts = tuple(itertools.accumulate((l.c_out for l in built), initial=0))
+        self._channel_starts = tuple(itertools.accumulate((l.c_in for l in built), initial=0))
+        self._ranges: dict[tuple[int, int], LayerRange] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -386,16 +385,18 @@ class WeightLayout:
                 layers.start < 0 or layers.stop > self.num_layers:
             raise ValueError(f"layers must be a non-empty range of consecutive layers of the layout "
                              f"(within 0..{self.num_layers}), got {layers!r}")
-        specs = self.layers
-        first, last = specs[layers.start], specs[layers.stop - 1]
-        f0 = sum(l.c_out for l in specs[:layers.start])
-        c0 = sum(l.c_in for l in specs[:layers.start])
-        return LayerRange(layers,
-                          (first.kernel_offset, last.kernel_offset + last.num_kernels),
-                          (first.weight_offset, last.weight_offset + last.num_weights),
-                          (f0, f0 + sum(specs[i].c_out for i in layers)),
-                          (c0, c0 + sum(specs[i].c_in for i in layers)),
-                          self.num_layers)
+        a, b = layers.start, layers.stop
+        span = self._ranges.get((a, b))
+        if span is None:
+            first, last = self.layers[a], self.layers[b - 1]
+            span = LayerRange(range(a, b),
+                              (first.kernel_offset, last.kernel_offset + last.num_kernels),
+                              (first.weight_offset, last.weight_offset + last.num_weights),
+                              (self._filter_starts[a], self._filter_starts[b]),
+                              (self._channel_starts[a], self._channel_starts[b]),
+                              self.num_layers)
+            self._ranges[(a, b)] = span
+        return span
 
     def layer_coord_rows(self, index: int) -> Optional[torch.Tensor]:
         return self._coord_rows.get(index)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -183,6 +184,14 @@ def check_layer_ranges(device, encoding, precision):
         assert torch.equal(ranged, out), layers
         for g, r in zip(ranged_grads, grads):
             assert torch.equal(g, r), layers
+        # Nothing to differentiate (no_grad; the parameters still require grad): the op is called
+        # below its autograd wrapper, and through it where torch lacks that switch: same bits, no history.
+        with torch.no_grad():
+            quick = backend.decode(w, b, layout, pred.encoding, rows, precision, layers=layers)
+            with mock.patch.object(csrc_backend, "_BELOW_AUTOGRAD", None):
+                wrapped = backend.decode(w, b, layout, pred.encoding, rows, precision, layers=layers)
+        assert quick.grad_fn is None and not quick.requires_grad and not quick.is_inference()
+        assert torch.equal(quick, out) and torch.equal(wrapped, out), layers
     built = len(backend._range_args)
     with torch.no_grad():
         backend.decode(w, b, layout, pred.encoding, rows[rows >= layout.layers[2].kernel_offset], precision,

@@ -183,3 +183,16 @@ def test_layer_range_spans_and_refusals():
     for bad in (range(2, 2), range(-1, 2), range(0, 5), range(0, 4, 2), [1, 2]):
         with pytest.raises(ValueError, match="layers must be a non-empty range"):
             layout.layer_range(bad)
+    # Every range against sums over its layers; each range's spans made once.
+    t = layout.tensors()
+    for a in range(4):
+        for b in range(a + 1, 5):
+            span = layout.layer_range(range(a, b))
+            assert span.layers == range(a, b) and span is layout.layer_range(range(a, b))
+            assert span.kernels == (t.kernel_offsets[a].item(), t.kernel_offsets[b].item())
+            assert span.weights == (t.weight_offsets[a].item(), t.weight_offsets[b].item())
+            before, inside = layout.layers[:a], layout.layers[a:b]
+            f0, c0 = sum(l.c_out for l in before), sum(l.c_in for l in before)
+            assert span.filters == (f0, f0 + sum(l.c_out for l in inside))
+            assert span.channels == (c0, c0 + sum(l.c_in for l in inside))
+            assert t.filter_offsets[a].item() == f0 and t.channel_offsets[a].item() == c0
