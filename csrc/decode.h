@@ -49,6 +49,9 @@ struct DecodeProblem {
   int64_t num_kernels = 0;
   int64_t num_weights = 0;
   Precision precision = Precision::kFp32;
+  // CPU bf16 mode without bf16 matrix instructions (precision "bf16_fp32_gemm"): the same bf16
+  // operands and activations, multiplied by fp32 GEMMs (see CpuDecoder::mm_bf16).
+  bool bf16_fp32_gemm = false;
 
   int64_t hidden = 0;
   int64_t num_blocks = 0;

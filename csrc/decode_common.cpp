@@ -21,7 +21,7 @@ const char* kFix = " (nern_fast.ops.decode prepares these arguments; call it ins
 Precision parse_precision(const std::string& precision) {
   if (precision == "fp32") return Precision::kFp32;
   if (precision == "tf32") return Precision::kTf32;
-  if (precision == "bf16") return Precision::kBf16;
+  if (precision == "bf16" || precision == "bf16_fp32_gemm") return Precision::kBf16;
   TORCH_CHECK(false, "nern_fast: precision '", precision, "' is not one of fp32, tf32, bf16");
 }
 
@@ -102,6 +102,7 @@ DecodeProblem make_problem(at::TensorList weights, at::TensorList biases, const 
                            const std::string& precision) {
   DecodeProblem p;
   p.precision = parse_precision(precision);
+  p.bf16_fp32_gemm = precision == "bf16_fp32_gemm";
   TORCH_CHECK(encoding == kBasic || encoding == kFfn, "nern_fast: encoding id ", encoding,
               " is not 0 (basic) or 1 (ffn)", kFix);
   TORCH_CHECK(kernel_size >= 1 && kernel_size <= 7, "nern_fast: kernel_size ", kernel_size,
@@ -131,6 +132,8 @@ DecodeProblem make_problem(at::TensorList weights, at::TensorList biases, const 
   }
   TORCH_CHECK(p.precision != Precision::kBf16 || dtype == at::kFloat,
               "nern_fast: precision='bf16' needs float32 parameters, got ", dtype);
+  TORCH_CHECK(!p.bf16_fp32_gemm || device.is_cpu(), "nern_fast: precision 'bf16_fp32_gemm' is a "
+              "mode of the CPU decoder; CUDA tensors take 'bf16'", kFix);
 
   p.encoding_table = encoding_table;
   p.hidden = w0.size(0);

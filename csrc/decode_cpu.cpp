@@ -149,6 +149,7 @@ class CpuDecoder {
       : p_(p),
         layers_(read_layers(p)),
         bf16_(p.precision == Precision::kBf16),
+        fp32_gemm_(bf16_ && p.bf16_fp32_gemm),
         k_(static_cast<int>(p.kernel_size)),
         k2_(p.k2()),
         hidden_(p.hidden),
@@ -161,8 +162,9 @@ class CpuDecoder {
     kernel_offsets_.push_back(p.num_kernels);
     for (int64_t i = 0; i < p.num_blocks; ++i) {
       wt_.push_back(p.weights[i].t());
-      if (bf16_) {
+      if (bf16_) {  // (fp32 GEMMs: fp32 copies of the bf16 values, converted once per call)
         w_lp_.push_back(p.weights[i].to(at::kBFloat16).contiguous());
+        if (fp32_gemm_) w_lp_.back() = w_lp_.back().to(at::kFloat);
         wt_lp_.push_back(w_lp_.back().t());
       }
     }
@@ -229,6 +231,7 @@ class CpuDecoder {
     at::Tensor y, enc, enc_lp;            // (T, k²), (T, 6·levels)
     at::Tensor g, g2, g_lp, gy, gy_lp;    // backward: (T, H) x3, (T, k²) x2
     at::Tensor prod_lp;                   // bf16 per-tile weight-gradient product, flat
+    at::Tensor wide_a, wide_b, wide_out;  // fp32 GEMMs of bf16 values: widened operands, result
     std::vector<RowInfo> info;
   };
   struct Grads {
@@ -290,6 +293,12 @@ class CpuDecoder {
     if (p_.encoding == kFfn) {
       s.enc = at::empty({tile_, enc_size_}, opts);
       if (bf16_) s.enc_lp = at::empty({tile_, enc_size_}, lp);
+    }
+    if (fp32_gemm_) {  // an operand: at most (tile, max(H, E, k²)); a result: acc_lp's or prod_lp's size
+      const int64_t in = std::max({hidden_, enc_size_, k2_});
+      s.wide_a = at::empty({tile_ * in}, opts);
+      if (backward) s.wide_b = at::empty({tile_ * in}, opts);
+      s.wide_out = at::empty({std::max(tile_ * wide, backward ? wide * in : 0)}, opts);
     }
     if (backward) {
       s.g = at::empty({tile_, hidden_}, opts);
@@ -385,6 +394,32 @@ class CpuDecoder {
     return s.acc_lp.narrow(0, 0, n * cols).view({n, cols});
   }
 
+  // out (bf16) <- op(a) @ b with op(a) = a or aᵀ (a: a bf16 tile buffer), b a bf16 tile buffer or
+  // a weight; fp32 accumulation, the result rounded to bf16. Natively ATen's bf16 GEMM (oneDNN:
+  // AVX512-BF16 / AMX). Where the CPU has no bf16 matrix instructions that GEMM ran 20x slower than
+  // fp32 (AVX2 Zen 3: 41 vs 2 ms for 512x280x280), so with fp32_gemm_ the bf16 values are widened
+  // to fp32 (exact; the weights once per call), multiplied by an fp32 GEMM (bf16 products are
+  // exact in fp32) and the result rounded to bf16 (nearest even): the native result up to the
+  // order of the fp32 sums.
+  void mm_bf16(Scratch& s, at::Tensor out, const at::Tensor& a, bool transpose_a, const at::Tensor& b) {
+    if (!fp32_gemm_) {
+      at::mm_out(out, transpose_a ? a.t() : a, b);
+      return;
+    }
+    const at::Tensor wa = widened(s.wide_a, a);
+    const at::Tensor wb = b.scalar_type() == at::kFloat ? b : widened(s.wide_b, b);
+    at::Tensor result = s.wide_out.narrow(0, 0, out.numel()).view(out.sizes());
+    at::mm_out(result, transpose_a ? wa.t() : wa, wb);
+    out.copy_(result);
+  }
+
+  // x (a contiguous bf16 tile buffer) as fp32 in `buffer`
+  static at::Tensor widened(const at::Tensor& buffer, const at::Tensor& x) {
+    at::Tensor w = buffer.narrow(0, 0, x.numel()).view(x.sizes());
+    w.copy_(x);
+    return w;
+  }
+
   // dst (n, out) <- relu?(src @ W_i^T + b_i); in bf16 mode from the bf16 copy of src, and the
   // bf16 copy of dst is written alongside for the next layer.
   template <bool Relu>
@@ -393,7 +428,7 @@ class CpuDecoder {
     const int64_t cols = p_.weights[i].size(0);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
-      at::mm_out(acc, src_lp, wt_lp_[i]);
+      mm_bf16(s, acc, src_lp, false, wt_lp_[i]);
       const float* bias = ptr<float>(p_.biases[i]);
       if (Relu) cpu::bias_relu_to_bf16(ptr<BF16>(acc), bias, ptr<BF16>(dst_lp), n, cols);
       else cpu::bias_to_float(ptr<BF16>(acc), bias, ptr<float>(dst), n, cols);
@@ -524,7 +559,7 @@ class CpuDecoder {
     }
     const int64_t rows = acc.size(0), cols = acc.size(1);
     at::Tensor prod = s.prod_lp.narrow(0, 0, rows * cols).view({rows, cols});
-    at::mm_out(prod, g_lp.t(), a_lp);
+    mm_bf16(s, prod, g_lp, true, a_lp);
     cpu::accumulate_bf16(ptr<float>(acc), ptr<BF16>(prod), rows * cols);
   }
 
@@ -535,7 +570,7 @@ class CpuDecoder {
     const int64_t cols = p_.weights[i].size(1);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
-      at::mm_out(acc, g_lp, w_lp_[i]);
+      mm_bf16(s, acc, g_lp, false, w_lp_[i]);
       cpu::masked_from_bf16(ptr<BF16>(acc), ptr<BF16>(a), ptr<float>(dst), ptr<BF16>(dst_lp), n * cols);
       return;
     }
@@ -598,6 +633,7 @@ class CpuDecoder {
   std::vector<LayerInfo> layers_;
   std::vector<int64_t> kernel_offsets_;
   const bool bf16_;
+  const bool fp32_gemm_;  // bf16 mode through fp32 GEMMs (DecodeProblem::bf16_fp32_gemm)
   const int k_;
   const int64_t k2_, hidden_, enc_size_, last_, tile_;
   const bool needs_y_;  // some layer's crop is a max pool: its backward reads the last output

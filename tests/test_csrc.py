@@ -398,14 +398,16 @@ def test_cpu_bf16_in_child_process():
     fault there is reported as this test's failure, not as a crash of a later test."""
     if IN_CHILD:
         pytest.skip("already in the child")
-    run_in_child("bf16_error_bounded_by_eager or nan_propagates_bf16")
+    run_in_child("bf16_error_bounded_by_eager or nan_propagates_bf16 or bf16_through_fp32_gemms")
 
 
 @child_only
+@pytest.mark.parametrize("gemm", ["native", "fp32"])  # ATen's bf16 GEMMs, or fp32 GEMMs of bf16 values
 @pytest.mark.parametrize("hidden", [180, 1256])
 @pytest.mark.parametrize("encoding", ["basic", "ffn"])
 @pytest.mark.parametrize("subset", [False, True])
-def test_bf16_error_bounded_by_eager_bf16(encoding, subset, hidden):
+def test_bf16_error_bounded_by_eager_bf16(encoding, subset, hidden, gemm, monkeypatch):
+    monkeypatch.setenv(csrc_backend.ENV_CPU_BF16_GEMM, gemm)
     layout = mixed_layout(crop="average", permuted=True)
     pred = random_predictor(layout, hidden=hidden, num_blocks=5, levels=40, encoding=encoding)
     rows = torch.randint(0, layout.num_kernels, (200,), generator=torch.Generator().manual_seed(2)) \
@@ -429,10 +431,54 @@ def test_nan_propagates_like_eager(layer, encoding):
 
 
 @child_only
+@pytest.mark.parametrize("gemm", ["native", "fp32"])
 @pytest.mark.parametrize("layer", [0, 2])
-def test_nan_propagates_bf16(layer):
+def test_nan_propagates_bf16(layer, gemm, monkeypatch):
+    monkeypatch.setenv(csrc_backend.ENV_CPU_BF16_GEMM, gemm)
     pred = random_predictor(mixed_layout(), hidden=32, num_blocks=4, levels=4)
     assert_nan_like_eager(pred, "csrc", "bf16", layer)
+
+
+@child_only
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+def test_bf16_through_fp32_gemms_is_the_native_mode_up_to_sum_order(encoding, monkeypatch):
+    """The bf16 mode's two ways of multiplying give the same numbers but for the order of the fp32
+    sums (an output that lands near a bf16 rounding boundary may move by one bf16 step: far below
+    bf16's own error): output and every gradient, with the kept activations and without."""
+    pred = random_predictor(mixed_layout(crop="max", permuted=True), hidden=48, num_blocks=4, levels=6,
+                            encoding=encoding)
+    for save_mb in ("1024", "0"):
+        monkeypatch.setenv("NERN_FAST_CPU_SAVE_MB", save_mb)
+        results = {}
+        for gemm in ("native", "fp32"):
+            monkeypatch.setenv(csrc_backend.ENV_CPU_BF16_GEMM, gemm)
+            results[gemm] = decode_and_grads(pred, "csrc", precision="bf16")
+        (out, grads), (ref, ref_grads) = results["fp32"], results["native"]
+        for got, want in zip([out, *grads], [ref, *ref_grads]):
+            scale = want.abs().max().item()
+            assert (got - want).abs().max().item() <= 1e-2 * scale, save_mb
+            assert (got - want).abs().mean().item() <= 1e-4 * scale, save_mb  # nearly all equal
+
+
+def test_bf16_gemm_choice_follows_the_cpu_and_the_environment(monkeypatch):
+    monkeypatch.setattr(csrc_backend, "_NATIVE_BF16", None)
+    monkeypatch.delenv(csrc_backend.ENV_CPU_BF16_GEMM, raising=False)
+    for capabilities, expected in (({"avx2": True, "avx512_bf16": False}, "fp32"),
+                                   ({"avx512_f": True, "avx512_bf16": True}, "native"),
+                                   ({"amx_bf16": True}, "native"), ({"neon": True, "bf16": True}, "native"),
+                                   ({"neon": True}, "fp32")):
+        monkeypatch.setattr(csrc_backend, "_NATIVE_BF16", None)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert csrc_backend.cpu_bf16_gemm() == expected, capabilities
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert csrc_backend.op_precision("bf16", cpu) == "bf16_fp32_gemm"  # (the last CPU: no bf16)
+    assert csrc_backend.op_precision("bf16", cuda) == "bf16"
+    assert csrc_backend.op_precision("fp32", cpu) == "fp32"
+    monkeypatch.setenv(csrc_backend.ENV_CPU_BF16_GEMM, "native")
+    assert csrc_backend.op_precision("bf16", cpu) == "bf16"
+    monkeypatch.setenv(csrc_backend.ENV_CPU_BF16_GEMM, "fast")
+    with pytest.raises(ValueError, match="NERN_FAST_CPU_BF16_GEMM must be"):
+        csrc_backend.cpu_bf16_gemm()
 
 
 def test_bf16_portable_passes_match_avx512(tmp_path):
@@ -669,8 +715,9 @@ def test_opcheck_registrations():
         torch.library.opcheck(torch.ops.nern_fast_C.decode_forward_saving, args + [keep],
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     args[7] = None
-    torch.library.opcheck(torch.ops.nern_fast_C.decode_forward_saving, args[:-1] + ["bf16", 100],
-                          test_utils=("test_schema", "test_faketensor"))
+    for precision in ("bf16", "bf16_fp32_gemm"):  # (the CPU bf16 mode through fp32 GEMMs)
+        torch.library.opcheck(torch.ops.nern_fast_C.decode_forward_saving, args[:-1] + [precision, 100],
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_traces_under_torch_compile():

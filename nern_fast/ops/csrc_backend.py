@@ -9,6 +9,12 @@ reason, never an import error), makes both forward ops differentiable (``registe
 traceable by ``torch.compile`` (``register_fake``), and exposes them as the backend named
 ``"csrc"``.
 
+The CPU decoder's bf16 mode multiplies bf16 operands with fp32 accumulation. Where the CPU has
+bf16 matrix instructions (x86 AVX512-BF16 or AMX, Arm BF16) ATen's bf16 GEMMs do that fast;
+elsewhere (e.g. an AVX2-only x86) they ran 20x slower than fp32 ones, so the decoder multiplies
+the same bf16 values with fp32 GEMMs instead (:func:`cpu_bf16_gemm`; the op's internal precision
+``"bf16_fp32_gemm"``). ``NERN_FAST_CPU_BF16_GEMM=native|fp32`` overrides the choice.
+
 ``NERN_FAST_CPU_SAVE_MB`` (default 1024) is the budget of the kept activations of one CPU decode
 that will be differentiated; 0 turns keeping off (the backward then recomputes every tile). The kept
 activations live in one reusable buffer (a fresh one per call paid ~80 ms of page faults on
@@ -92,7 +98,7 @@ def _decode_forward_saving_fake(*args):
     out = _decode_forward_fake(*args[:-1])
     weights, precision, save_rows = args[0], args[13], args[14]
     w = weights[0]
-    dtype = torch.bfloat16 if precision == "bf16" else w.dtype
+    dtype = torch.bfloat16 if precision.startswith("bf16") else w.dtype
     return out, w.new_empty((len(weights) - 2, save_rows, w.shape[0]), dtype=dtype)
 
 
@@ -171,6 +177,43 @@ def save_budget_bytes() -> int:
     return int(mb * 2**20)
 
 
+ENV_CPU_BF16_GEMM = "NERN_FAST_CPU_BF16_GEMM"
+_BF16_MATRIX_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # torch.cpu.get_capabilities()
+
+
+def _cpu_has_bf16_matrix_instructions() -> bool:
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is None:  # (torch 2.11-2.14 have it)
+        return True
+    capabilities = get()
+    return any(bool(capabilities.get(name, False)) for name in _BF16_MATRIX_FEATURES)
+
+
+_NATIVE_BF16 = None
+
+
+def cpu_bf16_gemm() -> str:
+    """How the CPU decoder's bf16 mode multiplies: ``"native"`` (ATen's bf16 GEMMs) on CPUs with bf16
+    matrix instructions, ``"fp32"`` (fp32 GEMMs on the bf16 values: the same operands and fp32
+    accumulation) elsewhere; ``NERN_FAST_CPU_BF16_GEMM=native|fp32`` overrides."""
+    global _NATIVE_BF16
+    value = os.environ.get(ENV_CPU_BF16_GEMM, "").strip().lower()
+    if value in ("native", "fp32"):
+        return value
+    if value not in ("", "auto"):
+        raise ValueError(f"{ENV_CPU_BF16_GEMM} must be 'native', 'fp32' or 'auto', got {value!r}")
+    if _NATIVE_BF16 is None:
+        _NATIVE_BF16 = _cpu_has_bf16_matrix_instructions()
+    return "native" if _NATIVE_BF16 else "fp32"
+
+
+def op_precision(precision: str, device: torch.device) -> str:
+    """The precision argument of the op: the CPU bf16 mode through fp32 GEMMs where chosen."""
+    if precision == "bf16" and device.type == "cpu" and cpu_bf16_gemm() == "fp32":
+        return "bf16_fp32_gemm"
+    return precision
+
+
 def rows_to_keep(weights, precision: str, num_rows: int) -> int:
     """How many rows' hidden activations (layers 1..nb-2) fit the budget."""
     per_row = (len(weights) - 2) * weights[0].shape[0] * (2 if precision == "bf16" else weights[0].element_size())
@@ -230,7 +273,7 @@ class CsrcBackend:
             rows = self._rows_in_range(rows, span)
         args = ([w.contiguous() for w in weights], [b.contiguous() for b in biases], *layout_args, rows,
                 encoding.kernel_table(device), ENCODING_IDS[encoding.kind], layout.kernel_size, *sizes,
-                precision)
+                op_precision(precision, device))
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*weights, *biases))
         keep = 0
         if needs_grad and device.type == "cpu" and len(weights) >= 3:
