@@ -89,7 +89,23 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model} ({os.cpu_count()} cores)"
+    features = cpu_matrix_features()
+    return f"{model} ({os.cpu_count()} cores{', ' + features if features else ''})"
+
+
+def cpu_matrix_features() -> str:
+    """The widest vector / matrix instructions the CPU's GEMMs can use ("AMX", "AVX-512 BF16",
+    "AVX-512", "AVX2"; Arm: "BF16", "NEON"): one CPU model name covers generations whose speeds,
+    bf16's above all, differ several-fold (a Zen 3 and a Zen 4 EPYC are both "AMD EPYC")."""
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is None:
+        return ""
+    caps = get()
+    for name, label in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512_f", "AVX-512"),
+                        ("avx2", "AVX2"), ("bf16", "BF16"), ("neon", "NEON")):
+        if caps.get(name, False):
+            return label
+    return ""
 
 
 REPO = Path(__file__).resolve().parents[1]

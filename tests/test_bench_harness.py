@@ -99,6 +99,19 @@ def test_peaks_known_only_for_listed_gpus():
     assert peak_tflops("AMD EPYC (2 cores)", "fp32") is None
 
 
+def test_cpu_device_names_carry_the_matrix_instructions(monkeypatch):
+    """CPU rows name the widest instructions the GEMMs can use: a Zen 3 and a Zen 4 EPYC differ
+    several-fold in bf16 but share the model name."""
+    for capabilities, label in (({"avx2": True, "avx512_f": False}, "AVX2"),
+                                ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, "AVX-512 BF16"),
+                                ({"avx512_f": True, "amx_bf16": True}, "AMX"), ({"neon": True}, "NEON"),
+                                ({}, "")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert harness.cpu_matrix_features() == label
+    name = harness.device_name(torch.device("cpu"))
+    assert name.endswith(" cores)") and "cores" in name
+
+
 def test_quantiles_and_timer():
     assert harness.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
     calls = []
