@@ -731,6 +731,20 @@ def test_traces_under_torch_compile():
     assert all(w.grad is not None for w in pred.weights())
 
 
+def test_bf16_traces_as_one_graph():
+    """The CPU bf16 mode's choice of GEMMs (made at import, read in the call) leaves a decode one
+    graph for torch.compile(fullgraph=True): the same values as the eager call, and a backward."""
+    pred = random_predictor(mixed_layout(crop="max", permuted=True), hidden=16, num_blocks=3, levels=4,
+                            backend="csrc")
+    pred.precision = "bf16"
+    compiled = torch.compile(lambda: pred.decode_flat(), backend="aot_eager", fullgraph=True)
+    out = compiled()
+    with torch.no_grad():
+        assert torch.equal(out.detach(), pred.decode_flat())
+    out.square().sum().backward()
+    assert all(w.grad is not None for w in pred.weights())
+
+
 # ------------------------------------------------------------------------------------------ CUDA
 # All in one child process (test_cuda_in_child_process): a kernel fault there cannot poison the
 # CUDA context of the parent's later tests. Sizes are small: the whole set takes seconds on a GPU.

@@ -185,11 +185,15 @@ def _cpu_has_bf16_matrix_instructions() -> bool:
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is None:  # (torch 2.11-2.14 have it)
         return True
-    capabilities = get()
+    try:
+        capabilities = get()
+    except Exception:  # an unreadable CPU: ATen's bf16 GEMMs, as before this choice existed
+        return True
     return any(bool(capabilities.get(name, False)) for name in _BF16_MATRIX_FEATURES)
 
 
-_NATIVE_BF16 = None
+# Read once at import: torch.compile(fullgraph=True) cannot trace the capability query.
+_NATIVE_BF16: Optional[bool] = _cpu_has_bf16_matrix_instructions()
 
 
 def cpu_bf16_gemm() -> str:
