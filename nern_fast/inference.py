@@ -582,12 +582,13 @@ class Attachment:
 
     def _take_prefetched(self, g: int, position: int, main) -> Optional[tuple]:
         """(weights, graph slot or None) prefetched for this conv call's group, or None."""
-        pending, self._pending = self._pending, None
+        pending = self._pending
         if pending is None:
             return None
         if pending[:2] != (g, position):
-            self.stats["prefetch_dropped"] += 1
-            return None  # another path than last time; freeing on the side stream is safe
+            self._drop_pending(main)  # another path than last time
+            return None
+        self._pending = None
         _, _, weights, event, slot, _ = pending
         main.wait_event(event)
         if slot is None:
@@ -596,10 +597,16 @@ class Attachment:
         self.stats["prefetched"] += 1
         return weights, slot
 
-    def _drop_pending(self) -> None:
-        if self._pending is not None:
-            self._pending = None
-            self.stats["prefetch_dropped"] += 1
+    def _drop_pending(self, main=None) -> None:
+        """Forget the prefetch on its way. Its weights may be freed on the side stream, but the
+        current stream still waits for it (on the GPU only): the side decode may have made what a
+        later decode on this stream reads (the first-layer tables of the forward's shared
+        preparation, a layer range's metadata), and nothing else orders those reads after it."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        self.stats["prefetch_dropped"] += 1
+        (main if main is not None else torch.cuda.current_stream(self.device)).wait_event(pending[3])
 
     # ------------------------------------------------------------------ hooks
     def _root_start(self, module, args) -> None:

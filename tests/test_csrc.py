@@ -927,8 +927,10 @@ def test_cuda_case_layer_range(encoding, precision):
     with torch.no_grad():
         out = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside, precision,
                              layers=range(1, 3))
-        inside = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside[1:], precision)
-    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1:], inside)
+        # The same two rows without the range: cuBLAS may pick other kernels (another summation
+        # order) for one row than for two, so both calls decode two.
+        inside = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, outside, precision)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(out[1:], inside[1:])
 
 
 @cuda_case
