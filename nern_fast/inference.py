@@ -41,11 +41,14 @@ in another order may decode a group more than once per forward (``stats["decodes
 ``state_dict``, ``detach``) get storage of their own.
 
 Decoder scratch (``workspace_bytes``): a decode call also allocates working memory of its own, on
-top of the weights counted above. The Triton fused schedule needs none beyond the separable
-first-layer tables, but the Triton chunked schedule (large hidden sizes) and the CUDA decoder of
-``csrc`` run the MLP over chunks of rows whose activations take up to 256 MB and 1 GiB by default
-(H200, commit 4d93b57, Triton tf32: an on-demand ResNet-18 forward at H=1256, batch 1, needed 324
-MB above its inputs against 55 MB materialized; README's GPU table). ``workspace_bytes=N`` caps that scratch per decode call for the backends that size it
+top of the weights counted above. The Triton fused schedule holds the separable first-layer tables
+and per-program scratch of BM rows × 2·H (+ the encoding's width with the direct first layer), its
+programs at most one per BM rows of the call and a few per SM: a few MB for a layer-sized call, tens
+of MB for a call that fills a large GPU (not bounded by ``workspace_bytes``). The Triton chunked
+schedule (large hidden sizes) and the CUDA decoder of ``csrc`` run the MLP over chunks of rows whose
+activations take up to 256 MB and 1 GiB by default (H200, commit 4d93b57, Triton tf32: an on-demand
+ResNet-18 forward at H=1256, batch 1, needed 324 MB above its inputs against 55 MB materialized;
+README's GPU table). ``workspace_bytes=N`` caps that scratch per decode call for the backends that size it
 (``bounded_workspace``: at least one chunk or tile of rows whatever N; smaller chunks mean more,
 smaller launches). ``None`` keeps the backends' defaults. It applies to every decode of the
 attachment, so the modes still decode with the same calls.
