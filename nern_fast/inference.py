@@ -214,6 +214,7 @@ class LayerDecoder:
         if key != self._key:
             self._key = None
             self._shared = None
+            self._shared_streams.clear()  # the next set's memory must be marked for them again
             self._select(weights, biases)
             self._key = key
         return weights, biases
