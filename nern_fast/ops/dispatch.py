@@ -19,9 +19,9 @@ budget. ``nern_fast.inference`` uses it to bound what an on-demand decode alloca
 A backend with ``takes_layer_range = True`` takes ``decode(..., layers=range(a, b))`` for a subset
 call whose rows all lie in layers a..b-1 (the caller's promise: checking it would read the rows
 back from the device; a row outside them is undefined: ``csrc`` decodes it as zeros, the Triton
-kernels would read past the range's tables): work sized by the whole network, such as the Triton backend's separable
-first-layer tables or the CUDA decoder of ``csrc``'s, is then sized by those layers
-(:func:`call_layer_range` checks the argument).
+kernels would read past the range's tables): work sized by the whole network, such as the Triton
+backend's separable first-layer tables or the CUDA decoder of ``csrc``'s, is then sized by those
+layers (:func:`call_layer_range` checks the argument).
 """
 from __future__ import annotations
 
