@@ -6,16 +6,17 @@
 #          accuracy of every Triton backward candidate (bench.backward_accuracy) side by side
 #                                                                    (session 8: 156 s, cut)
 #   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
-#          inference benchmark (graphs off/on) -> distillation-step profile, eager and in CUDA
-#          graphs                                                               (about 5.5 min)
-# "all" (the default) runs the install and both halves in about 9.5 minutes (session 8: 555 s, the
-# install 52 s), within the device tool's
-# 10-minute limit per command (session 2, tests one after the other: 7.1 min before the graphs
-# variants were added). "tests" and "bench" run one half (the build is kept between two calls).
+#          inference benchmark (graphs off/on, Triton and csrc)       (session 8's steps: 208 s)
+#   profile: distillation-step profile, eager and in CUDA graphs (#5's GPU-busy goal, met in
+#          session 8: 61 s); not part of "all"
+# "all" (the default) runs the install and the tests and bench halves: session 8's steps took 420 s
+# of them (install 52 s, tests 156 s, bench 208 s; a device session now has 15 minutes in all,
+# machine start included), so about 7.5 minutes with the steps added since. "tests", "bench" and
+# "profile" run one part (the build is kept between two calls on a warm machine).
 # Under $OUT (default ./gpu_out): bench.csv and bench.log (the suite's rows and log), env.txt, and
 # logs.tgz holding every step's log and side outputs (the device tool brings back at most 8 files,
 # so the archive is refreshed after every step: a cut-off run still returns what it did).
-# Usage (repository root):  bash bench/gpu_check.sh [all|tests|bench]   (default all)
+# Usage (repository root):  bash bench/gpu_check.sh [all|tests|bench|profile]   (default all)
 #                           bash bench/gpu_check.sh focus "NAME: COMMAND" ...   (chosen checks only)
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -92,7 +93,7 @@ fi
 # longest: every candidate compiled) first; session 8's three shards of 71 tests ran 126-150 s each
 # and two were cut in those tests. Default configurations, no tuning and no
 # on-disk tuning decisions: the bench step times candidates on a quiet GPU and keeps its choices.
-if [ "$WHAT" != bench ]; then
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   export NERN_FAST_TRITON_AUTOTUNE=0 NERN_FAST_TRITON_TUNE_CACHE=0
   $PY -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_triton.py 2>/dev/null \
     | grep "::" | awk '/every_tuner_candidate/ {print; next} {rest[n++] = $0} END {for (j = 0; j < n; j++) print rest[j]}' \
@@ -122,7 +123,7 @@ if [ "$WHAT" != bench ]; then
   fi
   unset NERN_FAST_TRITON_AUTOTUNE NERN_FAST_TRITON_TUNE_CACHE
 fi
-if [ "$WHAT" != tests ]; then
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
   # The tuner's log: every timed candidate (kernel times per tile configuration) and the choice.
   step bench_run 190 env NERN_FAST_TRITON_TUNE_LOG=1 $PY -m nern_fast bench --device cuda --budget 140 \
     --out "$OUT"
@@ -140,6 +141,8 @@ if [ "$WHAT" != tests ]; then
     --batches 1,256 --repeats 20 --precision tf32 --out "$LOGS/inference_prefetch.jsonl"
   step inference_prefetch_csrc 40 $PY -m bench.inference_prefetch --device cuda --nets resnet56 \
     --batches 1,256 --repeats 20 --precision tf32 --backend csrc --out "$LOGS/inference_prefetch.jsonl"
+fi
+if [ "$WHAT" = profile ]; then
   step profile 45 $PY bench/profile_distill_step.py --count-ops --out "$LOGS/profile.json"  # 30 s cut it in session 2
   # The same step captured in CUDA graphs (#5's GPU-busy goal); kernels and tuning are cached by now.
   step profile_graphs 35 $PY bench/profile_distill_step.py --cuda-graphs --count-ops --warmup 5 --steps 10 \
