@@ -90,3 +90,35 @@ def test_input_checks_are_clear():
         ops.decode([w[0].double()] + w[1:], b, pred.layout, pred.encoding)
     with pytest.raises(ValueError, match="precision"):
         ops.decode(w, b, pred.layout, pred.encoding, precision="fp16")
+
+
+def test_layout_cache_evicts_dead_layouts_first_then_least_recently_used():
+    import gc
+
+    from nern_fast import WeightLayout
+    from nern_fast.ops.layout_cache import LayoutCache
+
+    cache = LayoutCache(max_entries=3)
+    builds = []
+
+    def get(layout, key):
+        return cache.get(layout, key, lambda: builds.append(key) or key)
+
+    live, gone = WeightLayout.from_shapes([(4, 4)]), WeightLayout.from_shapes([(8, 4)])
+    get(live, "a"), get(live, "b"), get(gone, "c")
+    assert get(live, "a") == "a" and builds == ["a", "b", "c"]  # a hit builds nothing
+    del gone
+    gc.collect()
+    get(live, "d")  # full: the dead layout's entry goes, the live ones stay
+    assert len(cache) == 3 and builds[-1] == "d"
+    get(live, "a"), get(live, "b"), get(live, "d")
+    assert builds == ["a", "b", "c", "d"]
+    get(live, "b")  # used last but one ...
+    get(live, "e")  # ... full and every layout alive: the least recently used ("a") goes
+    assert len(cache) == 3 and builds[-1] == "e"
+    get(live, "b"), get(live, "d"), get(live, "e")
+    assert builds[-1] == "e"
+    get(live, "a")
+    assert builds[-1] == "a"  # rebuilt
+    other = WeightLayout.from_shapes([(2, 2)])
+    assert cache.get(other, "e", lambda: "other") == "other"  # a key of another layout: rebuilt

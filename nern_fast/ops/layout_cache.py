@@ -3,8 +3,10 @@
 Layouts are immutable, so what a backend derives from one (metadata tensors on a device, the
 arguments of a decode group's layer range) can be kept under a key that starts with ``id(layout)``;
 a weak reference tells a reused id from the same layout. Bounded: a per-layer attachment of a deep
-network keeps one entry per layer range, far below the cap; past it everything is dropped and
-rebuilt on demand.
+network keeps one entry per layer range, far below the cap. Past it, the entries of layouts that no
+longer exist go first, then the least recently used one: never everything at once (a dropped device
+tensor goes back to the allocator of the stream it was made on, while kernels queued on another
+stream may still read it; an entry in use is a recently used one).
 """
 from __future__ import annotations
 
@@ -28,14 +30,22 @@ class LayoutCache:
         traces (a traced graph must not hold tensors made during tracing)."""
         if torch.compiler.is_compiling():
             return build()
-        entry = self._entries.get(key)
+        entry = self._entries.pop(key, None)
         if entry is not None and entry[0]() is layout:
+            self._entries[key] = entry  # re-inserted: the dict's order is the order of use
             return entry[1]
         value = build()
         if len(self._entries) >= self.max_entries:
-            self._entries.clear()
+            self._evict()
         self._entries[key] = (weakref.ref(layout), value)
         return value
+
+    def _evict(self) -> None:
+        dead = [k for k, (ref, _) in self._entries.items() if ref() is None]
+        for k in dead:
+            del self._entries[k]
+        if not dead:
+            del self._entries[next(iter(self._entries))]
 
     def __len__(self) -> int:
         return len(self._entries)
