@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ from nern_fast import FastPredictor, load_compressed, save_compressed
 from nern_fast.compressed import PREDICTOR_DTYPES, state_dict_bytes
 from nern_fast.models import cifar_resnet
 
-from .harness import git_commit
+from .harness import git_commit, run_device_label
 
 
 def digits(seed: int = 0):
@@ -242,7 +241,7 @@ def main_run(args) -> int:
         "what": f"compressed model files of the predictor stages of the fit run {run_dir} "
                 f"(predictor storage fp32/fp16/bf16/int8), reloaded with load_compressed and "
                 f"evaluated on the run's test split",
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": run_device_label("cpu"),
         "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - started, 1), "stages": results,
     }
@@ -334,7 +333,7 @@ def main() -> int:
         "what": "ResNet-20 (1 input channel) trained on sklearn digits 8x8; predictor fitted by weight "
                 "reconstruction; unrepresented parameters calibrated on digits with the decoded block "
                 "convs fixed; compressed file per predictor storage dtype",
-        "device": f"cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
+        "device": run_device_label("cpu"),
         "torch": torch.__version__, "commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "epochs": args.epochs, "fit_steps": args.steps, "kd_steps": args.kd_steps,
         "calibrate_epochs": args.calibrate_epochs,

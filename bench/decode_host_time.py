@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -210,10 +209,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     rows = measure(device, cases, args.providers.split(","), args.precisions.split(","), args.repeats,
                    args.stub_triton)
-    from .harness import git_commit
+    from .harness import git_commit, run_device_label
     commit = git_commit()
-    name = torch.cuda.get_device_name() if device == "cuda" else (
-        f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
+    name = run_device_label(device)
     common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit, "device": name,
               "torch": torch.__version__}
     if args.out:

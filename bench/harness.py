@@ -93,6 +93,18 @@ def device_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores{', ' + features if features else ''})"
 
 
+def run_device_label(device, note: str = "") -> str:
+    """The device a side benchmark's JSON rows name: the GPU, or the CPU (model, cores, widest GEMM
+    instructions, as in bench.csv) with the torch threads the run used, then ``note``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        label = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        label = f"{device_name(device)}, {threads} thread{'' if threads == 1 else 's'}"
+    return f"{label}; {note}" if note else label
+
+
 def cpu_matrix_features() -> str:
     """The widest vector / matrix instructions the CPU's GEMMs can use ("AMX", "AVX-512 BF16",
     "AVX-512", "AVX2"; Arm: "BF16", "NEON"): one CPU model name covers generations whose speeds,

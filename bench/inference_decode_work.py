@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections import Counter
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     from nern_fast.ops import triton_inputs
 
     from .decode_host_time import stub_triton_launches
-    from .harness import count_ops, git_commit
+    from .harness import count_ops, git_commit, run_device_label
 
     launches: Counter = Counter()
     stub_triton_launches(launches)
@@ -98,8 +97,7 @@ def main(argv=None) -> int:
             rows.append(measure("on_demand, per layer, prepared per_layer", precision))
         pred.detach(model)
     common = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
-              "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread; Triton launches "
-                        f"stubbed)", "torch": torch.__version__}
+              "device": run_device_label("cpu", "Triton launches stubbed"), "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from nern_fast import inference_graphs
 from nern_fast.inference import attachment
 from nern_fast.models import cifar_resnet
 
-from .harness import git_commit
+from .harness import git_commit, run_device_label
 
 
 class _Event:
@@ -93,7 +92,7 @@ def main() -> int:
     layers = pred.layout.num_layers
     commit = git_commit()
     row = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit,
-           "device": f"cpu ({platform.processor() or platform.machine()}, 1 thread)",
+           "device": run_device_label("cpu"),
            "torch": torch.__version__, "net": "resnet56", "batch": 1, "represented_convs": layers,
            "materialized_ms": materialized, "on_demand_graphs_stubbed_ms": graphed,
            "host_us_per_conv": (graphed - materialized) / layers * 1e3,

@@ -37,7 +37,7 @@ from nern_fast.inference import LayerDecoder, attachment
 from nern_fast.inference_groups import groups_for
 from nern_fast.models import cifar_resnet
 
-from .harness import git_commit
+from .harness import git_commit, run_device_label
 
 NETS = {"resnet20": (20, 180), "resnet56": (56, 280)}  # depth, NeRN's hidden size
 
@@ -145,7 +145,7 @@ def main() -> int:
     args = parser.parse_args()
     device = torch.device(args.device)
     commit = git_commit()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    name = run_device_label(device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'net':<9} {'batch':>5} {'mode':<40} {'median_ms':>10} {'vs_mat':>7} {'resident_mb':>11} "

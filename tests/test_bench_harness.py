@@ -110,6 +110,11 @@ def test_cpu_device_names_carry_the_matrix_instructions(monkeypatch):
         assert harness.cpu_matrix_features() == label
     name = harness.device_name(torch.device("cpu"))
     assert name.endswith(" cores)") and "cores" in name
+    # Side benchmarks' JSON rows: the same name, with the run's threads and an optional note.
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert harness.run_device_label("cpu") == name + ", 1 thread"
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert harness.run_device_label("cpu", "Triton launches stubbed") == name + ", 2 threads; Triton launches stubbed"
 
 
 def test_quantiles_and_timer():
@@ -291,7 +296,8 @@ def test_decode_host_time_records_each_provider_and_precision(tmp_path):
     # nern_eager runs at fp32 whatever the case asks: one row
     assert [(r["provider"], r["precision"]) for r in rows] == [
         ("eager", "fp32"), ("eager", "bf16"), ("nern_eager", "fp32")]
-    assert all(r["host_ms"] > 0 and r["layout"] == "tiny" and r["device"].startswith("cpu") for r in rows)
+    assert all(r["host_ms"] > 0 and r["layout"] == "tiny"
+               and r["device"].startswith(harness.device_name(torch.device("cpu"))) for r in rows)
     with pytest.raises(SystemExit):
         decode_host_time.main(["--cases", "tiny"])  # no hidden size: a usage error naming the case
 
