@@ -2,7 +2,7 @@
 # The prepared GPU check for a `device` session (H100/H200, torch 2.11 + triton 3.6, offline).
 # Installs the package offline (building nern_fast._C with its CUDA ops for sm_90), then runs, each
 # step with its own time limit so one hang cannot eat the session:
-#   tests: csrc, Triton (four shards), inference and graphed-training tests, and the gradient
+#   tests: csrc, Triton (five shards), inference and graphed-training tests, and the gradient
 #          accuracy of every Triton backward candidate (bench.backward_accuracy) side by side
 #                                                                    (session 8: 156 s, cut)
 #   bench: benchmark suite (the issue goals) -> host vs GPU time of one decode -> on-demand
@@ -89,21 +89,21 @@ fi
 
 # Tests first: the code changed since the last GPU session is verified even if the session is cut.
 # They run side by side (one GPU, 16 CPUs: the Triton tests are bound by kernel compilation, one
-# compile per CPU), the Triton GPU tests in four round-robin shards, the tuner-candidate tests (the
+# compile per CPU), the Triton GPU tests in five round-robin shards, the tuner-candidate tests (the
 # longest: every candidate compiled) first; session 8's three shards of 71 tests ran 126-150 s each
-# and two were cut in those tests. Default configurations, no tuning and no
+# and two were cut in those tests (five since session 13: nine compile-heavy GPU tests came since). Default configurations, no tuning and no
 # on-disk tuning decisions: the bench step times candidates on a quiet GPU and keeps its choices.
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   export NERN_FAST_TRITON_AUTOTUNE=0 NERN_FAST_TRITON_TUNE_CACHE=0
   $PY -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_triton.py 2>/dev/null \
     | grep "::" | awk '/every_tuner_candidate/ {print; next} {rest[n++] = $0} END {for (j = 0; j < n; j++) print rest[j]}' \
     > "$LOGS/triton_gpu_tests.txt"
-  for i in 0 1 2 3; do
-    awk -v i=$i 'NR % 4 == i' "$LOGS/triton_gpu_tests.txt" > "$LOGS/triton_shard$i.txt"
+  for i in 0 1 2 3 4; do
+    awk -v i=$i 'NR % 5 == i' "$LOGS/triton_gpu_tests.txt" > "$LOGS/triton_shard$i.txt"
     [ -s "$LOGS/triton_shard$i.txt" ] && \
-      pytest_step tests_triton$i 160 --durations=5 $(cat "$LOGS/triton_shard$i.txt") > /dev/null &
+      pytest_step tests_triton$i 170 --durations=5 $(cat "$LOGS/triton_shard$i.txt") > /dev/null &
   done
-  pytest_step tests_csrc 90 tests/test_csrc.py > /dev/null &
+  pytest_step tests_csrc 120 tests/test_csrc.py > /dev/null &
   pytest_step tests_inference 60 tests/test_inference.py > /dev/null &  # CUDA-graph captures
   pytest_step tests_train_graphs 90 tests/test_train_recipes.py -m gpu > /dev/null &  # captured steps
   # Gradient errors of every Triton backward candidate against float64, eager's beside them (the

@@ -288,9 +288,11 @@ def test_chunked_forward_keeps_to_a_call_workspace(device, monkeypatch):
         default = backend.decode(*args)
         budget, row_bytes, rows = plans[-1]
         assert budget == 256 << 20 and rows >= pred.layout.num_kernels  # one chunk: all 576 rows
-        small = backend.decode(*args, workspace_bytes=100 * row_bytes)
+        # 300 rows' worth: above one chunk quantum on a GPU (256 rows) and under the interpreter
+        # (32), below the layout's 576 rows
+        small = backend.decode(*args, workspace_bytes=300 * row_bytes)
     budget, _, rows = plans[-1]
-    assert budget == 100 * row_bytes and rows < pred.layout.num_kernels and rows * row_bytes <= budget
+    assert budget == 300 * row_bytes and rows < pred.layout.num_kernels and rows * row_bytes <= budget
     assert rel_err(small, default) <= 1e-6
 
 
@@ -447,9 +449,11 @@ def test_small_fused_forwards_also_try_narrow_row_tiles(monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bm", [16, 32])
 def test_narrow_row_tiles_decode_like_eager(bm, device, monkeypatch):
-    """The fused kernels with 16- and 32-row tiles (what small calls may be tuned to), full and
-    subset, outputs and gradients."""
-    monkeypatch.setattr(tt, "_fused_tiles", lambda kind, shape: [(bm, 32, 32, 4, 1, 2)])
+    """The fused forward with 16- and 32-row tiles (what small calls may be tuned to; the backward
+    keeps its own tiles), full and subset, outputs and gradients."""
+    tiles = tt._fused_tiles
+    monkeypatch.setattr(tt, "_fused_tiles",
+                        lambda kind, shape: [(bm, 32, 32, 4, 1, 2)] if kind == "fwd" else tiles(kind, shape))
     tt._candidate_configs.cache_clear()
     layout = mixed_layout(3, crop="max", permuted=True)
     pred = random_predictor(layout, hidden=40, num_blocks=4, levels=4).to(device)
