@@ -91,8 +91,9 @@ fi
 # They run side by side (one GPU, 16 CPUs: the Triton tests are bound by kernel compilation, one
 # compile per CPU), the Triton GPU tests in five round-robin shards, the tuner-candidate tests (the
 # longest: every candidate compiled) first; session 8's three shards of 71 tests ran 126-150 s each
-# and two were cut in those tests (five since session 13: nine compile-heavy GPU tests came since). Default configurations, no tuning and no
-# on-disk tuning decisions: the bench step times candidates on a quiet GPU and keeps its choices.
+# and two were cut in those tests (five since session 13: nine compile-heavy GPU tests came since).
+# Default configurations, no tuning and no on-disk tuning decisions: the bench step times candidates
+# on a quiet GPU and keeps its choices.
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
   export NERN_FAST_TRITON_AUTOTUNE=0 NERN_FAST_TRITON_TUNE_CACHE=0
   $PY -m pytest --collect-only -q -p no:cacheprovider -m gpu tests/test_triton.py 2>/dev/null \

@@ -48,9 +48,9 @@ of MB for a call that fills a large GPU (not bounded by ``workspace_bytes``). Th
 schedule (large hidden sizes) and the CUDA decoder of ``csrc`` run the MLP over chunks of rows whose
 activations take up to 256 MB and 1 GiB by default (H200, commit 4d93b57, Triton tf32: an on-demand
 ResNet-18 forward at H=1256, batch 1, needed 324 MB above its inputs against 55 MB materialized;
-README's GPU table). ``workspace_bytes=N`` caps that scratch per decode call for the backends that size it
-(``bounded_workspace``: at least one chunk or tile of rows whatever N; smaller chunks mean more,
-smaller launches). ``None`` keeps the backends' defaults. It applies to every decode of the
+README's GPU table). ``workspace_bytes=N`` caps that scratch per decode call for the backends that
+size it (``bounded_workspace``: at least one chunk or tile of rows whatever N; smaller chunks mean
+more, smaller launches). ``None`` keeps the backends' defaults. It applies to every decode of the
 attachment, so the modes still decode with the same calls.
 
 Every mode decodes a group with the same call (a row slice of ``pred.decode_kernels``, under

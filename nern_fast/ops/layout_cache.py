@@ -11,6 +11,7 @@ stream may still read it; an entry in use is a recently used one).
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Callable, TypeVar
 
 import torch
@@ -23,18 +24,19 @@ T = TypeVar("T")
 class LayoutCache:
     def __init__(self, max_entries: int = 1024):
         self.max_entries = max_entries
-        self._entries: dict = {}
+        self._entries: OrderedDict = OrderedDict()  # least recently used first
 
     def get(self, layout: WeightLayout, key: tuple, build: Callable[[], T]) -> T:
         """``build()``, kept under ``key`` while ``layout`` lives; not kept while torch.compile
         traces (a traced graph must not hold tensors made during tracing)."""
         if torch.compiler.is_compiling():
             return build()
-        entry = self._entries.pop(key, None)
+        entry = self._entries.get(key)
         if entry is not None and entry[0]() is layout:
-            self._entries[key] = entry  # re-inserted: the dict's order is the order of use
+            self._entries.move_to_end(key)
             return entry[1]
         value = build()
+        self._entries.pop(key, None)  # a stale entry (another layout under a reused id) goes
         if len(self._entries) >= self.max_entries:
             self._evict()
         self._entries[key] = (weakref.ref(layout), value)
@@ -45,7 +47,7 @@ class LayoutCache:
         for k in dead:
             del self._entries[k]
         if not dead:
-            del self._entries[next(iter(self._entries))]
+            self._entries.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._entries)
