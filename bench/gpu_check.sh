@@ -9,7 +9,7 @@
 #          inference benchmark (graphs off/on, Triton and csrc)       (session 8's steps: 208 s)
 #   profile: distillation-step profile, eager and in CUDA graphs (#5's GPU-busy goal, met in
 #          session 8: 61 s); not part of "all"
-# "all" (the default) runs the install and the tests and bench halves: session 8's steps took 420 s
+# "all" (the default) runs the install and the tests and bench halves: session 8's steps took 416 s
 # of them (install 52 s, tests 156 s, bench 208 s; a device session now has 15 minutes in all,
 # machine start included), so about 7.5 minutes with the steps added since. "tests", "bench" and
 # "profile" run one part (the build is kept between two calls on a warm machine).
