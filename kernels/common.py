@@ -135,9 +135,14 @@ def kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED: tl
     # Rows past the end of the call (the last tile's padding) get table row 0: their slot/local are
     # meaningless (row >= R), and the separable first layer reads T[f_row] / T[c_row] unmasked by
     # row — left as computed they pointed far past the tables, whose garbage (NaN, inf) then reached
-    # the weight gradients through 0 × garbage in the backward's products.
-    f_row = tl.where(valid, tl.load(meta + 6, mask=valid, other=0).to(tl.int64) + f, 0)
-    c_row = tl.where(valid, tl.load(meta + 7, mask=valid, other=0).to(tl.int64) + c, 0)
+    # the weight gradients through 0 × garbage in the backward's products. So do rows of a layer
+    # outside a call's layer range (decode(layers=...) marks those layers' offsets -1): the range's
+    # tables and positions hold only its own layers' rows.
+    f_off = tl.load(meta + 6, mask=valid, other=0).to(tl.int64)
+    c_off = tl.load(meta + 7, mask=valid, other=0).to(tl.int64)
+    in_tables = valid & (f_off >= 0)
+    f_row = tl.where(in_tables, f_off + f, 0)
+    c_row = tl.where(in_tables, c_off + c, 0)
     size = tl.load(meta + 4, mask=valid, other=1)
     crop = tl.load(meta + 5, mask=valid, other=0)
     return slot, f_row, c_row, size, crop

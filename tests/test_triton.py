@@ -603,6 +603,53 @@ def test_layer_range_tables_hold_those_layers_only(schedule, device, chunked, mo
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first_layer", ["separable", "direct"])
+def test_layer_range_row_outside_reads_no_further_than_the_range(first_layer, device, monkeypatch):
+    """A row outside decode(layers=...)'s layers: refused for CPU rows (as by csrc); where it is not
+    checked (rows on a GPU: checking would read them back) the kernels read it from the range's
+    first table rows and positions — finite values, nothing past the range's tables or position
+    slices (those layers' offsets are marked -1) — and the other rows of the call are unchanged,
+    forward and backward."""
+    monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", first_layer)
+    layout = mixed_layout(3, "local", "max", permuted=True)
+    pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
+    backend = ops.get_backend("triton")
+    first, third = layout.layers[1].kernel_offset, layout.layers[3].kernel_offset
+    rows = torch.tensor([first, first + 5, third - 1, first - 1, third + 3, layout.num_kernels - 1])
+    layers = range(1, 3)
+    with pytest.raises(ValueError, match="rows must lie in layers 1..2"):
+        backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, rows, pred.precision,
+                       layers=layers)
+    # What a GPU call sees: no check. The rows outside are the last three: layers 0 and 3, whose
+    # offsets point before and past the range's. The range's position slices lie inside NaN: a read
+    # past them shows in the output or the gradients (the backward reads positions in both modes).
+    monkeypatch.setattr(tb, "call_layer_range", lambda layout, layers, rows: layout.layer_range(layers))
+    build = tb.TritonBackend._build_range_arguments
+
+    def in_nan(t: torch.Tensor) -> torch.Tensor:
+        padded = torch.full((t.numel() + 2 * 4096,), float("nan"), dtype=t.dtype, device=t.device)
+        padded[4096:4096 + t.numel()] = t
+        return padded[4096:4096 + t.numel()]
+
+    def poisoned(tensors, static, span):
+        (koff, woff, meta, coord, pos_l, pos_f, pos_c, table), static = build(tensors, static, span)
+        return (koff, woff, meta, coord, pos_l, in_nan(pos_f), in_nan(pos_c), table), static
+    monkeypatch.setattr(tb.TritonBackend, "_build_range_arguments", staticmethod(poisoned))
+    rows = rows.to(device)
+    whole = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, rows[:3], pred.precision)
+    out = backend.decode(pred.weights(), pred.biases(), layout, pred.encoding, rows, pred.precision,
+                         layers=layers)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:3], whole, rtol=1e-5, atol=1e-6)
+    grad = torch.zeros_like(out)
+    grad[:3] = torch.randn_like(whole)
+    expected = torch.autograd.grad((whole * grad[:3]).sum(), pred.parameters())
+    got = torch.autograd.grad((out * grad).sum(), pred.parameters())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("layer", [0, 1, 3])
 def test_nan_propagates_like_eager(layer, schedule, device, monkeypatch):

@@ -17,11 +17,12 @@ holds at most N bytes (at least one chunk or tile of rows, whatever N), instead 
 budget. ``nern_fast.inference`` uses it to bound what an on-demand decode allocates.
 
 A backend with ``takes_layer_range = True`` takes ``decode(..., layers=range(a, b))`` for a subset
-call whose rows all lie in layers a..b-1 (the caller's promise: checking it would read the rows
-back from the device; a row outside them is undefined: ``csrc`` decodes it as zeros, the Triton
-kernels would read past the range's tables): work sized by the whole network, such as the Triton
-backend's separable first-layer tables or the CUDA decoder of ``csrc``'s, is then sized by those
-layers (:func:`call_layer_range` checks the argument).
+call whose rows all lie in layers a..b-1 (checked for CPU rows; on a GPU the caller's promise, as
+checking would read the rows back: a row outside them decodes to meaningless values there — zeros
+from ``csrc``, the range's first table rows from the Triton kernels — but nothing is read out of
+bounds): work sized by the whole network, such as the Triton backend's separable first-layer tables
+or the CUDA decoder of ``csrc``'s, is then sized by those layers (:func:`call_layer_range` checks
+the argument).
 """
 from __future__ import annotations
 
@@ -139,9 +140,17 @@ def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
 
 
 def call_layer_range(layout: WeightLayout, layers: range, rows: Optional[torch.Tensor]) -> LayerRange:
-    """The spans of ``decode(..., layers=...)``'s layers; ValueError for a full decode (rows=None)
-    or a range that is not non-empty, consecutive and inside the layout."""
+    """The spans of ``decode(..., layers=...)``'s layers; ValueError for a full decode (rows=None),
+    a range that is not non-empty, consecutive and inside the layout, or CPU ``rows`` outside it (on
+    a GPU checking them would read them back: there the backends decode such a row as zeros or, in
+    the Triton kernels, from the range's first table rows, never reading out of bounds)."""
     if rows is None:
         raise ValueError(f"layers={layers!r} is for subset calls (rows given, all inside those "
                          f"layers); a full decode (rows=None) covers every layer")
-    return layout.layer_range(layers)
+    span = layout.layer_range(layers)
+    if rows.device.type == "cpu" and rows.numel():
+        (k0, k1), (lo, hi) = span.kernels, (int(v) for v in torch.aminmax(rows))
+        if lo < k0 or hi >= k1:
+            raise ValueError(f"rows must lie in layers {layers.start}..{layers.stop - 1} (kernels "
+                             f"{k0}..{k1 - 1}) when layers={layers!r} is given, got {lo}..{hi}")
+    return span

@@ -442,6 +442,9 @@ class TritonBackend:
         meta = meta.clone()
         meta[:, 6] -= f0  # table rows of the range's filters / channels start at 0
         meta[:, 7] -= c0
+        outside = torch.ones(meta.shape[0], dtype=torch.bool)
+        outside[span.layers.start:span.layers.stop] = False
+        meta[outside.to(meta.device), 6:8] = -1  # kernel_coords: a row of these layers reads table row 0
         return (koff, woff, meta, coord, pos_l, pos_f[f0:f1], pos_c[c0:c1], table), static
 
     bounded_workspace = True  # decode(workspace_bytes=...): the chunked forward's chunk budget
