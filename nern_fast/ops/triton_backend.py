@@ -442,9 +442,10 @@ class TritonBackend:
         meta = meta.clone()
         meta[:, 6] -= f0  # table rows of the range's filters / channels start at 0
         meta[:, 7] -= c0
-        outside = torch.ones(meta.shape[0], dtype=torch.bool)
-        outside[span.layers.start:span.layers.stop] = False
-        meta[outside.to(meta.device), 6:8] = -1  # kernel_coords: a row of these layers reads table row 0
+        # Layers outside the range: kernel_coords reads their rows from table row 0 (slices, not a
+        # mask: nothing here may synchronise, a CUDA graph capture can be the first call of a range).
+        meta[:span.layers.start, 6:8] = -1
+        meta[span.layers.stop:, 6:8] = -1
         return (koff, woff, meta, coord, pos_l, pos_f[f0:f1], pos_c[c0:c1], table), static
 
     bounded_workspace = True  # decode(workspace_bytes=...): the chunked forward's chunk budget
