@@ -603,13 +603,17 @@ def test_layer_range_tables_hold_those_layers_only(schedule, device, chunked, mo
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
 @pytest.mark.parametrize("first_layer", ["separable", "direct"])
-def test_layer_range_row_outside_reads_no_further_than_the_range(first_layer, device, monkeypatch):
+def test_layer_range_row_outside_reads_no_further_than_the_range(first_layer, schedule, device, chunked,
+                                                                 monkeypatch):
     """A row outside decode(layers=...)'s layers: refused for CPU rows (as by csrc); where it is not
     checked (rows on a GPU: checking would read them back) the kernels read it from the range's
     first table rows and positions — finite values, nothing past the range's tables or position
     slices (those layers' offsets are marked -1) — and the other rows of the call are unchanged,
     forward and backward."""
+    if schedule == "chunked":
+        chunked(rows=40)
     monkeypatch.setenv("NERN_FAST_TRITON_FIRST_LAYER", first_layer)
     layout = mixed_layout(3, "local", "max", permuted=True)
     pred = random_predictor(layout, hidden=24, num_blocks=3, levels=4).to(device)
