@@ -219,6 +219,11 @@ class LayerDecoder:
             self._key = key
         return weights, biases
 
+    def backend_name(self) -> str:
+        """The backend chosen for the current parameters (BackendUnavailable if none can decode)."""
+        self._parameters()
+        return self._backend.name
+
     @property
     def prepares(self) -> bool:
         """Whether the backend chosen for the current parameters has a ``prepare``."""
@@ -394,6 +399,19 @@ class Attachment:
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
+        """Replace the represented convs' weights by the predictor's decodes. All or nothing: the
+        backend is chosen first (one that cannot decode refuses here), and a failure or interrupt
+        midway (a materialized decode, a hook) gives the convs their own Parameters back."""
+        self._decoder.backend_name()
+        originals = [conv._parameters["weight"] for conv in self.convs]
+        try:
+            self._install()
+        except BaseException:
+            self._release()
+            self._set_parameters(originals)
+            raise
+
+    def _install(self) -> None:
         for i, conv in enumerate(self.convs):
             del conv.weight  # drops the Parameter: the predictor now holds this layer
             conv.__dict__["weight"] = self._placeholders[i]
@@ -417,35 +435,53 @@ class Attachment:
         self._update_held()
 
     def remove(self) -> None:
-        """Remove every hook and give each represented conv an ordinary Parameter (decoded values)."""
+        """Remove every hook and give each represented conv an ordinary Parameter (decoded values).
+        The weights are decoded before anything changes: a decode that fails leaves the model
+        attached as it was."""
         self._drop_pending()
         self._drop_current()
         self._state_group = None
         weights: list = [self._store.get(i) for i in range(len(self.convs))]
-        with self._sharing_preparation():
-            for g, group in enumerate(self.groups):
-                if any(weights[i] is None for i in group):
-                    for i, weight in zip(group, self._decode_group(g)):
-                        if weights[i] is None:
-                            weights[i] = _own(weight)
+        try:
+            with self._sharing_preparation():
+                for g, group in enumerate(self.groups):
+                    if any(weights[i] is None for i in group):
+                        for i, weight in zip(group, self._decode_group(g)):
+                            if weights[i] is None:
+                                weights[i] = _own(weight)
+        except Exception as exc:
+            raise AttachError(f"detach could not decode the represented weights ({type(exc).__name__}: "
+                              f"{exc}); the model is still attached, unchanged: make the predictor "
+                              f"decodable (e.g. pred.backend = 'eager', or the {ops.ENV_BACKEND} "
+                              f"environment variable) and detach again") from exc
+        self._release()
+        self._set_parameters([nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
+                              for weight, (dtype, device, requires_grad) in zip(weights, self._params)])
+
+    def _release(self) -> None:
+        """Remove the hooks and graphs and drop every decoded weight held."""
         if self._graphed is not None:
             self._graphed.close()
             self._graphed = None
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for conv, weight, (dtype, device, requires_grad), order in zip(self.convs, weights, self._params,
-                                                                       self._param_order):
-            conv.__dict__.pop("weight", None)
-            conv.weight = nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
-            params = dict(conv._parameters)  # put "weight" back where it was (state_dict key order)
-            conv._parameters.clear()
-            conv._parameters.update({k: params[k] for k in order if k in params})
-            conv._parameters.update({k: v for k, v in params.items() if k not in order})
         self._store.clear()
         self._store_bytes = 0
         self._running.clear()
         self._update_held()
+
+    def _set_parameters(self, params: list) -> None:
+        """Give each represented conv ``params[i]`` as its weight Parameter, where it was among
+        the conv's parameters (state_dict key order)."""
+        for conv, param, order in zip(self.convs, params, self._param_order):
+            conv.__dict__.pop("weight", None)
+            conv._parameters.pop("weight", None)
+            conv.weight = param
+            params_now = dict(conv._parameters)
+            conv._parameters.clear()
+            conv._parameters.update({k: params_now[k] for k in order if k in params_now})
+            conv._parameters.update({k: v for k, v in params_now.items() if k not in order})
 
     @staticmethod
     def _conv_hook(index: int, method):

@@ -505,6 +505,59 @@ def test_attach_errors():
     pred.detach(model)
 
 
+@pytest.mark.parametrize("failure", ["no backend", "decode error", "interrupt"])
+def test_failed_attach_leaves_the_model_as_it_was(failure, monkeypatch):
+    """attach is all or nothing: a backend that cannot decode refuses before the model changes, and
+    a failure or Ctrl-C during a materialized decode gives the convs their own Parameters back."""
+    from nern_fast import ops
+    from nern_fast.inference import Attachment
+    model, pred = make()
+    pred.backend = "auto"
+    params = list(model.named_parameters())
+    x = torch.randn(2, 3, 12, 12)
+    expected = run(model, x)
+    if failure == "no backend":
+        monkeypatch.setenv(ops.ENV_BACKEND, "no_such_backend")
+        error, mode = ops.BackendUnavailable, "on_demand"
+    else:
+        error = RuntimeError if failure == "decode error" else KeyboardInterrupt
+        calls = []
+
+        def decode_group(self, g, _f=Attachment._decode_group):
+            calls.append(g)
+            if len(calls) == 2:
+                raise error("decode failed")
+            return _f(self, g)
+        monkeypatch.setattr(Attachment, "_decode_group", decode_group)
+        mode = "materialized"
+    with pytest.raises(error):
+        pred.attach(model, mode=mode, group_bytes=0)
+    assert not is_attached(model)
+    assert list(model.named_parameters()) == params  # the same Parameter objects, in their order
+    assert not model.c0._forward_pre_hooks and not model._forward_hooks and not model._state_dict_hooks
+    assert torch.equal(run(model, x), expected)
+    monkeypatch.undo()
+    pred.attach(model, mode=mode)
+    pred.detach(model)
+
+
+def test_detach_that_cannot_decode_leaves_the_model_attached(monkeypatch):
+    from nern_fast import ops
+    model, pred = make()
+    pred.backend = "auto"
+    pred.attach(model, mode="on_demand")
+    monkeypatch.setenv(ops.ENV_BACKEND, "no_such_backend")
+    with pytest.raises(AttachError, match="still attached, unchanged.*detach again"):
+        pred.detach(model)
+    assert is_attached(model) and model.c0._forward_pre_hooks
+    monkeypatch.delenv(ops.ENV_BACKEND)
+    x = torch.randn(2, 3, 12, 12)
+    expected = run(model, x)
+    pred.detach(model)
+    assert not is_attached(model) and isinstance(model.c0.weight, nn.Parameter)
+    assert torch.equal(run(model, x), expected)
+
+
 def test_cifar_resnet_modes_and_prepare_for_inference():
     torch.manual_seed(0)
     model = cifar_resnet(8, width=4).eval()
