@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests; rc=$$?; [ $$rc -eq 5 ] && echo "no tests collected" && exit 1; exit $$rc
 
 demo: $(STAMP)
-	$(PY) -m nern_fast demo --out runs/demo
+	$(PY) -m nern_fast demo --out runs/demo --overwrite
 
 bench-quick: $(STAMP)
 	$(PY) -m nern_fast bench --quick --out bench/results

@@ -238,7 +238,8 @@ def test_nan_stops_and_keeps_last_good_checkpoint(base_model, tmp_path):
     def poison(run):
         run.original[0] = float("nan")
     with pytest.raises(TrainingDiverged, match=r"NaN or infinite between steps 6 and 8.*"
-                                               r"the last checkpoint \(.*checkpoint.pt, stage 0 step 4\) is kept"):
+                                               r"the last checkpoint \(.*checkpoint.pt, stage 0 step 4\) is kept.*"
+                                               r"start again with --overwrite"):
         _diverging_run(base_model, tmp_path / "nan", poison).run()
     _assert_finite_checkpoint_of_step_4(tmp_path / "nan")
 
@@ -273,3 +274,105 @@ def test_fit_errors(base_model, tmp_path):
                              "teacher": {"arch": "cifar_resnet8"}}])
     with pytest.raises(ConfigError, match="teacher.checkpoint"):
         FitRun(cfg, tmp_path / "d", echo=_quiet).run()
+
+
+def _snapshot(out):
+    """Every file of a run folder (path -> bytes), permutation caches left out."""
+    return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and "permutations" not in p.parts}
+
+
+def test_overwrite_replaces_a_run_only_once_its_setup_succeeded(base_model, tmp_path):
+    """--overwrite of a finished run with a mistake (a missing network, a teacher without weights,
+    a feature map the model lacks) changes nothing in the folder; a correct one removes every
+    output of the old run (here its second stage's files) before it writes its own."""
+    out, _ = _fit(base_model, tmp_path, RESUME_STAGES[:1] + [dict(RESUME_STAGES[0], steps=2)])
+    before = _snapshot(out)
+    assert len(list((out / "stages").glob("*.pt"))) == 2
+    from nern_fast.config import ConfigError
+    missing = _cfg(base_model, RESUME_STAGES[:1])
+    missing.model.checkpoint = str(tmp_path / "no_such_model.pt")
+    teacher = _cfg(base_model, [RESUME_STAGES[0], {**RESUME_STAGES[1], "teacher": {"arch": "cifar_resnet8"}}])
+    features = _cfg(base_model, [RESUME_STAGES[0], {**RESUME_STAGES[1], "feature_maps": ["layer1.0.bnX"]}])
+    for cfg, error, match in ((missing, FileNotFoundError, "no_such_model"),
+                              (teacher, ConfigError, r"stages\.1\.teacher\.checkpoint"),
+                              (features, ConfigError, r"stages\.1\.feature_maps.*layer1\.0\.bnX")):
+        with pytest.raises(error, match=match):
+            FitRun(cfg, out, overwrite=True, echo=_quiet).run()
+        assert _snapshot(out) == before
+    with pytest.raises(ValueError, match="give one of them"):
+        FitRun(_cfg(base_model, RESUME_STAGES[:1]), out, resume=True, overwrite=True)
+    metrics = FitRun(_cfg(base_model, [dict(RESUME_STAGES[0], steps=3)]), out, overwrite=True,
+                     echo=_quiet).run()
+    _check_outputs(out, metrics, 1)
+    assert len([l for l in (out / "log.jsonl").read_text().splitlines() if '"original"' in l]) == 1
+
+
+def _stopped_between_stages(base_model, out, monkeypatch, stages=RESUME_STAGES):
+    """A run killed after stage 0 ended (its checkpoint: stage 1, step 0)."""
+    run_stage = FitRun._run_stage
+
+    def dies_at_stage_1(self, index, *args, **kwargs):
+        if index == 1:
+            raise RuntimeError("killed")
+        return run_stage(self, index, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr(FitRun, "_run_stage", dies_at_stage_1)
+        with pytest.raises(RuntimeError, match="killed"):
+            FitRun(_cfg(base_model, stages), out, echo=_quiet).run()
+    ckpt = load_checkpoint(out / "checkpoint.pt")
+    assert (ckpt["stage_index"], ckpt["step"]) == (1, 0)
+
+
+def test_resume_between_stages_equals_uninterrupted(base_model, tmp_path, monkeypatch):
+    """A checkpoint written at a stage's end starts the next stage as an uninterrupted run does:
+    from the predictor, not from the previous stage's optimiser, scheduler and sampler states."""
+    full = tmp_path / "full"
+    FitRun(_cfg(base_model, RESUME_STAGES), full, echo=_quiet).run()
+    part = tmp_path / "part"
+    _stopped_between_stages(base_model, part, monkeypatch)
+    FitRun(_cfg(base_model, RESUME_STAGES), part, resume=True, echo=_quiet).run()
+    a, b = _params(full), _params(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_may_change_the_stages_not_started_yet(base_model, tmp_path, monkeypatch):
+    """A stage that has not started may change on --resume (a mistake found at its start is fixed
+    without losing the stages before it); one that has begun may not."""
+    from nern_fast.config import ConfigError
+    changed = [RESUME_STAGES[0], {**RESUME_STAGES[1], "optim": {"name": "adam", "lr": 1e-3}}]
+    boundary = tmp_path / "boundary"
+    _stopped_between_stages(base_model, boundary, monkeypatch)
+    metrics = FitRun(_cfg(base_model, changed), boundary, resume=True, echo=_quiet).run()
+    assert len(metrics["stages"]) == 2
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.0\.steps"):
+        FitRun(_cfg(base_model, [dict(RESUME_STAGES[0], steps=9), RESUME_STAGES[1]]), boundary,
+               resume=True)
+
+    def interrupt(stage, step):
+        if (stage, step) == (1, 3):
+            raise KeyboardInterrupt
+    inside = tmp_path / "inside"
+    with pytest.raises(StageInterrupted):
+        FitRun(_cfg(base_model, RESUME_STAGES), inside, on_step=interrupt, echo=_quiet).run()
+    with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.1\.optim\.lr"):
+        FitRun(_cfg(base_model, changed), inside, resume=True)
+
+
+def test_train_base_keeps_an_earlier_model(tmp_path):
+    """train-base never replaces a trained model without overwrite, and a run that diverges
+    leaves the model and its config.yaml as they were."""
+    from nern_fast.train.errors import TrainingDiverged as Diverged
+    quick = {**BASE, "train_base": {"epochs": 0.1}}
+    out = tmp_path / "base"
+    train_base(load_config(data=quick), out, echo=_quiet)
+    before = {name: (out / name).read_bytes() for name in ("model.pt", "config.yaml")}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_base(load_config(data=quick), out, echo=_quiet)
+    diverging = load_config(data=quick, overrides=["train_base.optim.lr=1e12", "seed=3"])
+    with pytest.raises(Diverged, match="lower train_base.optim.lr"):
+        train_base(diverging, out, echo=_quiet, overwrite=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+    train_base(load_config(data=quick, overrides=["seed=3"]), out, echo=_quiet, overwrite=True)
+    assert (out / "model.pt").read_bytes() != before["model.pt"]
+    assert "seed: 3" in (out / "config.yaml").read_text()

@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry (repeatable)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the demo run already in --out (make demo passes it)")
     p.set_defaults(func=run)
 
 
@@ -49,9 +51,15 @@ def run(args) -> int:
     from nern_fast.train.fit import FitRun
     from nern_fast.train.report import stage_table
 
+    from nern_fast.train.errors import TrainingDiverged
+
     started = time.perf_counter()
     out = Path(args.out)
     try:
+        if not args.overwrite and ((out / "base" / MODEL_FILE).exists() or (out / "metrics.json").exists()
+                                   or (out / "checkpoint.pt").exists()):
+            raise FileExistsError(f"{out} already holds a demo run; replace it with --overwrite or "
+                                  f"choose another --out")
         path = Path(args.config) if args.config else DEFAULT_CONFIG
         if not path.exists():
             raise ConfigError(f"the demo config {path} is missing; pass --config (the repository's "
@@ -60,13 +68,15 @@ def run(args) -> int:
         overrides = (quick_overrides(raw) if args.quick else []) + list(args.overrides)
         cfg = load_config(data=raw, overrides=overrides)
         print(f"[demo] 1/2 train-base: {cfg.model.arch} on {cfg.data.dataset} -> {out / 'base'}")
-        base = train_base(cfg, out / "base")
+        base = train_base(cfg, out / "base", overwrite=args.overwrite)
         fit_cfg = load_config(data=raw, overrides=overrides + [
             f"model.checkpoint={out / 'base' / MODEL_FILE}"])
         print(f"[demo] 2/2 fit: {cfg.recipe} ({len(fit_cfg.stages)} stages) -> {out}")
-        metrics = FitRun(fit_cfg, out, overwrite=True).run()
+        metrics = FitRun(fit_cfg, out, overwrite=args.overwrite).run()
     except user_errors() as exc:
         return fail("demo", exc)
+    except TrainingDiverged as exc:
+        return fail("demo", exc, 1)
     seconds = time.perf_counter() - started
     print()
     print(stage_table(metrics))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..config import Config, dump_yaml, to_dict
 from ..models import save_model_file
 from . import setup
+from .errors import TrainingDiverged
 from .evaluation import accuracy, autocast_context
 from .logger import RunLog, progress_bar
 from .optim import build_optimizer, build_scheduler, optimizer_step
@@ -53,12 +54,20 @@ def difference_smoothness(weights) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
-def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train_base.epochs``; returns a summary."""
+def train_base(cfg: Config, out_dir, echo: Callable = print, overwrite: bool = False) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` for ``cfg.train_base.epochs``; returns a summary.
+
+    ``OUT/model.pt`` and the ``config.yaml`` that describes it are written together at the end: a
+    run that fails leaves an earlier model and its config as they were. An existing model is
+    replaced only with ``overwrite``."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder for the trained model")
+    if (out / MODEL_FILE).exists() and not overwrite:
+        raise FileExistsError(f"{out / MODEL_FILE} already holds a trained network; replace it with "
+                              f"--overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     device = setup.apply_runtime(cfg)
-    dump_yaml(cfg, out / "config.yaml")
     log = RunLog(out, cfg.logging.tensorboard)
     task = setup.load_data(cfg)
     torch.manual_seed(cfg.seed)
@@ -98,8 +107,8 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
         if step % cfg.logging.log_every == 0 or step == total:
             mean = float(loss_sum) / count
             if not math.isfinite(mean):
-                raise RuntimeError(f"train-base: the loss became {mean} by step {step}; lower "
-                                   f"train_base.optim.lr")
+                raise TrainingDiverged(f"train-base: the loss became {mean} by step {step}; lower "
+                                       f"train_base.optim.lr (nothing was saved)")
             shown["loss"] = f"{mean:.4f}"
             bar.set_postfix(shown)
             log.write({"stage": "train_base", "step": step, "loss": mean,
@@ -129,6 +138,7 @@ def train_base(cfg: Config, out_dir, echo: Callable = print) -> dict:
                            in_channels=cfg.model.in_channels or c, image_size=h,
                            dataset=cfg.data.dataset, accuracy=acc, steps=total,
                            config=to_dict(cfg))
+    dump_yaml(cfg, out / "config.yaml")
     summary = {"model": cfg.model.arch, "dataset": cfg.data.dataset, "accuracy": acc,
                "steps": total, "seconds": seconds, "path": str(path)}
     log.write({"event": "done", **summary})

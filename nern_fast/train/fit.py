@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import math
+import shutil
 import signal
 import threading
 import time
@@ -33,6 +34,7 @@ from ..predictor import FastPredictor
 from . import setup
 from .checkpoint import (CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint,
                          set_rng_state)
+from .errors import TrainingDiverged
 from .evaluation import accuracy
 from .graphs import graphed_distillation, maybe_graphed
 from .logger import RunLog, StepMeter, progress_bar
@@ -43,14 +45,39 @@ from .report import write_outputs
 from .samplers import KernelSampler, kernel_norms
 
 RUN_KEY = "run"  # extra entry of predictor files: how to rebuild the network and its data
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+# What a run writes in its folder (--overwrite removes them, once the new run's set-up succeeded;
+# permutations/ is a cache that checks itself and stays).
+RUN_OUTPUTS = (CHECKPOINT_NAME, "metrics.json", "log.jsonl", "predictor.pt", "report.md",
+               "accuracy.png", "stages", "tensorboard")
 
 
 class StageInterrupted(KeyboardInterrupt):
     """Ctrl-C during a stage, after the checkpoint was written."""
+
+
+def remove_outputs(out: Path) -> None:
+    """Remove a previous run's outputs from ``out`` (see RUN_OUTPUTS)."""
+    for name in RUN_OUTPUTS:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def load_teacher(spec, task, index: int):
+    """Stage ``index``'s teacher network, on the CPU (ConfigError without its checkpoint)."""
+    if not spec.checkpoint:
+        raise ConfigError(f"stages.{index}.teacher.checkpoint: a teacher needs its trained weights")
+    return setup.make_network(spec, task, f"stages.{index}.teacher")
+
+
+def resume_differences(state: dict, cfg: dict) -> list[str]:
+    """Config keys whose change a resume from ``state`` cannot honour: all but those of the stages
+    not started yet (after the checkpoint's stage, or that stage itself at its step 0)."""
+    first_free = state["stage_index"] + (1 if state["step"] else 0)
+    free = tuple(f"stages.{i}." for i in range(first_free, len(cfg.get("stages") or [])))
+    return [key for key in config_differences(state["config"], cfg) if not (key + ".").startswith(free)]
 
 
 def save_predictor(pred: FastPredictor, path: Path, cfg: Config, **extra) -> None:
@@ -110,37 +137,62 @@ class FitRun:
         self.on_step = on_step
         self.echo = echo
         self.resume_state = None
+        self.replace_outputs = False
         ckpt = self.out / CHECKPOINT_NAME
+        if resume and overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
+                             "give one of them")
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {self.out} is a file; give a folder for the run")
         if resume:
             if not ckpt.exists():
                 raise FileNotFoundError(f"--resume: {ckpt} does not exist; start without --resume")
             self.resume_state = load_checkpoint(ckpt, map_location="cpu")
-            diff = config_differences(self.resume_state["config"], to_dict(cfg))
+            diff = resume_differences(self.resume_state, to_dict(cfg))
             if diff:
                 raise ConfigError(f"--resume: the config differs from the checkpoint's in "
-                                  f"{', '.join(diff[:6])}; resume with the same config (and --set) "
-                                  f"or start a new --out")
+                                  f"{', '.join(diff[:6])}; resume with the same config (and --set; "
+                                  f"only stages not started yet may change) or start a new --out")
         elif ckpt.exists() or (self.out / "metrics.json").exists():
             if not overwrite:
                 raise FileExistsError(f"{self.out} already holds a run; continue it with --resume, "
                                       f"replace it with --overwrite, or choose another --out")
-            for name in (CHECKPOINT_NAME, "metrics.json", "log.jsonl"):
-                (self.out / name).unlink(missing_ok=True)
+            self.replace_outputs = True  # once the set-up has checked everything (_setup)
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
+        """Everything that can fail on the config, files or data before the run folder changes:
+        an --overwrite removes the old run's outputs only then."""
         cfg = self.cfg
         self.device = setup.apply_runtime(cfg)
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, self.out / "config.yaml")
-        self.log = RunLog(self.out, cfg.logging.tensorboard)
         self.task = setup.load_data(cfg)
         self.model = setup.frozen(setup.make_network(cfg.model, self.task), self.device)
+        self._check_stages()
+        self.out.mkdir(parents=True, exist_ok=True)
         self.layout = setup.make_layout(self.model, cfg.predictor, self.out / "permutations",
                                         cfg.logging.progress)
+        if self.replace_outputs:
+            remove_outputs(self.out)
+        dump_yaml(cfg, self.out / "config.yaml")
+        self.log = RunLog(self.out, cfg.logging.tensorboard)
         self.original = self.layout.flatten(self.model).to(self.device).float()
         self.test = lambda: self.task.test_batches(cfg.data.eval_batch_size, self.device,
                                                    cfg.data.num_workers, cfg.data.max_eval_batches)
+
+    def _check_stages(self) -> None:
+        """What the stages still to run need, checked now rather than when a stage starts (a
+        mistake found then would cost the stages before it): teachers load, feature maps exist."""
+        first = 0 if self.resume_state is None else self.resume_state["stage_index"]
+        for index, stage in enumerate(self.cfg.stages[first:], start=first):
+            if stage.type != "distill":
+                continue
+            if stage.teacher is not None:
+                load_teacher(stage.teacher, self.task, index)
+            if stage.fmd_weight > 0:
+                try:
+                    feature_module_names(self.model, stage.feature_maps)
+                except ValueError as exc:
+                    raise ConfigError(f"stages.{index}.feature_maps: {exc}") from None
 
     def _evaluate(self, flat: Optional[torch.Tensor]) -> float:
         return accuracy(self.model, self.test(), self.layout, flat)
@@ -210,7 +262,11 @@ class FitRun:
             hidden = stage.hidden if stage.predictor == "new" else None
             pred = setup.make_predictor(self.layout, cfg.predictor, hidden, cfg.seed + 1000 * index,
                                         self.device)
-        if state is not None:
+        # A checkpoint at step 0 was written at the previous stage's end: its predictor is where
+        # this stage starts (unless it makes a new one), its optimiser and data states are the
+        # previous stage's, not this one's.
+        at_start = state is not None and state["step"] == 0
+        if state is not None and not (at_start and stage.predictor == "new"):
             pred.load_state_dict({k: v.to(self.device) for k, v in state["predictor"].items()})
         target = previous if stage.target == "previous" else self.original
         self.predictor = pred  # the predictor being trained (for on_step hooks)
@@ -235,16 +291,17 @@ class FitRun:
                                     self.device, cfg.seed + 31 * index, norms)
         step = 0
         seconds_before = 0.0
-        if state is not None:
+        if state is not None and not at_start:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if sampler is not None and state.get("sampler") is not None:
                 sampler.load_state_dict(state["sampler"])
             if stream is not None and state.get("stream") is not None:
                 stream.load_state_dict(state["stream"])
-            set_rng_state(state["rng"])
             step = state["step"]
             seconds_before = state.get("stage_seconds", 0.0)
+        if state is not None:
+            set_rng_state(state["rng"])
 
         what = f"stage {index} ({stage.name})"
         if stage.type == "reconstruct":
@@ -258,11 +315,7 @@ class FitRun:
         else:
             teacher = None
             if stage.teacher is not None:
-                if not stage.teacher.checkpoint:
-                    raise ConfigError(f"stages.{index}.teacher.checkpoint: a teacher needs its "
-                                      f"trained weights")
-                teacher = setup.frozen(setup.make_network(stage.teacher, self.task,
-                                                          f"stages.{index}.teacher"), self.device)
+                teacher = setup.frozen(load_teacher(stage.teacher, self.task, index), self.device)
             names = feature_module_names(self.model, stage.feature_maps) if stage.fmd_weight > 0 else []
             eager = DistillationObjective(pred, target, self.model, teacher, stage, names)
             compute = None  # captured lazily, after the loss warm-up
@@ -276,6 +329,15 @@ class FitRun:
                 return "no checkpoint was written yet"
             return (f"the last checkpoint ({self.out / CHECKPOINT_NAME}, stage {index} step "
                     f"{saved['step']}) is kept")
+
+        def after_divergence() -> str:
+            change = f"Lower stages.{index}.optim.lr or set stages.{index}.optim.grad_clip"
+            if saved["step"] == 0:  # the stage's start: its settings may change on --resume
+                return f"{change}, then --resume (stage {index} starts again from the checkpoint)"
+            if saved["step"] is None:
+                return f"{change} and start again"
+            return (f"{change} and start again with --overwrite (a --resume would continue this "
+                    f"stage with its settings unchanged)")
 
         def checkpoint(next_step: int, stage_index: int = index, prev=previous, extra_results=()):
             saved["step"] = next_step if stage_index == index else None
@@ -334,9 +396,8 @@ class FitRun:
                     if bad:
                         raise TrainingDiverged(
                             f"{what}: the loss or the predictor's parameters became NaN or infinite "
-                            f"between steps {last_good} and {step}; stopped, {kept()}. Lower "
-                            f"stages.{index}.optim.lr or set stages.{index}.optim.grad_clip, then "
-                            f"--resume or start again")
+                            f"between steps {last_good} and {step}; stopped, {kept()}. "
+                            f"{after_divergence()}")
                     last_good = step
                     last_loss = means["loss"]
                     if at_log:
