@@ -376,3 +376,29 @@ def test_train_base_keeps_an_earlier_model(tmp_path):
     train_base(load_config(data=quick, overrides=["seed=3"]), out, echo=_quiet, overwrite=True)
     assert (out / "model.pt").read_bytes() != before["model.pt"]
     assert "seed: 3" in (out / "config.yaml").read_text()
+
+
+def test_resume_refuses_a_network_file_trained_again(base_model, tmp_path):
+    """The checkpoint records the network file's digest: a file replaced under the same name (a
+    train-base run again) is refused on --resume instead of continuing against another network."""
+    import shutil
+    from nern_fast.config import ConfigError
+    network = tmp_path / "model.pt"
+    shutil.copy(base_model, network)
+
+    def interrupt(stage, step):
+        if (stage, step) == (0, 5):
+            raise KeyboardInterrupt
+    out = tmp_path / "run"
+    with pytest.raises(StageInterrupted):
+        FitRun(_cfg(network, RESUME_STAGES), out, on_step=interrupt, echo=_quiet).run()
+    data = torch.load(network, weights_only=True)
+    weights = next(v for v in data.values() if isinstance(v, dict) and any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() for t in v.values()))
+    name = next(k for k, t in weights.items() if isinstance(t, torch.Tensor) and t.is_floating_point())
+    weights[name] = weights[name] + 1
+    torch.save(data, network)
+    with pytest.raises(ConfigError, match="not the network this run started from"):
+        FitRun(_cfg(network, RESUME_STAGES), out, resume=True, echo=_quiet)
+    shutil.copy(base_model, network)  # the original back: the run continues
+    FitRun(_cfg(network, RESUME_STAGES), out, resume=True, echo=_quiet).run()

@@ -6,6 +6,7 @@ data-stream state, RNG states, results of finished stages and the previous stage
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -61,3 +62,13 @@ def config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def find_checkpoint(out_dir: PathLike) -> Optional[Path]:
     path = Path(out_dir) / CHECKPOINT_NAME
     return path if path.exists() else None
+
+
+def file_digest(path: PathLike) -> str:
+    """SHA-256 of a file's bytes (a run's checkpoint records its network file's: a resume checks
+    that the network is the one the run started from, not a file trained again under its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

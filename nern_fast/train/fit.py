@@ -32,7 +32,7 @@ from ..config import Config, ConfigError, dump_yaml, to_dict
 from ..cuda_capture import GRAPHED_CALLABLES_THREAD_LOCAL
 from ..predictor import FastPredictor
 from . import setup
-from .checkpoint import (CHECKPOINT_NAME, config_differences, load_checkpoint, save_checkpoint,
+from .checkpoint import (CHECKPOINT_NAME, config_differences, file_digest, load_checkpoint, save_checkpoint,
                          set_rng_state)
 from .errors import TrainingDiverged
 from .evaluation import accuracy
@@ -153,6 +153,12 @@ class FitRun:
                 raise ConfigError(f"--resume: the config differs from the checkpoint's in "
                                   f"{', '.join(diff[:6])}; resume with the same config (and --set; "
                                   f"only stages not started yet may change) or start a new --out")
+            saved_digest = self.resume_state.get("model_digest")
+            if saved_digest is not None and Path(cfg.model.checkpoint).is_file() and \
+                    file_digest(cfg.model.checkpoint) != saved_digest:
+                raise ConfigError(f"--resume: {cfg.model.checkpoint} is not the network this run "
+                                  f"started from (its contents changed: trained again?); start a new "
+                                  f"--out for it, or put the original file back to resume")
         elif ckpt.exists() or (self.out / "metrics.json").exists():
             if not overwrite:
                 raise FileExistsError(f"{self.out} already holds a run; continue it with --resume, "
@@ -167,6 +173,7 @@ class FitRun:
         self.device = setup.apply_runtime(cfg)
         self.task = setup.load_data(cfg)
         self.model = setup.frozen(setup.make_network(cfg.model, self.task), self.device)
+        self.model_digest = file_digest(cfg.model.checkpoint)
         self._check_stages()
         self.out.mkdir(parents=True, exist_ok=True)
         self.layout = setup.make_layout(self.model, cfg.predictor, self.out / "permutations",
@@ -343,7 +350,7 @@ class FitRun:
             saved["step"] = next_step if stage_index == index else None
             save_checkpoint(self.out / CHECKPOINT_NAME, config=to_dict(cfg), stage_index=stage_index,
                             step=next_step, results=list(results) + list(extra_results),
-                            original_accuracy=self.original_accuracy,
+                            original_accuracy=self.original_accuracy, model_digest=self.model_digest,
                             predictor={k: v.detach().cpu() for k, v in pred.state_dict().items()},
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             sampler=None if sampler is None else sampler.state_dict(),
