@@ -410,31 +410,56 @@ def read_compressed(path: PathLike, map_location=None) -> CompressedFile:
     return CompressedFile(source, predictor, storage, stored, architecture)
 
 
+def _check_mode_options(mode: str, options: dict) -> None:
+    """Refuse options that ``mode`` would ignore, and a ``prefetch`` that is not a bool (any other
+    value would silently count as true or false). ``attach`` checks the values of the others."""
+    from .inference import MODES
+    if mode != "parameters" and mode not in MODES:
+        raise ValueError(f"mode must be 'parameters' or one of {MODES}, got {mode!r}")
+    given = [name for name, value in options.items() if value is not None]
+    if mode == "parameters" and given:
+        raise ValueError(f"mode='parameters' would ignore {', '.join(given)}: they apply to an attached "
+                         f"model only (mode {' / '.join(map(repr, MODES))}), and 'parameters' writes the "
+                         f"decoded weights into ordinary parameters; leave them out or choose such a mode")
+    prefetch = options.get("prefetch")
+    if prefetch is not None and not isinstance(prefetch, bool):
+        raise TypeError(f"prefetch must be True or False, got {prefetch!r}")
+
+
 def load_compressed(path: PathLike, model_fn: Union[Callable[[], nn.Module], nn.Module, None] = None,
                     mode: str = "parameters", map_location=None, cache_bytes: Optional[int] = None,
-                    prefetch: bool = True, group_bytes: Optional[int] = None,
-                    workspace_bytes: Optional[int] = None) -> tuple[nn.Module, FastPredictor]:
+                    prefetch: Optional[bool] = None, group_bytes: Optional[int] = None,
+                    workspace_bytes: Optional[int] = None,
+                    backend: Optional[str] = None) -> tuple[nn.Module, FastPredictor]:
     """Read a file written by :func:`save_compressed` -> ``(model, predictor)``.
 
     The model comes from ``model_fn`` (a function building it, or a model instance to fill) or,
     without it, from the model spec recorded in the file; it is checked against the recorded
     architecture. ``mode``: "parameters" (the decoded weights written into ordinary parameters: an
     ordinary model), or "on_demand" / "cached" / "materialized" (the model attached to the
-    predictor, see :mod:`nern_fast.inference`; ``cache_bytes``, ``prefetch``, ``group_bytes`` and
-    ``workspace_bytes`` as in ``attach``). Both are on the device of ``map_location`` (CPU by
-    default); the model is in ``eval()`` mode, ready for inference.
+    predictor, see :mod:`nern_fast.inference`; ``cache_bytes``, ``prefetch`` (default True),
+    ``group_bytes`` and ``workspace_bytes`` as in ``attach``, and refused in "parameters" mode,
+    where they would do nothing). Both are on the device of ``map_location`` (CPU by default); the
+    model is in ``eval()`` mode, ready for inference.
+
+    ``backend`` replaces the decode backend stored in the file (e.g. "csrc" or "eager" for a file
+    saved with "triton" on a GPU machine). Without it ``NERN_FAST_BACKEND``, when set, beats the
+    stored name (see :class:`FastPredictor`).
     """
-    from .inference import MODES, attach
-    if mode != "parameters" and mode not in MODES:
-        raise ValueError(f"mode must be 'parameters' or one of {MODES}, got {mode!r}")
+    from .inference import attach
+    _check_mode_options(mode, {"cache_bytes": cache_bytes, "prefetch": prefetch,
+                                 "group_bytes": group_bytes, "workspace_bytes": workspace_bytes})
     loaded = read_compressed(path, map_location=map_location)
     model = loaded.build_model(model_fn)
     pred = loaded.predictor
+    if backend is not None:
+        pred.backend = backend
     model.to(pred.layers[0].weight.device).eval()
     if mode == "parameters":
         pred.load_into(model)
     else:
-        attach(pred, model, mode=mode, cache_bytes=cache_bytes, prefetch=prefetch, group_bytes=group_bytes,
+        attach(pred, model, mode=mode, cache_bytes=cache_bytes,
+               prefetch=True if prefetch is None else prefetch, group_bytes=group_bytes,
                workspace_bytes=workspace_bytes)
     return model, pred
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -79,6 +80,22 @@ class LayerRange:
     def is_whole(self) -> bool:
         """Whether the range is every layer of its layout (nothing to slice)."""
         return self.layers.start == 0 and self.layers.stop == self.layout_layers
+
+
+def as_int(value: Any, what: str, minimum: Optional[int] = None, error: type = LayoutError) -> int:
+    """``value`` as an int if it is an integer (numpy and 0-d tensor integers too) of at least
+    ``minimum``; otherwise ``error`` naming ``what`` and the value. Floats are refused rather than
+    truncated, and bools although Python counts them as ints (``hidden=True`` is a slip, not 1)."""
+    bound = "" if minimum is None else f" >= {minimum}"
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise error(f"{what} must be an integer{bound}, got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and number < minimum:
+        raise error(f"{what} must be an integer{bound}, got {value!r}")
+    return number
 
 
 def crop_window(kernel_size: int, size: int) -> tuple[int, int]:
@@ -239,8 +256,7 @@ class WeightLayout:
     def __init__(self, layers: Sequence[Union[LayerSpec, tuple]], kernel_size: int = 3,
                  normalization: str = "local", coord_rows: Optional[Mapping[int, torch.Tensor]] = None,
                  model_signature: Optional[Sequence[tuple]] = None):
-        if kernel_size < 1:
-            raise LayoutError(f"kernel_size must be >= 1, got {kernel_size}")
+        kernel_size = as_int(kernel_size, "kernel_size", minimum=1)
         if normalization not in NORMALIZATIONS:
             raise LayoutError(f"normalization '{normalization}' is not one of {NORMALIZATIONS}")
         if not layers:
@@ -253,8 +269,9 @@ class WeightLayout:
             else:
                 name, shape, *rest = entry
                 crop = rest[0] if rest else "center"
-            shape = tuple(int(s) for s in shape)
-            if len(shape) != 4 or min(shape) < 1:
+            shape = tuple(as_int(s, f"layer '{name}': each dimension of weight shape {tuple(shape)}",
+                                 minimum=1) for s in shape)
+            if len(shape) != 4:
                 raise LayoutError(f"layer '{name}': weight shape {shape} is not (C_out, C_in, s, s)")
             if shape[2] != shape[3]:
                 raise LayoutError(f"layer '{name}': kernel {shape[2]}x{shape[3]} is not square")
@@ -272,12 +289,17 @@ class WeightLayout:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise LayoutError(f"layer names must be unique, repeated: {dup}")
         self.layers: tuple[LayerSpec, ...] = tuple(built)
-        self.kernel_size = int(kernel_size)
+        self.kernel_size = kernel_size
         self.normalization = normalization
         self.num_kernels = k_off
         self.num_weights = w_off
         self._coord_rows: dict[int, torch.Tensor] = {}
         for index, rows in (coord_rows or {}).items():
+            # Canonical keys only (0..n-1): a negative one would be stored apart from its layer's.
+            index = as_int(index, "a coord_rows key (layer index)", minimum=0)
+            if index >= len(built):
+                raise LayoutError(f"coord_rows names layer {index}, but the layout has {len(built)} "
+                                  f"layers (0..{len(built) - 1})")
             layer = self.layers[index]
             rows = _as_long_tensor(rows, f"coordinate rows of layer '{layer.name}'").flatten()
             _check_is_permutation(rows, layer.num_kernels, f"coordinate rows of layer '{layer.name}'")
@@ -306,6 +328,7 @@ class WeightLayout:
         """
         if not isinstance(model, nn.Module):
             raise LayoutError(f"from_model needs an nn.Module, got {type(model).__name__}")
+        as_int(kernel_size, "kernel_size (the predictor's k×k output)", minimum=1)  # before "no conv fits"
         chosen = _select_convs(model, kernel_size, include)
         if not chosen:
             raise LayoutError(f"{type(model).__name__} has no conv layer the predictor can represent "
@@ -371,12 +394,18 @@ class WeightLayout:
         return bool(self._coord_rows)
 
     def layer(self, key: Union[int, str]) -> LayerSpec:
+        """The layer named ``key``, or at index ``key`` (negative indices count from the end, as in
+        a list)."""
         if isinstance(key, str):
             for l in self.layers:
                 if l.name == key:
                     return l
             raise KeyError(f"no represented layer named '{key}'; layers: {self.names}")
-        return self.layers[key]
+        index, n = as_int(key, "a layer index", error=TypeError), self.num_layers
+        if not -n <= index < n:
+            raise IndexError(f"layer index {index} is out of range: the layout has {n} layers "
+                             f"(indices 0..{n - 1}, or -{n}..-1 from the end)")
+        return self.layers[index]
 
     def layer_range(self, layers: range) -> LayerRange:
         """Where the consecutive ``layers`` (a non-empty ``range`` with step 1 inside
@@ -491,9 +520,11 @@ class WeightLayout:
         if self.model_signature is not None:
             theirs = conv_signature(model)
             if theirs != self.model_signature:
-                mine = dict(self.model_signature)
-                diff = [f"{n}: {sh} (expected {mine.get(n)})" for n, sh in theirs if mine.get(n) != sh]
-                diff += [f"{n} missing" for n in mine if n not in dict(theirs)]
+                mine, got = dict(self.model_signature), dict(theirs)
+                diff = [f"{n}: {sh} (expected {mine[n]})" if n in mine else
+                        f"{n}: {sh} (not in the layout's model)" for n, sh in theirs if mine.get(n) != sh]
+                diff += [f"{n}: {sh} (missing from the model)" for n, sh in mine.items() if n not in got]
+                diff = diff or ["the same convs in another order"]
                 raise LayoutError(f"the model's conv layers differ from those of the model this layout "
                                   f"was made from ({'; '.join(diff[:3])}); was the predictor made for "
                                   f"another architecture?")

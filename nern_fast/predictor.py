@@ -9,7 +9,7 @@ from torch import nn
 from . import ops
 from .encoding import EncodingSpec
 from .io import FileFormatError, PathLike, atomic_save, safe_load
-from .layout import IncludeSpec, LayoutError, WeightLayout
+from .layout import IncludeSpec, LayoutError, WeightLayout, as_int
 from .reference import check_precision
 
 FILE_FORMAT = "nern_fast.predictor"
@@ -23,6 +23,14 @@ class FastPredictor(nn.Module):
     Linear(H → k²)`` with NeRN's parameter names (``layers.{i}``, ``final_linear_layer``).
     ``backend`` picks the decoder ("auto", "eager", "triton", "csrc"); ``precision`` is "fp32",
     "tf32" or "bf16" (bf16 operands, fp32 accumulation).
+
+    Which backend decodes, by precedence: a name given now (this constructor, ``load(...,
+    backend=...)``, ``load_compressed(..., backend=...)``, ``pred.backend = ...``), then the
+    ``NERN_FAST_BACKEND`` environment variable, then a name that merely came from a file (saved
+    perhaps on another machine: a file saved with "triton" on a GPU loads on a CPU with
+    ``NERN_FAST_BACKEND=csrc`` or ``backend="csrc"``), then "auto". A name chosen that way other
+    than "auto" raises :class:`~nern_fast.ops.BackendUnavailable` when it cannot decode a call,
+    rather than falling back to another backend.
     """
 
     def __init__(self, layout: WeightLayout, hidden: int = 280, num_blocks: int = 5, levels: int = 40,
@@ -32,10 +40,10 @@ class FastPredictor(nn.Module):
         if not isinstance(layout, WeightLayout):
             raise TypeError(f"layout must be a WeightLayout (WeightLayout.from_model(model)), got "
                             f"{type(layout).__name__}; or use FastPredictor.for_model(model)")
-        if not isinstance(hidden, int) or hidden < 1:
-            raise ValueError(f"hidden must be a positive integer, got {hidden!r}")
-        if not isinstance(num_blocks, int) or num_blocks < 2:
-            raise ValueError(f"num_blocks must be an integer >= 2 (input and output layers), got {num_blocks!r}")
+        hidden = as_int(hidden, "hidden (the MLP width)", minimum=1, error=ValueError)
+        num_blocks = as_int(num_blocks, "num_blocks (MLP layers, input and output included)", minimum=2,
+                            error=ValueError)
+        levels = as_int(levels, "levels (encoding frequencies)", minimum=1, error=ValueError)
         if init not in ("fmod", "default"):
             raise ValueError(f"init must be 'fmod' (NeRN) or 'default', got {init!r}")
         self.layout = layout
@@ -43,7 +51,7 @@ class FastPredictor(nn.Module):
         self.hidden = hidden
         self.num_blocks = num_blocks
         self.precision = check_precision(precision)
-        self.backend = backend
+        self.backend = backend  # given now (from_file_dict marks a name read from a file)
         sizes = [self.encoding.size] + [hidden] * (num_blocks - 1)
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.final_linear_layer = nn.Linear(hidden, layout.kernel_size ** 2)
@@ -78,12 +86,23 @@ class FastPredictor(nn.Module):
         return [l.bias for l in self.layers] + [self.final_linear_layer.bias]
 
     @property
+    def backend(self) -> str:
+        """The backend name this predictor asks the dispatcher for now (precedence: see the class
+        docstring and :func:`nern_fast.ops.requested_backend_name`)."""
+        return ops.requested_backend_name(self._backend_name, from_file=self._backend_from_file)
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend_name, self._backend_from_file = name, False
+
+    @property
     def config(self) -> dict:
         """Constructor arguments (besides the layout) that recreate this predictor."""
         e = self.encoding
         return {"hidden": self.hidden, "num_blocks": self.num_blocks, "levels": e.levels,
                 "base": e.base, "encoding": e.kind, "gauss_scale": list(e.gauss_scale),
-                "backend": self.backend, "precision": self.precision}
+                "backend": self._backend_name,  # as given or read: never NERN_FAST_BACKEND's
+                "precision": self.precision}
 
     @property
     def num_parameters(self) -> int:
@@ -117,7 +136,8 @@ class FastPredictor(nn.Module):
                           self.precision, self.backend)
 
     def decode_layer(self, index: Union[int, str]) -> torch.Tensor:
-        """One layer's conv weight ``(C_out, C_in, s, s)``, decoding only that layer's kernels."""
+        """One layer's conv weight ``(C_out, C_in, s, s)``, decoding only that layer's kernels;
+        ``index``: a layer name or position (negative counts from the end; IndexError if outside)."""
         layer = self.layout.layer(index)
         device = self.layers[0].weight.device
         rows = torch.arange(layer.kernel_offset, layer.kernel_offset + layer.num_kernels, device=device)
@@ -169,6 +189,8 @@ class FastPredictor(nn.Module):
             except LayoutError as exc:
                 raise LayoutError(f"{source} does not fit the given model: {exc}") from exc
         pred = cls(layout, init="default", **config)
+        if "backend" not in overrides:  # the file's name yields to NERN_FAST_BACKEND (class docstring)
+            pred._backend_from_file = True
         try:
             pred.load_state_dict(state)
         except RuntimeError as exc:
@@ -179,7 +201,11 @@ class FastPredictor(nn.Module):
     @classmethod
     def load(cls, path: PathLike, model: Optional[nn.Module] = None, map_location=None,
              **overrides) -> "FastPredictor":
-        """Read a file written by :meth:`save`; with ``model``, check that the predictor fits it."""
+        """Read a file written by :meth:`save`; with ``model``, check that the predictor fits it.
+
+        ``overrides`` replace constructor arguments stored in the file, e.g. ``backend="csrc"`` for
+        a predictor saved with ``"triton"`` on a GPU machine (a name given here beats
+        ``NERN_FAST_BACKEND``, which beats the file's)."""
         data = safe_load(path, FILE_FORMAT, map_location=map_location)
         return cls.from_file_dict(data, model, str(path), **overrides)
 

@@ -87,6 +87,55 @@ def test_load_attached_and_sizes(tmp_path):
         torch.testing.assert_close(per_layer(x), plain(x), rtol=1e-5, atol=1e-6)
 
 
+def test_backend_stored_in_the_file_can_be_replaced(tmp_path, monkeypatch):
+    """A file saved with backend "triton" (on a GPU machine) loads and decodes on a CPU with
+    backend= or NERN_FAST_BACKEND; backend= beats the variable."""
+    monkeypatch.delenv("NERN_FAST_BACKEND", raising=False)
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz")
+    data = torch.load(path, weights_only=True)
+    data["predictor"]["config"]["backend"] = "triton"
+    torch.save(data, path)
+    expected, _ = load_compressed(path, backend="eager")
+    reference = cifar_resnet(8, width=4).eval()
+    reference.load_state_dict(model.state_dict())
+    pred.load_into(reference)
+    assert all(torch.equal(a, b) for a, b in zip(expected.state_dict().values(),
+                                                 reference.state_dict().values()))
+    monkeypatch.setenv("NERN_FAST_BACKEND", "eager")
+    from_env, from_env_pred = load_compressed(path, mode="on_demand")
+    assert from_env_pred.backend == "eager"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(from_env(x), expected(x))
+    monkeypatch.setenv("NERN_FAST_BACKEND", "triton")
+    _, given = load_compressed(path, mode="on_demand", backend="eager")
+    assert given.backend == "eager"
+
+
+@pytest.mark.parametrize("options", [dict(cache_bytes=10), dict(group_bytes=-5), dict(workspace_bytes=0),
+                                     dict(prefetch="no"), dict(prefetch=False)])
+def test_options_of_attached_modes_are_refused_in_parameters_mode(tmp_path, options):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz")
+    with pytest.raises(ValueError, match=rf"mode='parameters' would ignore {next(iter(options))}: they "
+                                         rf"apply to an attached model only"):
+        load_compressed(path, **options)
+
+
+def test_bad_options_of_attached_modes_are_refused(tmp_path):
+    model, pred = trained_like()
+    path = save_compressed(model, pred, tmp_path / "model.nfz")
+    with pytest.raises(TypeError, match="prefetch must be True or False, got 'no'"):
+        load_compressed(path, mode="on_demand", prefetch="no")
+    with pytest.raises(ValueError, match="group_bytes must be a non-negative integer"):
+        load_compressed(path, mode="on_demand", group_bytes=-5)
+    with pytest.raises(ValueError, match="cache_bytes applies to mode='cached' only"):
+        load_compressed(path, mode="on_demand", cache_bytes=10)
+    with pytest.raises(ValueError, match="mode must be 'parameters' or one of"):
+        load_compressed(path, mode="lazy")
+
+
 def test_saving_an_attached_model_stores_the_same(tmp_path):
     model, pred = trained_like()
     save_compressed(model, pred, tmp_path / "plain.nfz")

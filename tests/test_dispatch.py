@@ -71,6 +71,31 @@ def test_environment_variable_overrides_auto(registry, monkeypatch):
     assert counter.calls == 1
 
 
+def test_precedence_given_now_then_variable_then_file(monkeypatch):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    assert ops.requested_backend_name("triton", from_file=True) == "triton"
+    assert ops.requested_backend_name("auto", from_file=True) == "auto"
+    monkeypatch.setenv(ops.ENV_BACKEND, "csrc")
+    assert ops.requested_backend_name("triton", from_file=True) == "csrc"  # the variable beats the file
+    assert ops.requested_backend_name("eager") == "eager"  # a name given now beats the variable
+    assert ops.requested_backend_name("auto") == "csrc"
+
+
+def test_refusal_says_how_to_choose_another_backend(registry, monkeypatch):
+    """Not only the refusing backend's own advice (Triton's "move the predictor to CUDA", useless
+    on a CPU-only machine): the backends that can take the call, and where to name one."""
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    ops.register_backend(RefusingBackend(), priority=-2)
+    ops.register_backend(CountingBackend(), priority=-1)
+    pred = random_predictor(mixed_layout(), backend="refuser")
+    with pytest.raises(BackendUnavailable) as info:
+        pred.decode_flat()
+    message = str(info.value)
+    assert message.startswith("backend 'refuser' cannot decode this call: it never decodes. ")
+    assert "choose another backend: backend='counter' or " in message and "'eager'" in message
+    assert "'refuser' or" not in message and ops.ENV_BACKEND in message
+
+
 def test_unloadable_backend_reports_reason(registry):
     dispatch.record_load_error("ghost", "missing dependency 'ghostlib'")
     with pytest.raises(BackendUnavailable, match="ghostlib"):

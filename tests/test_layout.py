@@ -70,6 +70,38 @@ def test_model_without_representable_layer():
         WeightLayout.from_model(nn.Sequential(nn.Conv2d(3, 3, 5)))
 
 
+@pytest.mark.parametrize("kernel_size", [0, -1, 2.5, True, "3"])
+def test_kernel_size_must_be_a_positive_integer(kernel_size):
+    """Checked before any conv is selected: not "no conv layer ... raise kernel_size"."""
+    with pytest.raises(LayoutError, match=f"kernel_size .*got {kernel_size!r}"):
+        WeightLayout.from_model(Mixed(), kernel_size=kernel_size)
+    with pytest.raises(LayoutError, match=f"kernel_size must be an integer >= 1, got {kernel_size!r}"):
+        WeightLayout.from_shapes([(4, 4, 1, 1)], kernel_size=kernel_size)
+
+
+@pytest.mark.parametrize("shape, bad", [((4.5, 4), 4.5), ((4, 4, 3.0, 3), 3.0), ((True, 4), True), ((0, 4), 0)])
+def test_from_shapes_refuses_non_integers(shape, bad):
+    """A float is refused rather than truncated (4.5 -> 4), a bool rather than read as 1."""
+    with pytest.raises(LayoutError, match=rf"layer 'layer0': each dimension of weight shape .* must be "
+                                          rf"an integer >= 1, got {bad!r}"):
+        WeightLayout.from_shapes([shape])
+    assert WeightLayout.from_shapes([(torch.tensor(4), 4)]).layers[0].shape == (4, 4, 3, 3)
+
+
+def test_layer_index_errors_name_the_index_and_the_layer_count():
+    layout = mixed_layout()
+    assert layout.layer(-1) == layout.layers[3] and layout.layer(-4) == layout.layers[0]
+    for bad in (4, 99, -5):
+        with pytest.raises(IndexError, match=rf"layer index {bad} is out of range: the layout has 4 layers"):
+            layout.layer(bad)
+    with pytest.raises(TypeError, match="layer index must be an integer, got 1.0"):
+        layout.layer(1.0)
+    with pytest.raises(LayoutError, match="coord_rows names layer 4, but the layout has 4 layers"):
+        layout.with_coord_rows({4: torch.arange(8)})
+    with pytest.raises(LayoutError, match="coord_rows key .* >= 0, got -1"):
+        layout.with_coord_rows({-1: torch.arange(128)})
+
+
 def test_normalized_positions_modes():
     layout = WeightLayout.from_shapes([(4, 2), (8, 4)], normalization="local")
     pl, pf, pc = layout.normalized_positions()
@@ -158,6 +190,19 @@ def test_describe_round_trip_and_check_model():
     with pytest.raises(LayoutError, match="another architecture"):
         lay.check_model(cifar_resnet(32))
     with pytest.raises(LayoutError, match="another architecture"):
+        lay.check_model(cifar_resnet(20, width=8))
+
+
+def test_check_model_names_convs_not_in_the_layout_and_missing_from_the_model():
+    lay = WeightLayout.from_model(cifar_resnet(20), include="nern")
+    with pytest.raises(LayoutError) as deeper:
+        lay.check_model(cifar_resnet(32))
+    assert "layer1.3.conv1: (16, 16, 3, 3) (not in the layout's model)" in str(deeper.value)
+    assert "expected None" not in str(deeper.value)
+    with pytest.raises(LayoutError) as shallower:
+        WeightLayout.from_model(cifar_resnet(32), include="nern").check_model(cifar_resnet(20))
+    assert "layer1.3.conv1: (16, 16, 3, 3) (missing from the model)" in str(shallower.value)
+    with pytest.raises(LayoutError, match=r"layer1.0.conv1: \(8, 8, 3, 3\) \(expected \(16, 16, 3, 3\)\)"):
         lay.check_model(cifar_resnet(20, width=8))
 
 

@@ -122,6 +122,11 @@ def test_save_failure_keeps_previous_file(tmp_path, monkeypatch):
     (dict(precision="fp8"), ValueError, "precision"),
     (dict(init="xavier"), ValueError, "init"),
     (dict(encoding="sine"), ValueError, "encoding"),
+    # bools are ints to Python, but never a width or a count here
+    (dict(hidden=True), ValueError, r"hidden \(the MLP width\) must be an integer >= 1, got True \(bool\)"),
+    (dict(num_blocks=True), ValueError, r"num_blocks .* must be an integer >= 2, got True \(bool\)"),
+    (dict(levels=True), ValueError, r"levels .* must be an integer >= 1, got True \(bool\)"),
+    (dict(hidden=16.0), ValueError, r"hidden .* got 16.0 \(float\)"),
 ])
 def test_constructor_errors(kw, error, message):
     with pytest.raises(error, match=message):
@@ -139,6 +144,44 @@ def test_precision_modes_on_eager():
     pred.precision = "bf16"
     bf = pred.decode_flat()
     assert not torch.equal(bf, fp32) and torch.allclose(bf, fp32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kernel_size", [0, -1, 2.5])
+def test_for_model_refuses_a_bad_kernel_size(kernel_size):
+    with pytest.raises(LayoutError, match=f"kernel_size .* must be an integer >= 1, got {kernel_size}"):
+        FastPredictor.for_model(cifar_resnet(20), kernel_size=kernel_size)
+
+
+def test_decode_layer_index_errors():
+    """Negative indices count from the end, as for a list; outside the layers: the index and count."""
+    pred = random_predictor(mixed_layout())
+    assert torch.equal(pred.decode_layer(-1), pred.decode_layer(3))
+    for bad in (4, 99, -5):
+        with pytest.raises(IndexError, match=rf"layer index {bad} is out of range: the layout has 4 layers "
+                                             rf"\(indices 0..3, or -4..-1 from the end\)"):
+            pred.decode_layer(bad)
+
+
+def test_backend_stored_in_a_file_yields_to_one_given_now_and_to_the_variable(tmp_path, monkeypatch):
+    """A predictor saved with "triton" (on a GPU machine) decodes on a CPU with the backend named
+    when loading, or with NERN_FAST_BACKEND; an argument given now beats the variable."""
+    monkeypatch.delenv("NERN_FAST_BACKEND", raising=False)
+    pred = random_predictor(mixed_layout(), backend="eager")
+    data = pred.to_file_dict()
+    data["config"]["backend"] = "triton"
+    torch.save(data, tmp_path / "triton.pt")
+    assert FastPredictor.load(tmp_path / "triton.pt").backend == "triton"  # no other choice: the file's
+    expected = pred.decode_flat()
+    loaded = FastPredictor.load(tmp_path / "triton.pt", backend="eager")
+    assert loaded.backend == "eager" and torch.equal(loaded.decode_flat(), expected)
+    monkeypatch.setenv("NERN_FAST_BACKEND", "eager")
+    from_env = FastPredictor.load(tmp_path / "triton.pt")
+    assert from_env.backend == "eager" and torch.equal(from_env.decode_flat(), expected)
+    assert from_env.config["backend"] == "triton"  # saved again, the file keeps its name, not the variable's
+    monkeypatch.setenv("NERN_FAST_BACKEND", "triton")
+    assert FastPredictor.load(tmp_path / "triton.pt", backend="eager").backend == "eager"
+    from_env.backend = "eager"  # set now: beats the variable as well
+    assert from_env.backend == "eager" and from_env.config["backend"] == "eager"
 
 
 def test_decode_kernels_index_errors():

@@ -2,8 +2,9 @@
 
 Backends register in priority order. Each answers ``unavailable_reason(request)`` with None (it can
 take the call) or a sentence saying why not. ``backend="auto"`` takes the first that can; a backend
-named explicitly (argument or ``NERN_FAST_BACKEND``) raises :class:`BackendUnavailable` with its
-reason instead of falling back.
+named explicitly (argument, ``NERN_FAST_BACKEND``, or a name stored in a predictor's file: see
+:func:`requested_backend_name` for which wins) raises :class:`BackendUnavailable` with its reason,
+and the backends that could take the call, instead of falling back.
 
 A backend may also offer ``prepare(weights, biases, layout, encoding, precision)`` and take its
 result as ``decode(..., prepared=...)``: work on the parameters done once for several decodes while
@@ -107,11 +108,14 @@ def get_backend(name: str) -> Backend:
     raise BackendUnavailable(f"unknown backend '{name}'; known backends: {backend_names()}")
 
 
-def requested_backend_name(name: str = "auto") -> str:
-    """The user's choice: an explicit argument wins, then ``NERN_FAST_BACKEND``, then auto."""
-    if name and name != "auto":
-        return name
-    return os.environ.get(ENV_BACKEND, "").strip() or "auto"
+def requested_backend_name(name: str = "auto", from_file: bool = False) -> str:
+    """The backend the user asks for. A name given now (an argument, ``pred.backend = ...``) wins,
+    then ``NERN_FAST_BACKEND``, then a name that merely came from a file (``from_file``: a predictor
+    saved with it, perhaps on a machine with other backends), then "auto"."""
+    named = name if name and name != "auto" else None
+    if named and not from_file:
+        return named
+    return os.environ.get(ENV_BACKEND, "").strip() or named or "auto"
 
 
 def availability(request: DecodeRequest) -> dict[str, Optional[str]]:
@@ -128,7 +132,8 @@ def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
         explicit = dataclasses.replace(request, explicit=True)  # (torch 2.11 Dynamo cannot trace **obj.__dict__)
         reason = backend.unavailable_reason(explicit)
         if reason is not None:
-            raise BackendUnavailable(f"backend '{name}' cannot decode this call: {reason}")
+            raise BackendUnavailable(f"backend '{name}' cannot decode this call: "
+                                     f"{reason.rstrip('.')}. {_how_to_choose_another(request, name)}")
         return backend
     reasons = []
     for _, backend in _BACKENDS:
@@ -137,6 +142,16 @@ def select_backend(request: DecodeRequest, name: str = "auto") -> Backend:
             return backend
         reasons.append(f"{backend.name}: {reason}")
     raise BackendUnavailable("no backend can decode this call: " + "; ".join(reasons))
+
+
+def _how_to_choose_another(request: DecodeRequest, refused: str) -> str:
+    """What to do when a named backend refuses a call: the backends that can take it, and where to
+    name one (a name in code beats the variable, which beats a name stored in a file)."""
+    able = [n for n, reason in availability(request).items() if reason is None and n != refused]
+    choices = " or ".join(f"'{n}'" for n in able + ["auto"])
+    return (f"To decode it here, choose another backend: backend={choices} (pred.backend = ..., or the "
+            f"backend= argument of FastPredictor.load / load_compressed), or {ENV_BACKEND} when no "
+            f"backend is named in code")
 
 
 def call_layer_range(layout: WeightLayout, layers: range, rows: Optional[torch.Tensor]) -> LayerRange:
