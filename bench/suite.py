@@ -368,8 +368,12 @@ def run(args) -> int:
     only = None
     if args.only:
         only = {o.strip() for o in args.only.split(",") if o.strip()}
-        for name in only:
-            operation(name)  # unknown names fail here, with the list of known ones
+        for name in sorted(only):
+            try:
+                operation(name)  # an unknown name: the message lists the known ones
+            except ValueError as exc:
+                print(f"nern-fast bench: error: --only: {exc}", file=sys.stderr)
+                return 2
     threads = args.threads or (min(2, os.cpu_count() or 1) if device.type == "cpu" else os.cpu_count() or 1)
     torch.set_num_threads(threads)
     out = Path(args.out) if args.out else DEFAULT_OUT

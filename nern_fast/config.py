@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import math
 import os
 import types
 import typing
@@ -63,11 +65,11 @@ class PredictorConfig:
     levels: int = 40
     base: float = 0.76
     encoding: Literal["basic", "ffn"] = "basic"
-    gauss_scale: list = field(default_factory=lambda: [1.0, 0.1, 0.1])
+    gauss_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
     kernel_size: int = 3
     normalization: Literal["local", "global", "none"] = "local"
     crop: Literal["center", "average", "max"] = "center"
-    include: Union[str, list] = "nern"  # "nern", "all" or a list of conv module names
+    include: Union[str, list[str]] = "nern"  # "nern", "all" or a list of conv module names
     permutation: Literal["none", "crossfilter", "infilter"] = "none"
     permutation_cache: Optional[str] = None  # folder; default OUT/permutations
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"
@@ -81,7 +83,7 @@ class OptimConfig:
     lr: float = 5e-3
     min_lr: float = 1e-6
     weight_decay: float = 1e-3
-    betas: list = field(default_factory=lambda: [0.5, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     eps: float = 1e-5
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
@@ -129,7 +131,7 @@ class StageConfig:
     gradients: Literal["sampled", "full"] = "sampled"  # NeRN's subset, or through every kernel
     inputs: Literal["task", "noise"] = "task"  # noise: data-free distillation
     teacher: Optional[TeacherConfig] = None  # default: the original network
-    feature_maps: Union[str, list] = "bn+blocks"  # bn, blocks, bn+blocks or module names
+    feature_maps: Union[str, list[str]] = "bn+blocks"  # bn, blocks, bn+blocks or module names
     autocast: Literal["none", "bf16"] = "none"  # CNN forward in bf16 autocast
     cuda_graphs: bool = False  # capture decode + loss + backward in CUDA graphs (static shapes)
     eval_every: Optional[int] = None  # steps between test-set evaluations (default: stage end)
@@ -143,7 +145,7 @@ class BaseOptimConfig(OptimConfig):
     lr: float = 0.1
     min_lr: float = 0.0
     weight_decay: float = 5e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
 
@@ -195,6 +197,9 @@ DISTILL_ONLY = ("epochs", "fmd_weight", "kd_weight", "kd_loss", "temperature", "
 FEATURE_MAP_PRESETS = ("bn", "blocks", "bn+blocks")
 MODEL_ARCHS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
                "cifar_resnet110", "resnet18", "resnet34", "resnet50")
+# Seeds are 0 .. 2**32 - 1: torch generators take 64-bit seeds, and the seeds derived from them
+# (seed · 1_000_003 + epoch in nern_fast.data) must stay in that range.
+SEED_LIMIT = 2 ** 32
 
 
 # ------------------------------------------------------------------------------ conversion
@@ -206,6 +211,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is list and typing.get_args(tp):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     if origin is not None:
         return getattr(origin, "__name__", str(origin))
     return getattr(tp, "__name__", str(tp))
@@ -254,14 +261,17 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):
             try:  # YAML 1.1 reads 5e-3 as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        if not math.isfinite(number):  # NaN or infinity never make a usable setting
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -323,7 +333,7 @@ def _check_optim(o: OptimConfig, key: str) -> None:
         raise ConfigError(f"{key}.lookahead_k: must be >= 1, got {o.lookahead_k}")
     if not 0 <= o.lookahead_alpha <= 1:
         raise ConfigError(f"{key}.lookahead_alpha: must be in [0, 1], got {o.lookahead_alpha}")
-    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {o.betas!r}")
     if o.min_lr > o.lr:
         raise ConfigError(f"{key}.min_lr: {o.min_lr} is above lr {o.lr}")
@@ -355,6 +365,18 @@ def _check_stage(s: StageConfig, key: str) -> None:
     _positive(s.temperature, f"{key}.temperature")
     _positive(s.loss_warmup_steps, f"{key}.loss_warmup_steps", allow_zero=True)
     _positive(s.eval_every, f"{key}.eval_every")
+    # With epochs the stage's length is known only at run time. eval_every beyond the stage's
+    # steps is fine (evaluation at the stage end only, the default): shortened runs of shipped
+    # configs rely on it. The warm-ups are not: they would never end.
+    if s.steps is not None:
+        if s.optim.warmup_steps > s.steps:
+            raise ConfigError(f"{key}.optim.warmup_steps: {s.optim.warmup_steps} is more than the "
+                              f"stage's {s.steps} steps, so the learning rate would never reach lr; "
+                              f"lower it or raise steps")
+        if s.loss_warmup_steps and s.loss_warmup_steps >= s.steps:
+            raise ConfigError(f"{key}.loss_warmup_steps: {s.loss_warmup_steps} is not below the "
+                              f"stage's {s.steps} steps, so the distillation terms would never count; "
+                              f"lower it or raise steps")
     if s.type == "distill":
         if s.reconstruction_weight == 0 and s.fmd_weight == 0 and s.kd_weight == 0:
             raise ConfigError(f"{key}: every loss weight is 0; set kd_weight, fmd_weight or "
@@ -369,10 +391,54 @@ def _check_stage(s: StageConfig, key: str) -> None:
     _check_optim(s.optim, f"{key}.optim")
 
 
+def _check_seed(value: int, key: str) -> None:
+    if not 0 <= value < SEED_LIMIT:
+        raise ConfigError(f"{key}: must be an integer in 0 .. {SEED_LIMIT - 1}, got {value}")
+
+
+def _check_encoding(p: PredictorConfig) -> None:
+    """The encoding settings, checked by the encoding itself (the one place of its limits)."""
+    from .encoding import EncodingSpec
+    try:
+        EncodingSpec(p.encoding, p.levels, p.base, tuple(p.gauss_scale))
+    except ValueError as exc:
+        raise ConfigError(f"predictor: {exc}") from exc
+
+
+def parse_device(name, key: str = "device", choices: str = "'cpu', 'cuda', 'cuda:N'"):
+    """``name`` (a string or torch.device) as a torch.device this library runs on: cpu, cuda or
+    cuda:N. Whether the device is present here is :func:`usable_device`'s question."""
+    import torch
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or not (device.type == "cuda" or str(device) == "cpu"):
+        raise ConfigError(f"{key}: {str(name)!r} is not one of {choices}")
+    return device
+
+
+def usable_device(name, key: str = "device"):
+    """:func:`parse_device`, and the device must be present on this machine."""
+    import torch
+    device = parse_device(name, key)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}: {str(name)!r} asks for CUDA, but CUDA is not available here "
+                              f"(torch {torch.__version__} sees no GPU); use cpu")
+        if (device.index or 0) >= count:
+            raise ConfigError(f"{key}: {str(name)!r} is not a device of this machine, which has "
+                              f"cuda:0 .. cuda:{count - 1}")
+    return device
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks after conversion (raises :class:`ConfigError`)."""
     _check_model(cfg.model, "model")
+    _check_seed(cfg.seed, "seed")
     d = cfg.data
+    _check_seed(d.split_seed, "data.split_seed")
     for name in ("batch_size", "eval_batch_size", "image_size", "max_eval_batches"):
         _positive(getattr(d, name), f"data.{name}")
     _positive(d.num_workers, "data.num_workers", allow_zero=True)
@@ -380,21 +446,28 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
     if d.dataset == "imagenet" and not d.root:
         raise ConfigError("data.root: the imagenet data set needs the folder holding train/ and val/")
+    if d.dataset == "digits" and d.root is not None:  # an ignored key is a mistake (see DISTILL_ONLY)
+        raise ConfigError(f"data.root: the digits data set is embedded and reads no folder, so "
+                          f"{d.root!r} would be ignored; remove data.root (--set data.root=null) or "
+                          f"choose the data set that lives there (data.dataset)")
     p = cfg.predictor
-    for name in ("hidden", "levels", "kernel_size"):
+    for name in ("hidden", "kernel_size"):
         _positive(getattr(p, name), f"predictor.{name}")
     if p.num_blocks < 2:
         raise ConfigError(f"predictor.num_blocks: must be >= 2, got {p.num_blocks}")
     if len(p.gauss_scale) != 3:
         raise ConfigError(f"predictor.gauss_scale: expected 3 numbers, got {p.gauss_scale!r}")
+    for i, scale in enumerate(p.gauss_scale):
+        _positive(scale, f"predictor.gauss_scale.{i}")
+    _check_encoding(p)
     if isinstance(p.include, str) and p.include not in ("nern", "all"):
         raise ConfigError(f"predictor.include: {p.include!r} is not 'nern' or 'all' (or a list of "
                           f"conv module names)")
     if p.backend not in ("auto", "eager", "triton", "csrc"):
         raise ConfigError(f"predictor.backend: {p.backend!r} is not one of 'auto', 'eager', "
                           f"'triton', 'csrc'")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
-        raise ConfigError(f"device: {cfg.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if cfg.device != "auto":  # whether it is present is checked where it is used
+        parse_device(cfg.device, "device", "'auto', 'cpu', 'cuda', 'cuda:N'")
     _positive(cfg.threads, "threads")
     _positive(cfg.train_base.epochs, "train_base.epochs")
     _check_optim(cfg.train_base.optim, "train_base.optim")
@@ -442,6 +515,37 @@ def _name_stages(cfg: Config) -> None:
             taken.add(name)
 
 
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently, so the first setting would be lost without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys next to a '<<' merge override the merged ones by design
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_line:
+                        raise ConfigError(f"duplicate key {key!r} at line {line} (first given at line "
+                                          f"{first_line[key]}); keep one")
+                    first_line[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _load_yaml(stream) -> Any:
+    import yaml
+    return yaml.load(stream, Loader=_unique_key_loader())
+
+
 def read_yaml(path: Union[str, os.PathLike]) -> dict:
     import yaml
     path = Path(path)
@@ -449,9 +553,11 @@ def read_yaml(path: Union[str, os.PathLike]) -> dict:
         raise ConfigError(f"config file {path}: no such file")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = _load_yaml(f)
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path}: not valid YAML ({exc})") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -469,9 +575,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set {text!r}: the key is empty")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from exc
+    except ConfigError as exc:
+        raise ConfigError(f"--set {text!r}: {exc}") from exc
     return key, value
 
 

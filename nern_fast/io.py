@@ -3,13 +3,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
+from .config import ConfigError, usable_device
+
 PathLike = Union[str, os.PathLike]
+
+# The start of torch.load's message for a file holding CUDA tensors read where that device is
+# missing (torch has no dedicated exception class for it).
+_CUDA_DESERIALIZE_MESSAGE = "Attempting to deserialize object on"
 
 
 class FileFormatError(ValueError):
@@ -25,18 +33,23 @@ def _umask() -> int:
 def atomic_save(obj: Any, path: PathLike) -> Path:
     """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash or Ctrl-C midway leaves the previous file intact.
+    A crash or Ctrl-C midway leaves the previous file intact. A symlink is written through (its
+    target is replaced, the link kept) and a replaced file keeps its permissions.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    target = path.resolve()  # through symlinks: replacing the link itself would cut it
+    if target.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name to save to")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file gets open()'s mode
+        os.fchmod(fd, mode)  # mkstemp makes 0600; a new file gets open()'s mode
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
@@ -44,17 +57,46 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     return path
 
 
+def _check_zip_crcs(path: Path, what: str) -> None:
+    """torch.load does not check the CRC-32 of a torch file's zip members: damaged tensor bytes
+    would load as garbage values. Legacy (non-zip) files have no checksums to check."""
+    if not zipfile.is_zipfile(path):
+        return  # torch.load says what is wrong with a truncated or foreign file
+    advice = "re-create or re-export it, or use a backup"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except MemoryError:
+        raise
+    except Exception as exc:  # zipfile raises many kinds for damaged headers (OSError: bad offsets)
+        raise FileFormatError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
+                              f"{advice}") from exc
+    if damaged is not None:
+        raise FileFormatError(f"{what} {path} is damaged: its member {damaged} fails its CRC-32 "
+                              f"check (the bytes changed after it was written); {advice}")
+
+
 def load_torch_file(path: PathLike, what: str = "file", map_location="cpu") -> Any:
     """``torch.load(weights_only=True)`` of ``path`` with errors that name ``what`` it should be, the
-    file and the problem (missing, empty, truncated, corrupt, not a torch file)."""
+    file and the problem (missing, empty, damaged, truncated, not a torch file, device missing)."""
     path = Path(path)
+    if isinstance(map_location, (str, torch.device)):
+        usable_device(map_location, "map_location")
     if not path.exists():
         raise FileNotFoundError(f"{what} {path}: no such file")
+    with open(path, "rb"):  # not readable (permissions, a folder): the OSError says so, not "damaged"
+        pass
     if path.stat().st_size == 0:
         raise FileFormatError(f"{what} {path}: the file is empty (an interrupted write?); re-create it")
+    _check_zip_crcs(path, what)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch.load raises many kinds for a damaged or foreign file
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load raises many kinds for a damaged or foreign file (OSError too)
+        if isinstance(exc, RuntimeError) and str(exc).startswith(_CUDA_DESERIALIZE_MESSAGE):
+            raise ConfigError(f"{what} {path} holds CUDA tensors, but that CUDA device is not "
+                              f"available here; load it with map_location='cpu'") from exc
         raise FileFormatError(f"{what} {path} cannot be read: it is truncated, corrupt or not a torch "
                               f"file ({type(exc).__name__}: {str(exc)[:200]})") from exc
 

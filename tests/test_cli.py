@@ -128,6 +128,77 @@ def test_error_exits(trained, tmp_path, capsys):
     assert "/no/such.pt" in capsys.readouterr().err
 
 
+def test_outputs_are_checked_before_any_work(trained, tmp_path, capsys, monkeypatch):
+    root, config = trained
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for command in ("train-base", "fit"):
+        assert main([command, "--config", str(config), "--out", str(a_file)]) == 2
+        assert f"--out {a_file} is a file, not a directory" in capsys.readouterr().err
+    assert main(["fit", "--config", str(config), "--out", str(a_file / "run")]) == 2
+    assert f"{a_file} is a file, not a directory" in capsys.readouterr().err
+    # eval --json: refused before the evaluation (which would fail later: no predictor file)
+    none = str(tmp_path / "none.pt")
+    assert main(["eval", "--predictor", none, "--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a directory; give a file name" in capsys.readouterr().err
+    assert main(["eval", "--predictor", none, "--json", str(a_file / "r.json")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    monkeypatch.setattr("os.access", lambda *args, **kwargs: False)  # a read-only place (root ignores modes)
+    assert main(["eval", "--predictor", none, "--json", str(tmp_path / "r.json")]) == 2
+    assert f"{tmp_path} is not writable" in capsys.readouterr().err
+    assert main(["train-base", "--config", str(config), "--out", str(tmp_path / "new")]) == 2
+    assert f"{tmp_path} is not writable" in capsys.readouterr().err
+
+
+def test_os_errors_are_one_line(tmp_path, capsys):
+    assert main(["train-base", "--config", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "Is a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_base_divergence_and_overwrite(trained, tmp_path, capsys):
+    root, config = trained
+    assert main(["train-base", "--config", str(config), "--set", "train_base.optim.lr=1e30",
+                 "--out", str(tmp_path / "diverged")]) == 1
+    assert "the loss became nan" in capsys.readouterr().err
+    out = tmp_path / "again"
+    out.mkdir()
+    (out / "model.pt").write_bytes((root / "base" / "model.pt").read_bytes())
+    assert main(["train-base", "--config", str(config), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["train-base", "--config", str(config), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_export_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
+    root, _ = trained
+    out = str(tmp_path / "x.nfc")
+    source = ["export", "--predictor", str(tmp_path / "none.pt"), "--base", str(root / "base" / "model.pt")]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for argv, message in [
+        (["export", "--out", out], "give either --compressed FILE or --predictor FILE"),
+        (source + ["--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        (source + ["--out", out, "--device", "banana"], "--device: 'banana' is not one of 'cpu', 'cuda'"),
+        (source + ["--out", out, "--device", "cuda"], "--device: 'cuda' asks for CUDA, but CUDA is not available"),
+        (source + ["--out", out, "--model", "banana"], "--model: cannot read model 'banana'"),
+        (source + ["--out", out, "--model", "cifar_resnet:depth=8,bogus=1"], "--model: "),
+        (source + ["--out", out], "none.pt: no such file"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_bench_argument_errors(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path), "--only", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: unknown benchmark operation 'foo'; known:" in err and len(err.strip().splitlines()) == 1
+    for option, value in (("--threads", "-1"), ("--threads", "x"), ("--budget", "-5"), ("--budget", "nan")):
+        with pytest.raises(SystemExit) as exited:
+            main(["bench", "--out", str(tmp_path), option, value])
+        assert exited.value.code == 2 and f"argument {option}: expected" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing ran, nothing written
+
+
 def test_demo_quick(tmp_path):
     # A real process, as `make demo` runs it (python -m nern_fast).
     out = tmp_path / "demo"

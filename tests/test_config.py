@@ -96,10 +96,50 @@ def test_yaml_style_numbers_are_read():
     ({"stages": [stage(optim={"grad_clip": -1.0})]}, r"stages.0.optim.grad_clip: must be > 0"),
     ({"stages": [stage(optim="adam")]}, r"stages.0.optim: expected a mapping"),
     ([1, 2], r"the config: expected a mapping"),
+    # non-finite numbers, wherever a float is read (YAML .nan / .inf, or the strings)
+    ({"stages": [stage(optim={"lr": float("nan")})]}, r"stages.0.optim.lr: expected a finite number, got nan"),
+    ({"stages": [stage(optim={"lr": "nan"})]}, r"stages.0.optim.lr: expected a finite number, got 'nan'"),
+    ({"stages": [stage(optim={"lr": float("inf")})]}, r"stages.0.optim.lr: expected a finite number"),
+    ({"train_base": {"epochs": float("nan")}}, r"train_base.epochs: expected a finite number"),
+    ({"stages": [distill(temperature=float("inf"))]}, r"stages.0.temperature: expected a finite number"),
+    ({"stages": [stage(reconstruction_weight=float("nan"))]}, r"stages.0.reconstruction_weight: expected a finite"),
+    ({"stages": [stage(optim={"grad_clip": float("nan")})]}, r"stages.0.optim.grad_clip: expected a finite number"),
+    ({"predictor": {"base": float("nan")}}, r"predictor.base: expected a finite number"),
+    # the encoding's own limits
+    ({"predictor": {"levels": 65}}, r"predictor: levels must be an integer in 1..64, got 65"),
+    ({"predictor": {"levels": 0}}, r"predictor: levels must be an integer in 1..64, got 0"),
+    ({"predictor": {"base": 0}}, r"predictor: base must be a positive finite number"),
+    ({"predictor": {"gauss_scale": [1, -0.1, 0.1]}}, r"predictor.gauss_scale.1: must be > 0"),
+    ({"predictor": {"gauss_scale": [1, "x", 0.1]}}, r"predictor.gauss_scale.1: expected a number"),
+    # list items
+    ({"predictor": {"include": [1, 2]}}, r"predictor.include: \[1, 2\] is not a valid value; expected str or list of str"),
+    ({"stages": [distill(feature_maps=[1])]}, r"stages.0.feature_maps: \[1\] is not a valid value; expected str or list"),
+    ({"stages": [stage(optim={"betas": [0.9, "high"]})]}, r"stages.0.optim.betas.1: expected a number"),
+    # seeds torch accepts, also as seeds derived from them
+    ({"seed": 99999999999999999999999}, r"seed: must be an integer in 0 .. 4294967295, got"),
+    ({"seed": -1}, r"seed: must be an integer in 0 .. 4294967295, got"),
+    ({"data": {"split_seed": 2 ** 32}}, r"data.split_seed: must be an integer in 0 .. 4294967295"),
+    # device strings are parsed as torch parses them
+    ({"device": "cuda:x"}, r"device: 'cuda:x' is not one of 'auto', 'cpu', 'cuda', 'cuda:N'"),
+    ({"device": "cuda:-1"}, r"device: 'cuda:-1' is not one of"),
+    ({"device": "banana"}, r"device: 'banana' is not one of"),
+    ({"data": {"root": "data"}}, r"data.root: the digits data set is embedded and reads no folder"),
+    ({"stages": [stage(optim={"warmup_steps": 11})]}, r"stages.0.optim.warmup_steps: 11 is more than the stage's 10 steps"),
+    ({"stages": [distill(loss_warmup_steps=10)]}, r"stages.0.loss_warmup_steps: 10 is not below the stage's 10 steps"),
 ])
 def test_errors_name_the_key_and_choices(data, match):
     with pytest.raises(ConfigError, match=match):
         from_dict(data)
+
+
+def test_settings_near_the_limits_are_accepted():
+    cfg = from_dict({"seed": 2 ** 32 - 1, "device": "cuda:1",  # present or not: checked where used
+                     "data": {"dataset": "cifar10", "root": "data"},
+                     "predictor": {"levels": 64, "base": 1.5, "include": ["conv1"]},
+                     "stages": [stage(eval_every=500, optim={"warmup_steps": 10}),  # eval at the end only
+                                distill(loss_warmup_steps=9, feature_maps=["layer1"]),
+                                distill(steps=None, epochs=1, loss_warmup_steps=10 ** 6)]})  # length known later
+    assert cfg.predictor.gauss_scale == [1.0, 0.1, 0.1] and cfg.stages[0].eval_every == 500
 
 
 def test_overrides():
@@ -147,6 +187,18 @@ def test_file_errors(tmp_path):
     wrong.write_text("predictor:\n  hidden: lots\n")
     with pytest.raises(ConfigError, match=r"wrong.yaml: predictor.hidden: expected an integer"):
         load_config(wrong)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("seed: 0\npredictor:\n  hidden: 8\nseed: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: duplicate key 'seed' at line 4 \(first given at line 1\)"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("predictor:\n  hidden: 8\n  hidden: 9\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'hidden' at line 3"):
+        load_config(nested)
+    # a key next to a '<<' merge overrides the merged one: not a duplicate
+    assert parse_override("predictor={<<: {hidden: 8, levels: 4}, hidden: 9}")[1] == {"hidden": 9, "levels": 4}
+    with pytest.raises(ConfigError, match=r"--set 'predictor=\{hidden: 8, hidden: 9\}': duplicate key 'hidden'"):
+        parse_override("predictor={hidden: 8, hidden: 9}")
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(empty) == from_dict({})

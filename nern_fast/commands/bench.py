@@ -6,9 +6,12 @@ editable install (``pip install -e .``) keeps reachable. Without a checkout this
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
+
+from ._common import check_output_dir, fail, user_errors
 
 
 class BenchNotFound(RuntimeError):
@@ -29,6 +32,28 @@ def find_bench_dir() -> Path:
     return bench
 
 
+def thread_count(text: str) -> int:
+    """``--threads``: a whole number >= 1 (argparse reports the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads >= 1, got {text!r}")
+    return value
+
+
+def budget_seconds(text: str) -> float:
+    """``--budget``: seconds >= 0 (0: none); a negative one would skip every case."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0: no budget), got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``nern-fast bench`` and ``python -m bench.<operation>``."""
     p.add_argument("--quick", action="store_true",
@@ -41,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", default=None,
                    help="comma-separated operations: decode_forward, decode_backward, recon_step, "
                         "distill_step, inference_forward, permutations")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=thread_count, default=None,
                    help="torch CPU threads (default: 2 on cpu, all cores with --device cuda)")
-    p.add_argument("--budget", type=float, default=None,
+    p.add_argument("--budget", type=budget_seconds, default=None,
                    help="soft wall-clock budget in seconds; cases after it are recorded as skipped "
                         "(default: the plan's; 0 = none)")
     p.add_argument("--no-memory", action="store_true",
@@ -63,13 +88,17 @@ def register(subparsers) -> None:
 def run(args) -> int:
     try:
         bench = find_bench_dir()
-    except BenchNotFound as exc:
-        print(f"nern-fast bench: {exc}", file=sys.stderr)
-        return 2
+        if args.out:
+            check_output_dir(args.out)
+    except (BenchNotFound, *user_errors()) as exc:
+        return fail("bench", exc)
     repo = str(bench.parent)
     if repo not in sys.path:
         sys.path.insert(0, repo)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     from bench import suite
 
-    return suite.run(args)
+    try:
+        return suite.run(args)
+    except user_errors() as exc:  # set-up and result files; a failing measurement is a row
+        return fail("bench", exc)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._common import fail, user_errors
+from ._common import check_output_file, fail, user_errors
 
 
 def register(subparsers) -> None:
@@ -138,6 +138,8 @@ def evaluate(args) -> dict:
 
 def run(args) -> int:
     try:
+        if args.json:
+            check_output_file(args.json, "--json")  # before the evaluation, not after it
         r = evaluate(args)
     except user_errors() as exc:
         return fail("eval", exc)
@@ -158,7 +160,10 @@ def run(args) -> int:
         for name, value in r["per_layer_rmse"].items():
             print(f"    {name:<{width}}  {value:.6f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+        except OSError as exc:
+            return fail("eval", exc)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

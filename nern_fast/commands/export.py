@@ -17,8 +17,10 @@ Formats:
 """
 from __future__ import annotations
 
-import sys
+import contextlib
 from pathlib import Path
+
+from ._common import check_output_file, fail, user_errors
 
 CHECKPOINT_STATE_KEYS = ("model_state_dict", "state_dict", "model")
 
@@ -45,38 +47,52 @@ def _raw_formatter():
 
 
 def run(args) -> int:
-    from nern_fast.io import FileFormatError
-    from nern_fast.layout import LayoutError
     try:
         return _export(args)
-    except (FileFormatError, LayoutError, ValueError, TypeError, FileNotFoundError, ImportError) as exc:
-        print(f"nern-fast export: error: {exc}", file=sys.stderr)
-        return 2
+    except user_errors() as exc:
+        return fail("export", exc)
+
+
+@contextlib.contextmanager
+def _option_error(option: str):
+    """nern_fast.compressed reports a bad model spec or a predictor a storage cannot hold as a
+    plain ValueError (TypeError: wrong constructor arguments): name the option to change."""
+    from nern_fast.config import ConfigError
+    try:
+        yield
+    except user_errors():
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{option}: {exc}") from exc
 
 
 def _export(args) -> int:
-    from nern_fast.compressed import ModelSpec, read_compressed, save_compressed, state_dict_bytes
+    from nern_fast.compressed import read_compressed, save_compressed, state_dict_bytes
+    from nern_fast.config import ConfigError, usable_device
     from nern_fast.io import atomic_save
 
     if bool(args.compressed) == bool(args.predictor):
-        raise ValueError("give either --compressed FILE or --predictor FILE --base CHECKPOINT")
+        raise ConfigError("give either --compressed FILE or --predictor FILE --base CHECKPOINT")
+    device = usable_device(args.device, "--device")
+    out = check_output_file(args.out, "--out")
     if args.compressed:
         loaded = read_compressed(args.compressed, map_location="cpu")
-        spec = ModelSpec.parse(args.model) if args.model else None
-        model = loaded.build_model(spec.build if spec is not None else None).eval()
+        spec = _model_spec(args.model) if args.model else None
+        with _option_error("--model"):
+            model = loaded.build_model(spec.build if spec is not None else None).eval()
         pred = loaded.predictor
         args.model_spec = spec or loaded.model_spec
         source = Path(args.compressed)
     else:
         model, pred = _from_predictor(args)
         source = Path(args.predictor)
-    model.to(args.device)
-    pred.to(args.device)
-    out = Path(args.out)
+    model.to(device)
+    pred.to(device)
     if args.format == "compressed":
         spec = getattr(args, "model_spec", None)
-        save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype,
-                        model_spec="auto" if spec is None else spec)
+        with _option_error("--predictor-dtype"):
+            save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype,
+                            model_spec="auto" if spec is None else spec)
     else:
         pred.load_into(model)  # the reconstructed network: decoded weights in ordinary parameters
         atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, out)
@@ -129,32 +145,41 @@ def _spec_of_model_file(data: dict):
     return ModelSpec("registry", {"arch": arch, **args}).describe()
 
 
+def _model_spec(text: str):
+    from nern_fast.compressed import ModelSpec
+    with _option_error("--model"):
+        return ModelSpec.parse(text)
+
+
 def _from_predictor(args):
     from nern_fast import FastPredictor
     from nern_fast.compressed import ModelSpec
+    from nern_fast.config import ConfigError
 
     if not args.base:
-        raise ValueError("--predictor needs --base CHECKPOINT: the original model's state dict holds "
-                         "the parameters the predictor does not represent (stem, BN, classifier)")
+        raise ConfigError("--predictor needs --base CHECKPOINT: the original model's state dict holds "
+                          "the parameters the predictor does not represent (stem, BN, classifier)")
     state, stored_spec = _read_checkpoint(args.base)
     if args.model:
-        spec = ModelSpec.parse(args.model)
+        spec = _model_spec(args.model)
     elif stored_spec is not None:
-        spec = ModelSpec.from_description(stored_spec)
+        with _option_error(f"the model spec recorded in {args.base} (name the network with --model)"):
+            spec = ModelSpec.from_description(stored_spec)
     else:
-        raise ValueError(f"{args.base} records no model spec; name the network with --model "
-                         f"(e.g. resnet56, cifar_resnet:depth=20,num_classes=100, torchvision:resnet18)")
-    model = spec.build()
+        raise ConfigError(f"{args.base} records no model spec; name the network with --model "
+                          f"(e.g. resnet56, cifar_resnet:depth=20,num_classes=100, torchvision:resnet18)")
+    with _option_error("--model"):
+        model = spec.build()
     pred = FastPredictor.load(args.predictor, model=model, map_location="cpu")
     args.model_spec = spec
     represented = {f"{l.name}.weight" for l in pred.layout.layers}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ValueError(f"{args.base} does not fit {spec.describe()} ({str(exc)[:300]}); check --model") from exc
+    except RuntimeError as exc:  # load_state_dict's shape mismatches
+        raise ConfigError(f"{args.base} does not fit {spec.describe()} ({str(exc)[:300]}); check --model") from exc
     missing = [k for k in missing if k not in represented]
     if missing or unexpected:
-        raise ValueError(f"{args.base} does not fit {spec.describe()}: missing {missing[:4]}, "
-                         f"unexpected {list(unexpected)[:4]}; check --model")
+        raise ConfigError(f"{args.base} does not fit {spec.describe()}: missing {missing[:4]}, "
+                          f"unexpected {list(unexpected)[:4]}; check --model")
     model.eval()
     return model, pred

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from ._common import add_config_args, fail, user_errors
+from ._common import add_config_args, check_output_dir, fail, user_errors
 
 
 def register(subparsers) -> None:
@@ -21,6 +21,7 @@ def run(args) -> int:
     from nern_fast.train.fit import FitRun, StageInterrupted, TrainingDiverged
     from nern_fast.train.report import stage_table
     try:
+        check_output_dir(args.out)
         cfg = load_config(args.config, args.overrides)
         metrics = FitRun(cfg, args.out, resume=args.resume, overwrite=args.overwrite).run()
     except user_errors() as exc:

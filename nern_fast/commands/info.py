@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import platform
 
+from ._common import fail, user_errors
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="versions, devices and available decode backends")
@@ -10,6 +12,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    try:
+        return _report()
+    except user_errors() as exc:  # e.g. a backend's extension that fails to load
+        return fail("info", exc)
+
+
+def _report() -> int:
     import torch
 
     import nern_fast
