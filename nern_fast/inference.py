@@ -797,8 +797,9 @@ def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optiona
         if weight is None:
             raise AttachError(f"conv '{layer.name}' has no weight Parameter (attached through another "
                               f"model that shares it?); give it an ordinary nn.Parameter first")
-    if not isinstance(graphs, bool):
-        raise TypeError(f"graphs must be True or False, got {graphs!r}")
+    for name, value in (("graphs", graphs), ("prefetch", prefetch)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     check_group_bytes(group_bytes)
     if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
                                         or workspace_bytes < 1):

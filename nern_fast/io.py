@@ -7,7 +7,7 @@ import stat
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Iterator, Union
 
 import torch
 
@@ -30,11 +30,13 @@ def _umask() -> int:
     return mask
 
 
-def atomic_save(obj: Any, path: PathLike) -> Path:
-    """``torch.save`` to a temp file in the same folder, fsync, then rename over ``path``.
+@contextlib.contextmanager
+def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temp file in the same folder, fsynced and
+    renamed over ``path`` when the block ends without an exception.
 
-    A crash or Ctrl-C midway leaves the previous file intact. A symlink is written through (its
-    target is replaced, the link kept) and a replaced file keeps its permissions.
+    A crash, exception or Ctrl-C midway leaves the previous file intact. A symlink is written
+    through (its target is replaced, the link kept) and a replaced file keeps its permissions.
     """
     path = Path(path)
     target = path.resolve()  # through symlinks: replacing the link itself would cut it
@@ -46,7 +48,7 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
     try:
         os.fchmod(fd, mode)  # mkstemp makes 0600; a new file gets open()'s mode
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -54,7 +56,20 @@ def atomic_save(obj: Any, path: PathLike) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str) -> Path:
+    """``text`` (UTF-8) written through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)
 
 
 def _check_zip_crcs(path: Path, what: str) -> None:

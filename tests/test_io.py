@@ -116,3 +116,17 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_atomic_write_text_keeps_the_earlier_file_when_writing_fails(tmp_path):
+    """metrics.json and eval --json go through the same atomic file: a failure midway leaves the
+    earlier file whole and no temp file behind."""
+    from nern_fast.io import atomic_file, atomic_write_text
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, '{"a": 1}\n')
+    with pytest.raises(RuntimeError, match="midway"):
+        with atomic_file(path) as f:
+            f.write(b'{"a": ')
+            raise RuntimeError("midway")
+    assert path.read_text() == '{"a": 1}\n'
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]

@@ -42,6 +42,10 @@ def quick_overrides(raw: dict) -> list:
             out.append(f"stages.{i}.epochs=null")
         if isinstance(stage, dict) and stage.get("hidden") is not None:
             out.append(f"stages.{i}.hidden=32")
+        if isinstance(stage, dict) and stage.get("loss_warmup_steps"):
+            out.append(f"stages.{i}.loss_warmup_steps=1")  # below the 3 steps (validation)
+        if isinstance(stage, dict) and isinstance(stage.get("optim"), dict) and stage["optim"].get("warmup_steps"):
+            out.append(f"stages.{i}.optim.warmup_steps=1")
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from ._common import check_output_file, fail, user_errors
 
@@ -160,9 +159,9 @@ def run(args) -> int:
         for name, value in r["per_layer_rmse"].items():
             print(f"    {name:<{width}}  {value:.6f}")
     if args.json:
+        from nern_fast.io import atomic_write_text
         try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(r, indent=2) + "\n")
+            atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")  # an earlier file survives a failure
         except OSError as exc:
             return fail("eval", exc)
         print(f"wrote {args.json}", file=sys.stderr)

@@ -11,8 +11,9 @@ def register(subparsers) -> None:
                                           "progressive, data-free)")
     add_config_args(p)
     p.add_argument("--out", required=True, help="output folder (checkpoint, logs, metrics, report)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    existing.add_argument("--overwrite", action="store_true", help="replace a finished or stopped run in --out")
     p.set_defaults(func=run)
 
 

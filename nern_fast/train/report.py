@@ -8,11 +8,8 @@ from typing import Optional
 
 
 def write_metrics(out_dir: Path, metrics: dict) -> Path:
-    path = Path(out_dir) / "metrics.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    from ..io import atomic_write_text
+    return atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 def _fmt(value, digits: int = 2) -> str:

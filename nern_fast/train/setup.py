@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError, PredictorConfig
+from ..config import Config, ConfigError, PredictorConfig, usable_device
 from ..data import TaskData, load_task_data
 from ..layout import WeightLayout
 from ..models import build_model, load_weights
@@ -19,11 +19,7 @@ from ..predictor import FastPredictor
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: '{name}' was asked for but CUDA is not available here; use "
-                          f"device: auto or cpu")
-    return device
+    return usable_device(name, "device")  # present here, the CUDA index too
 
 
 def apply_runtime(cfg: Config) -> torch.device:
