@@ -91,7 +91,7 @@ def read_nern_permutations(permutations: Any, num_layers: int) -> list:
         if missing:
             raise FileNotFoundError(f"NeRN permutation cache {folder} lacks {missing[:3]} "
                                     f"({len(missing)} of {num_layers} files missing)")
-        return [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+        return [load_torch_file(f, "NeRN permutation file") for f in files]
     permutations = list(permutations)
     if len(permutations) != num_layers:
         raise LayoutError(f"got {len(permutations)} NeRN permutations for {num_layers} layers")
