@@ -179,13 +179,8 @@ RESUME_STAGES = [
 def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
     full = tmp_path / "full"
     FitRun(_cfg(base_model, RESUME_STAGES), full, echo=_quiet).run()
-
-    def interrupt(stage, step):
-        if (stage, step) == stop_at:
-            raise KeyboardInterrupt
     part = tmp_path / "part"
-    with pytest.raises(StageInterrupted, match="continue with --resume"):
-        FitRun(_cfg(base_model, RESUME_STAGES), part, on_step=interrupt, echo=_quiet).run()
+    _interrupted_run(_cfg(base_model, RESUME_STAGES), part, stop_at)
     ckpt = load_checkpoint(part / "checkpoint.pt")
     assert (ckpt["stage_index"], ckpt["step"]) == stop_at
     with pytest.raises(FileExistsError, match="--resume"):
@@ -308,6 +303,15 @@ def test_overwrite_replaces_a_run_only_once_its_setup_succeeded(base_model, tmp_
     assert len([l for l in (out / "log.jsonl").read_text().splitlines() if '"original"' in l]) == 1
 
 
+def _interrupted_run(cfg, out, stop_at) -> None:
+    """A run stopped by Ctrl-C after step stop_at[1] of stage stop_at[0] (its checkpoint there)."""
+    def interrupt(stage, step):
+        if (stage, step) == stop_at:
+            raise KeyboardInterrupt
+    with pytest.raises(StageInterrupted, match="continue with --resume"):
+        FitRun(cfg, out, on_step=interrupt, echo=_quiet).run()
+
+
 def _stopped_between_stages(base_model, out, monkeypatch, stages=RESUME_STAGES):
     """A run killed after stage 0 ended (its checkpoint: stage 1, step 0)."""
     run_stage = FitRun._run_stage
@@ -348,13 +352,8 @@ def test_resume_may_change_the_stages_not_started_yet(base_model, tmp_path, monk
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.0\.steps"):
         FitRun(_cfg(base_model, [dict(RESUME_STAGES[0], steps=9), RESUME_STAGES[1]]), boundary,
                resume=True)
-
-    def interrupt(stage, step):
-        if (stage, step) == (1, 3):
-            raise KeyboardInterrupt
     inside = tmp_path / "inside"
-    with pytest.raises(StageInterrupted):
-        FitRun(_cfg(base_model, RESUME_STAGES), inside, on_step=interrupt, echo=_quiet).run()
+    _interrupted_run(_cfg(base_model, RESUME_STAGES), inside, (1, 3))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.1\.optim\.lr"):
         FitRun(_cfg(base_model, changed), inside, resume=True)
 
@@ -385,13 +384,8 @@ def test_resume_refuses_a_network_file_trained_again(base_model, tmp_path):
     from nern_fast.config import ConfigError
     network = tmp_path / "model.pt"
     shutil.copy(base_model, network)
-
-    def interrupt(stage, step):
-        if (stage, step) == (0, 5):
-            raise KeyboardInterrupt
     out = tmp_path / "run"
-    with pytest.raises(StageInterrupted):
-        FitRun(_cfg(network, RESUME_STAGES), out, on_step=interrupt, echo=_quiet).run()
+    _interrupted_run(_cfg(network, RESUME_STAGES), out, (0, 5))
     data = torch.load(network, weights_only=True)
     weights = next(v for v in data.values() if isinstance(v, dict) and any(
         isinstance(t, torch.Tensor) and t.is_floating_point() for t in v.values()))
