@@ -446,10 +446,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.test_fraction: must be in (0, 1), got {d.test_fraction}")
     if d.dataset == "imagenet" and not d.root:
         raise ConfigError("data.root: the imagenet data set needs the folder holding train/ and val/")
-    if d.dataset == "digits" and d.root is not None:  # an ignored key is a mistake (see DISTILL_ONLY)
-        raise ConfigError(f"data.root: the digits data set is embedded and reads no folder, so "
-                          f"{d.root!r} would be ignored; remove data.root (--set data.root=null) or "
-                          f"choose the data set that lives there (data.dataset)")
     p = cfg.predictor
     for name in ("hidden", "kernel_size"):
         _positive(getattr(p, name), f"predictor.{name}")
@@ -457,8 +453,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"predictor.num_blocks: must be >= 2, got {p.num_blocks}")
     if len(p.gauss_scale) != 3:
         raise ConfigError(f"predictor.gauss_scale: expected 3 numbers, got {p.gauss_scale!r}")
-    for i, scale in enumerate(p.gauss_scale):
-        _positive(scale, f"predictor.gauss_scale.{i}")
     _check_encoding(p)
     if isinstance(p.include, str) and p.include not in ("nern", "all"):
         raise ConfigError(f"predictor.include: {p.include!r} is not 'nern' or 'all' (or a list of "
@@ -518,25 +512,33 @@ def _name_stages(cfg: Config) -> None:
 @functools.lru_cache(maxsize=None)
 def _unique_key_loader():
     """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
-    silently, so the first setting would be lost without a word)."""
+    silently, so the first setting would be lost without a word). Checked on the composed node
+    tree before anything is built: building flattens '<<' merges into the merging mappings' nodes,
+    where a key that overrides a merged one would look like a duplicate."""
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
-        def construct_mapping(self, node, deep=False):
+    def check(node, seen: set) -> None:
+        if id(node) in seen:  # an alias: the same node again
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
             first_line: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # keys next to a '<<' merge override the merged ones by design
-                key = self.construct_object(key_node, deep=deep)
-                line = key_node.start_mark.line + 1
-                try:
-                    if key in first_line:
-                        raise ConfigError(f"duplicate key {key!r} at line {line} (first given at line "
-                                          f"{first_line[key]}); keep one")
+            for key_node, value_node in node.value:
+                if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key_node, yaml.ScalarNode):
+                    key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                    if key in first_line:  # (keys next to a '<<' merge override merged ones by design)
+                        raise ConfigError(f"duplicate key {key_node.value!r} at line {line} (first given "
+                                          f"at line {first_line[key]}); keep one")
                     first_line[key] = line
-                except TypeError:
-                    continue  # an unhashable key: the base class reports it
-            return super().construct_mapping(node, deep)
+                check(value_node, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                check(item, seen)
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_document(self, node):
+            check(node, set())
+            return super().construct_document(node)
 
     return UniqueKeyLoader
 

@@ -99,8 +99,12 @@ While attached:
   tensors: the model runs under ``torch.inference_mode()``, under ``no_grad``, and with gradients
   with respect to its inputs or its unrepresented parameters (never the predictor: train it with
   ``pred()``). With grad enabled, autograd keeps the weights a conv saved for backward alive.
-* Move the predictor and the model together (``prepare_for_inference`` does). A decoded weight is
-  moved to its input's device if they differ, which works but copies every call.
+* Move the predictor and the model together, before attaching (``prepare_for_inference`` does):
+  ``attach`` chooses the decode backend, the prefetch stream and the graphs for the predictor's
+  device then, and is all or nothing — a backend that cannot decode there refuses the attach, and
+  a failure midway gives the convs their own weights back. A decoded weight is moved to its input's
+  device if they differ, which works but copies every call. ``detach`` decodes before it changes
+  anything: when it cannot, the model stays attached as it was.
 * An exception (even Ctrl-C) in the middle of a forward leaves nothing broken: hooks restore the
   placeholders, and the next forward of the root model starts from a clean state.
 * Not supported while attached: ``torch.compile`` / TorchScript of the model, several threads

@@ -74,21 +74,28 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def _check_zip_crcs(path: Path, what: str) -> None:
     """torch.load does not check the CRC-32 of a torch file's zip members: damaged tensor bytes
-    would load as garbage values. Legacy (non-zip) files have no checksums to check."""
+    would load as garbage values. Members stored with CRC 0 (torch's save option
+    ``compute_crc32=False``) and legacy (non-zip) files have no checksum to check."""
     if not zipfile.is_zipfile(path):
         return  # torch.load says what is wrong with a truncated or foreign file
     advice = "re-create or re-export it, or use a backup"
+    member = None
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            for member in (m for m in archive.infolist() if m.CRC):
+                with archive.open(member) as f:  # reading to the end checks the CRC-32
+                    while f.read(1 << 22):
+                        pass
     except MemoryError:
         raise
+    except zipfile.BadZipFile as exc:
+        if member is not None and "CRC" in str(exc):
+            raise FileFormatError(f"{what} {path} is damaged: its member {member.filename} fails its "
+                                  f"CRC-32 check (the bytes changed after it was written); {advice}") from exc
+        raise FileFormatError(f"{what} {path} is damaged ({exc}); {advice}") from exc
     except Exception as exc:  # zipfile raises many kinds for damaged headers (OSError: bad offsets)
         raise FileFormatError(f"{what} {path} is damaged ({type(exc).__name__}: {str(exc)[:200]}); "
                               f"{advice}") from exc
-    if damaged is not None:
-        raise FileFormatError(f"{what} {path} is damaged: its member {damaged} fails its CRC-32 "
-                              f"check (the bytes changed after it was written); {advice}")
 
 
 def load_torch_file(path: PathLike, what: str = "file", map_location="cpu") -> Any:

@@ -130,3 +130,16 @@ def test_atomic_write_text_keeps_the_earlier_file_when_writing_fails(tmp_path):
             raise RuntimeError("midway")
     assert path.read_text() == '{"a": 1}\n'
     assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
+
+
+def test_a_file_saved_without_checksums_loads(tmp_path):
+    """torch.save can leave the CRC-32 out (CRC 0): nothing to check, the file loads."""
+    import zipfile
+    config = pytest.importorskip("torch.utils.serialization").config
+    if not hasattr(config, "patch") or "save.compute_crc32" not in config.get_config_copy():
+        pytest.skip("this torch always writes checksums")
+    with config.patch({"save.compute_crc32": False}):  # (monkeypatch's undo deletes it for good)
+        path = saved(tmp_path, "no_crc.pt")
+    assert not any(m.CRC for m in zipfile.ZipFile(path).infolist())
+    assert load_torch_file(path)["w"][999] == 999
+    assert any(m.CRC for m in zipfile.ZipFile(saved(tmp_path)).infolist())  # the setting restored

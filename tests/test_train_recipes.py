@@ -352,6 +352,13 @@ def test_resume_may_change_the_stages_not_started_yet(base_model, tmp_path, monk
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.0\.steps"):
         FitRun(_cfg(base_model, [dict(RESUME_STAGES[0], steps=9), RESUME_STAGES[1]]), boundary,
                resume=True)
+    # A new type for the stage not started renumbers the unnamed stage before it ("reconstruct"
+    # -> "reconstruct1"): names change nothing computed, the resume takes it.
+    renamed = tmp_path / "renamed"
+    _stopped_between_stages(base_model, renamed, monkeypatch)
+    retyped = [RESUME_STAGES[0], {"type": "reconstruct", "steps": 3, "weights_batch_size": 64}]
+    assert [s["name"] for s in FitRun(_cfg(base_model, retyped), renamed, resume=True,
+                                      echo=_quiet).run()["stages"]] == ["reconstruct", "reconstruct2"]
     inside = tmp_path / "inside"
     _interrupted_run(_cfg(base_model, RESUME_STAGES), inside, (1, 3))
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in stages\.1\.optim\.lr"):
@@ -396,3 +403,22 @@ def test_resume_refuses_a_network_file_trained_again(base_model, tmp_path):
         FitRun(_cfg(network, RESUME_STAGES), out, resume=True, echo=_quiet)
     shutil.copy(base_model, network)  # the original back: the run continues
     FitRun(_cfg(network, RESUME_STAGES), out, resume=True, echo=_quiet).run()
+
+
+@pytest.mark.parametrize("stop_at", [(1, 2), "between"])
+def test_resume_continues_a_predictor_of_an_earlier_stages_width(base_model, tmp_path, monkeypatch, stop_at):
+    """A stage continuing the predictor of a stage that made a new one of its own width resumes
+    with that width (it was rebuilt with predictor.hidden, and the saved state did not fit)."""
+    stages = [{"type": "reconstruct", "steps": 4, "weights_batch_size": 64, "predictor": "new", "hidden": 8},
+              {"type": "reconstruct", "steps": 4, "weights_batch_size": 64}]
+    full = tmp_path / "full"
+    FitRun(_cfg(base_model, stages), full, echo=_quiet).run()
+    part = tmp_path / "part"
+    if stop_at == "between":
+        _stopped_between_stages(base_model, part, monkeypatch, stages)
+    else:
+        _interrupted_run(_cfg(base_model, stages), part, stop_at)
+    metrics = FitRun(_cfg(base_model, stages), part, resume=True, echo=_quiet).run()
+    assert metrics["stages"][-1]["hidden"] == 8
+    a, b = _params(full), _params(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)

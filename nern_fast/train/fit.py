@@ -77,7 +77,10 @@ def resume_differences(state: dict, cfg: dict) -> list[str]:
     not started yet (after the checkpoint's stage, or that stage itself at its step 0)."""
     first_free = state["stage_index"] + (1 if state["step"] else 0)
     free = tuple(f"stages.{i}." for i in range(first_free, len(cfg.get("stages") or [])))
-    return [key for key in config_differences(state["config"], cfg) if not (key + ".").startswith(free)]
+    # Stage names change nothing that was computed (unnamed stages are numbered by type over all
+    # stages: a later stage's new type may rename an earlier one).
+    return [key for key in config_differences(state["config"], cfg)
+            if not ((key + ".").startswith(free) or (key.startswith("stages.") and key.endswith(".name")))]
 
 
 def save_predictor(pred: FastPredictor, path: Path, cfg: Config, **extra) -> None:
@@ -267,6 +270,8 @@ class FitRun:
         cfg, stage = self.cfg, self.cfg.stages[index]
         if pred is None or stage.predictor == "new":
             hidden = stage.hidden if stage.predictor == "new" else None
+            if stage.predictor != "new" and state is not None:  # resumed: the saved predictor's width
+                hidden = state["predictor"]["layers.0.weight"].shape[0]  # (an earlier stage's hidden)
             pred = setup.make_predictor(self.layout, cfg.predictor, hidden, cfg.seed + 1000 * index,
                                         self.device)
         # A checkpoint at step 0 was written at the previous stage's end: its predictor is where
