@@ -9,7 +9,7 @@ from pathlib import Path
 def add_config_args(p, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, help="YAML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry, e.g. --set stages.0.steps=200 (repeatable)")
+                   help="override a config entry, e.g. --set seed=1 or --set data.batch_size=64 (repeatable)")
 
 
 def fail(command: str, exc: BaseException, code: int = 2) -> int:
