@@ -51,6 +51,10 @@ class ArchitectureMismatch(LayoutError):
     """A model that does not have the architecture a compressed file was saved from."""
 
 
+class StorageDtypeError(ValueError):
+    """A predictor that the chosen ``predictor_dtype`` cannot store (or an unknown dtype name)."""
+
+
 # ---------------------------------------------------------------------- model spec
 @dataclass(frozen=True)
 class ModelSpec:
@@ -223,19 +227,19 @@ def _check_representable(name: str, tensor: torch.Tensor, predictor_dtype: str) 
         return
     finite = torch.isfinite(tensor)
     if predictor_dtype == "int8" and not bool(finite.all()):
-        raise ValueError(f"predictor tensor '{name}' holds {int((~finite).sum())} NaN/inf values, which "
+        raise StorageDtypeError(f"predictor tensor '{name}' holds {int((~finite).sum())} NaN/inf values, which "
                          f"int8 storage cannot represent (a diverged predictor?); store it with "
                          f"predictor_dtype='fp32' or fix the predictor")
     limit = torch.finfo(torch.float16).max
     if predictor_dtype == "fp16" and bool((tensor[finite].abs() > limit).any()):
-        raise ValueError(f"predictor tensor '{name}' has values beyond fp16's range (|x| > {limit:.0f}): "
+        raise StorageDtypeError(f"predictor tensor '{name}' has values beyond fp16's range (|x| > {limit:.0f}): "
                          f"they would be stored as inf; use predictor_dtype='bf16' or 'fp32'")
 
 
 def pack_predictor_state(pred: FastPredictor, predictor_dtype: str) -> dict:
     """The predictor's tensors as stored: cast (fp32/fp16/bf16) or int8 per-row quantised."""
     if predictor_dtype not in PREDICTOR_DTYPES:
-        raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
+        raise StorageDtypeError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     packed = {}
     for name, tensor in pred.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -280,7 +284,7 @@ def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype:
                          model_spec: Union[str, ModelSpec, dict, None] = "auto") -> dict:
     """The dict :func:`save_compressed` writes (tensors on the CPU, compact storages)."""
     if predictor_dtype not in PREDICTOR_DTYPES:
-        raise ValueError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
+        raise StorageDtypeError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     pred.layout.check_model(model)
     from .inference import represented_as_placeholders
     represented = _represented_keys(pred)

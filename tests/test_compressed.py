@@ -327,6 +327,32 @@ def test_export_command(tmp_path, capsys):
     assert "another architecture" in capsys.readouterr().err
 
 
+def test_export_names_predictor_dtype_only_for_storage_errors(tmp_path, capsys):
+    """A predictor int8 cannot hold is the --predictor-dtype's problem; another value error of
+    save_compressed is reported in its own words, not blamed on that option."""
+    from nern_fast.commands.export import _option_error
+    from nern_fast.compressed import StorageDtypeError
+    from nern_fast.config import ConfigError
+    model, pred = trained_like()
+    with torch.no_grad():
+        pred.weights()[1][0, 0] = float("nan")
+    torch.save({"model_state_dict": model.state_dict(),
+                "model_spec": {"kind": "cifar_resnet", "args": {"depth": 8, "width": 4}}},
+               tmp_path / "base.pt")
+    pred.save(tmp_path / "pred.pt")
+    out = tmp_path / "model.nfz"
+    assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "base.pt"),
+                 "--predictor-dtype", "int8", "--out", str(out)]) == 2
+    assert "--predictor-dtype: predictor tensor 'layers.1.weight' holds 1 NaN/inf" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"^--predictor-dtype: bad storage$"):
+        with _option_error("--predictor-dtype", caused_by=(StorageDtypeError,)):
+            raise StorageDtypeError("bad storage")
+    with pytest.raises(ConfigError, match=r"^the model is attached elsewhere$"):
+        with _option_error("--predictor-dtype", caused_by=(StorageDtypeError,)):
+            raise ValueError("the model is attached elsewhere")
+
+
 def test_export_from_a_train_base_model_file(tmp_path, capsys):
     """`nern-fast train-base` writes {"format": "nern_fast.model", "arch", "num_classes", ...}."""
     torch.manual_seed(0)

@@ -54,16 +54,19 @@ def run(args) -> int:
 
 
 @contextlib.contextmanager
-def _option_error(option: str):
+def _option_error(option: str, caused_by: tuple = (ValueError, TypeError)):
     """nern_fast.compressed reports a bad model spec or a predictor a storage cannot hold as a
-    plain ValueError (TypeError: wrong constructor arguments): name the option to change."""
+    plain ValueError (TypeError: wrong constructor arguments): name the option to change when the
+    error is of a kind that option causes (``caused_by``); other value errors keep their own words."""
     from nern_fast.config import ConfigError
     try:
         yield
     except user_errors():
         raise
-    except (ValueError, TypeError) as exc:
+    except caused_by as exc:
         raise ConfigError(f"{option}: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _export(args) -> int:
@@ -90,7 +93,8 @@ def _export(args) -> int:
     pred.to(device)
     if args.format == "compressed":
         spec = getattr(args, "model_spec", None)
-        with _option_error("--predictor-dtype"):
+        from nern_fast.compressed import StorageDtypeError
+        with _option_error("--predictor-dtype", caused_by=(StorageDtypeError,)):
             save_compressed(model, pred, out, predictor_dtype=args.predictor_dtype,
                             model_spec="auto" if spec is None else spec)
     else:

@@ -141,6 +141,7 @@ class FitRun:
         self.echo = echo
         self.resume_state = None
         self.replace_outputs = False
+        self.model_digest = None  # SHA-256 of the network file, read once (resume compares it)
         ckpt = self.out / CHECKPOINT_NAME
         if resume and overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
@@ -157,8 +158,9 @@ class FitRun:
                                   f"{', '.join(diff[:6])}; resume with the same config (and --set; "
                                   f"only stages not started yet may change) or start a new --out")
             saved_digest = self.resume_state.get("model_digest")
-            if saved_digest is not None and Path(cfg.model.checkpoint).is_file() and \
-                    file_digest(cfg.model.checkpoint) != saved_digest:
+            if saved_digest is not None and Path(cfg.model.checkpoint).is_file():
+                self.model_digest = file_digest(cfg.model.checkpoint)
+            if saved_digest is not None and self.model_digest not in (None, saved_digest):
                 raise ConfigError(f"--resume: {cfg.model.checkpoint} is not the network this run "
                                   f"started from (its contents changed: trained again?); start a new "
                                   f"--out for it, or put the original file back to resume")
@@ -176,7 +178,8 @@ class FitRun:
         self.device = setup.apply_runtime(cfg)
         self.task = setup.load_data(cfg)
         self.model = setup.frozen(setup.make_network(cfg.model, self.task), self.device)
-        self.model_digest = file_digest(cfg.model.checkpoint)
+        if self.model_digest is None:
+            self.model_digest = file_digest(cfg.model.checkpoint)
         self._check_stages()
         self.out.mkdir(parents=True, exist_ok=True)
         self.layout = setup.make_layout(self.model, cfg.predictor, self.out / "permutations",
