@@ -69,6 +69,26 @@ def test_fit_eval_and_resume(trained, capsys):
     assert r["stored_parameters"] == r["model_parameters"] - r["represented_parameters"] + r["predictor_parameters"]
 
 
+def test_eval_from_another_folder_finds_the_relative_network_file(trained, capsys, monkeypatch):
+    """fit records model.checkpoint as given (relative to the folder it ran in) and that folder:
+    eval run elsewhere finds the network there; a file gone from both is a clear error."""
+    root, config = trained
+    monkeypatch.chdir(root)
+    out = root / "fit_rel"
+    assert main(["fit", "--config", str(config), "--set", "model.checkpoint=base/model.pt",
+                 "--set", "stages.1.steps=1", "--out", str(out)]) == 0
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--json", "r.json"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((elsewhere / "r.json").read_text())["original_accuracy"] == \
+        pytest.approx(metrics["original_accuracy"])
+    assert main(["eval", "--predictor", str(out / "predictor.pt"), "--checkpoint", "gone.pt"]) == 2
+    assert "network file gone.pt does not exist" in capsys.readouterr().err
+
+
 def test_eval_on_demand(trained, capsys):
     root, config = trained
     ckpt = f"model.checkpoint={root / 'base' / 'model.pt'}"

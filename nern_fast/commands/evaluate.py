@@ -53,8 +53,24 @@ def _config(args, recorded: dict):
     if not recorded:
         raise ConfigError(f"{args.predictor} does not record its network and data (not written by "
                           f"`nern-fast fit`); pass --config")
-    data = {"model": recorded.get("model", {}), "data": recorded.get("data", {})}
+    data = {"model": dict(recorded.get("model", {})), "data": dict(recorded.get("data", {}))}
+    _resolve_recorded_paths(data, recorded.get("cwd"))
     return load_config(data=data, overrides=overrides)
+
+
+def _resolve_recorded_paths(sections: dict, fit_cwd) -> None:
+    """A relative network file or data root recorded by fit is relative to the folder fit ran in:
+    where it is not found from here but is from there, use that one (eval from any folder)."""
+    from pathlib import Path
+    if not fit_cwd:
+        return
+    for section, key in (("model", "checkpoint"), ("data", "root")):
+        value = sections[section].get(key)
+        if not isinstance(value, str) or not value or Path(value).is_absolute() or Path(value).exists():
+            continue
+        there = Path(fit_cwd) / value
+        if there.exists():
+            sections[section][key] = str(there)
 
 
 def evaluate(args) -> dict:
@@ -86,6 +102,11 @@ def evaluate(args) -> dict:
         from nern_fast.config import ConfigError
         raise ConfigError("model.checkpoint: eval needs the original network's weights; pass "
                           "--checkpoint FILE")
+    from pathlib import Path
+    if not Path(cfg.model.checkpoint).exists():
+        from nern_fast.config import ConfigError
+        raise ConfigError(f"model.checkpoint: the network file {cfg.model.checkpoint} does not exist "
+                          f"(moved or deleted since fit?); pass --checkpoint FILE")
     device = setup.apply_runtime(cfg)
     task = setup.load_data(cfg)
     model = setup.frozen(setup.make_network(cfg.model, task), device)

@@ -88,7 +88,9 @@ def save_predictor(pred: FastPredictor, path: Path, cfg: Config, **extra) -> Non
     from ..io import atomic_save
     data = pred.to_file_dict()
     data[RUN_KEY] = {"model": to_dict(cfg.model), "data": to_dict(cfg.data),
-                     "predictor": to_dict(cfg.predictor), **extra}
+                     "predictor": to_dict(cfg.predictor),
+                     "cwd": str(Path.cwd()),  # relative paths above are relative to it (eval)
+                     **extra}
     atomic_save(data, path)
 
 
