@@ -468,18 +468,20 @@ class CpuDecoder {
       linear<true>(s, 0, rows_of(s.enc, n), bf16_ ? rows_of(s.enc_lp, n) : at::Tensor(), act(0),
                    act_lp(0), n);
     }
+    // A tile that straddles the end of the saved rows keeps its first rows too, so that every saved
+    // row is written whatever tiling the backward uses. Each layer's rows are copied as soon as they
+    // are computed: the output pass alternates two buffers, so act(i) is overwritten by act(i + 2).
+    const int64_t keep = pass == Pass::kOutput && begin < save_rows_ && !tile_saved(begin, n)
+                             ? save_rows_ - begin : 0;
     const bool hidden_known = pass == Pass::kRecompute && tile_saved(begin, n);
-    if (!hidden_known)
-      for (int64_t i = 1; i < last_; ++i) linear<true>(s, i, act(i - 1), act_lp(i - 1), act(i), act_lp(i), n);
+    if (!hidden_known) {
+      for (int64_t i = 1; i < last_; ++i) {
+        linear<true>(s, i, act(i - 1), act_lp(i - 1), act(i), act_lp(i), n);
+        if (keep > 0) saved_[i - 1].narrow(0, begin, keep).copy_((bf16_ ? act_lp(i) : act(i)).narrow(0, 0, keep));
+      }
+    }
     if (pass == Pass::kOutput || needs_y_)
       linear<false>(s, last_, act(last_ - 1), act_lp(last_ - 1), rows_of(s.y, n), at::Tensor(), n);
-    if (pass == Pass::kOutput && begin < save_rows_ && !tile_saved(begin, n)) {
-      // The tile straddles the end of the saved rows: keep its first rows too, so that every saved
-      // row is written whatever tiling the backward uses.
-      const int64_t keep = save_rows_ - begin;
-      for (int64_t i = 1; i < last_; ++i)
-        saved_[i - 1].narrow(0, begin, keep).copy_((bf16_ ? act_lp(i) : act(i)).narrow(0, 0, keep));
-    }
   }
 
   void first_layer_separable(Scratch& s, int64_t n, const at::Tensor& dst, const at::Tensor& dst_lp) {

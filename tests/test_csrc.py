@@ -301,18 +301,25 @@ def test_kept_activations_give_the_recomputed_bits(encoding, crop, subset, monke
             assert torch.equal(a, c)
 
 
-def test_kept_activations_bf16_and_tiling_changed_before_backward(monkeypatch):
-    pred = random_predictor(mixed_layout(permuted=True), hidden=32, num_blocks=5, levels=4)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("num_blocks", [5, 6])
+@pytest.mark.parametrize("kept_rows", [1000, 150])  # every row / a budget ending inside a tile
+def test_kept_activations_and_tiling_changed_before_backward(precision, num_blocks, kept_rows, monkeypatch):
+    """The forward's tiles (96 rows) differ from the backward's (40): every kept row must have been
+    written by the forward, also in a tile that straddles the end of the budget (its rows of every
+    hidden layer, with three or more of them: the output pass alternates two buffers)."""
+    pred = random_predictor(mixed_layout(permuted=True), hidden=32, num_blocks=num_blocks, levels=4)
     w, b = params(pred)
+    row_bytes = (num_blocks - 2) * 32 * (2 if precision == "bf16" else 4)
     monkeypatch.setenv("NERN_FAST_CPU_TILE", "96")
-    monkeypatch.setenv("NERN_FAST_CPU_SAVE_MB", str(1000 * 3 * 32 * 2 / 2**20))  # 1,000 bf16 rows
-    out = ops.decode(w, b, pred.layout, pred.encoding, None, "bf16", "csrc")
-    monkeypatch.setenv("NERN_FAST_CPU_TILE", "40")  # every kept row was written, whatever the tiles
+    monkeypatch.setenv("NERN_FAST_CPU_SAVE_MB", str(kept_rows * row_bytes / 2**20))
+    out = ops.decode(w, b, pred.layout, pred.encoding, None, precision, "csrc")
+    monkeypatch.setenv("NERN_FAST_CPU_TILE", "40")
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     kept = torch.autograd.grad((out * g).sum(), w + b)
     monkeypatch.setenv("NERN_FAST_CPU_SAVE_MB", "0")  # same tiles, every activation recomputed
     monkeypatch.setenv("NERN_FAST_CPU_TILE", "96")
-    out2 = ops.decode(w, b, pred.layout, pred.encoding, None, "bf16", "csrc")
+    out2 = ops.decode(w, b, pred.layout, pred.encoding, None, precision, "csrc")
     monkeypatch.setenv("NERN_FAST_CPU_TILE", "40")
     recomputed = torch.autograd.grad((out2 * g).sum(), w + b)
     assert torch.equal(out, out2)
