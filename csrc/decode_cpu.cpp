@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <mutex>
 
@@ -229,7 +230,7 @@ class CpuDecoder {
                                           // fp32/fp64, or bf16 in bf16 mode
     at::Tensor acc_lp;                    // bf16 GEMM results, flat
     at::Tensor y, enc, enc_lp;            // (T, k²), (T, 6·levels)
-    at::Tensor g, g2, g_lp, gy, gy_lp;    // backward: (T, H) x3, (T, k²) x2
+    at::Tensor g, g2, gy, gy_lp;          // backward: (T, H) x2 (bf16 in bf16 mode), (T, k²) x2
     at::Tensor prod_lp;                   // bf16 per-tile weight-gradient product, flat
     at::Tensor wide_a, wide_b, wide_out;  // fp32 GEMMs of bf16 values: widened operands, result
     std::vector<RowInfo> info;
@@ -301,11 +302,10 @@ class CpuDecoder {
       s.wide_out = at::empty({std::max(tile_ * wide, backward ? wide * in : 0)}, opts);
     }
     if (backward) {
-      s.g = at::empty({tile_, hidden_}, opts);
-      s.g2 = at::empty({tile_, hidden_}, opts);
+      s.g = at::empty({tile_, hidden_}, bf16_ ? lp : opts);  // hidden gradients: the compute dtype
+      s.g2 = at::empty({tile_, hidden_}, bf16_ ? lp : opts);
       s.gy = at::empty({tile_, k2_}, opts);
       if (bf16_) {
-        s.g_lp = at::empty({tile_, hidden_}, lp);
         s.gy_lp = at::empty({tile_, k2_}, lp);
         s.prod_lp = at::empty({wide * std::max(hidden_, enc_size_)}, lp);
       }
@@ -543,10 +543,15 @@ class CpuDecoder {
   }
 
   // ---- backward -----------------------------------------------------------------------------------
-  // acc += the column sums of g's n rows: ATen's sum (cascaded) per tile, then one add. A running sum
-  // row by row lost ~n·ε over a tile of thousands of rows (bias gradients of a 300 K-row decode were
-  // 40x further from float64 than eager's).
+  // acc += the column sums of g's n rows: ATen's sum (cascaded) per tile, then one add; bf16 rows
+  // (the hidden gradients in bf16 mode) through cpu::add_column_sums_bf16. A running sum row by row
+  // lost ~n·ε over a tile of thousands of rows (bias gradients of a 300 K-row decode were 40x
+  // further from float64 than eager's).
   static void add_column_sums(const at::Tensor& acc, const at::Tensor& g, int64_t n) {
+    if (g.scalar_type() == at::kBFloat16) {
+      cpu::add_column_sums_bf16(ptr<BF16>(g), n, g.size(1), ptr<float>(acc));
+      return;
+    }
     at::Tensor out = acc;
     out.add_(g.narrow(0, 0, n).sum(0));
   }
@@ -565,15 +570,15 @@ class CpuDecoder {
     cpu::accumulate_bf16(ptr<float>(acc), ptr<BF16>(prod), rows * cols);
   }
 
-  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); in bf16 mode a is the bf16 activation and the
-  // bf16 copy of dst is written alongside.
+  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); in bf16 mode g, a and dst are bf16 (the product
+  // is rounded to bf16 anyway, so an fp32 copy of dst would hold the same values).
   void backprop(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp, const at::Tensor& a,
-                const at::Tensor& dst, const at::Tensor& dst_lp, int64_t n) {
+                const at::Tensor& dst, int64_t n) {
     const int64_t cols = p_.weights[i].size(1);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
       mm_bf16(s, acc, g_lp, false, w_lp_[i]);
-      cpu::masked_from_bf16(ptr<BF16>(acc), ptr<BF16>(a), ptr<float>(dst), ptr<BF16>(dst_lp), n * cols);
+      cpu::masked_bf16(ptr<BF16>(acc), ptr<BF16>(a), ptr<BF16>(dst), n * cols);
       return;
     }
     at::Tensor out = dst;
@@ -603,26 +608,35 @@ class CpuDecoder {
     }
     if (bf16_) cpu::to_bf16(ptr<float>(s.gy), ptr<BF16>(s.gy_lp), n * k2_);
 
+    // The output layer's gradient gy is exact (fp32) and, in bf16 mode, rounded for its GEMMs; the
+    // hidden layers' gradients exist in the compute dtype only (g, g2: bf16 in bf16 mode).
     at::Tensor g_out = rows_of(s.gy, n), g_out_lp = lp(s.gy_lp);
     at::Tensor cur = rows_of(s.g, n), other = rows_of(s.g2, n);
     for (int64_t i = last_; i >= 1; --i) {
       add_column_sums(gr.b[i], g_out, n);
       add_weight_grad(s, gr.w[i], g_out, g_out_lp, act(i - 1), act_lp(i - 1));
-      backprop(s, i, g_out, g_out_lp, bf16_ ? act_lp(i - 1) : act(i - 1), cur, lp(s.g_lp), n);
+      backprop(s, i, g_out, g_out_lp, bf16_ ? act_lp(i - 1) : act(i - 1), cur, n);
       g_out = cur;
-      g_out_lp = lp(s.g_lp);
+      g_out_lp = bf16_ ? cur : at::Tensor();
       std::swap(cur, other);
     }
     // g_out = dL/dz1 (first layer pre-activation)
     if (p_.encoding == kBasic) {
       const int64_t H = hidden_;
-      const scalar_t* g1 = ptr<scalar_t>(g_out);
       scalar_t* gf = ptr<scalar_t>(gr.g_filter);
       scalar_t* gc = ptr<scalar_t>(gr.g_channel);
       for (int64_t r = 0; r < n; ++r) {
         scalar_t* a = gf + s.info[r].filter * H;
         scalar_t* b = gc + s.info[r].channel * H;
-        const scalar_t* x = g1 + r * H;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (bf16_) {
+            const BF16* x = ptr<BF16>(g_out) + r * H;
+            cpu::accumulate_bf16(a, x, H);
+            cpu::accumulate_bf16(b, x, H);
+            continue;
+          }
+        }
+        const scalar_t* x = ptr<scalar_t>(g_out) + r * H;
         for (int64_t j = 0; j < H; ++j) a[j] += x[j];
         for (int64_t j = 0; j < H; ++j) b[j] += x[j];
       }
