@@ -37,11 +37,19 @@ def atomic_file(path: PathLike) -> Iterator[BinaryIO]:
 
     A crash, exception or Ctrl-C midway leaves the previous file intact. A symlink is written
     through (its target is replaced, the link kept) and a replaced file keeps its permissions.
+    A device or FIFO (``/dev/null``) is written to directly: renaming over it would replace the
+    device node with a plain file.
     """
+    if isinstance(path, str) and path.endswith(("/", os.sep)):  # Path() would drop the slash
+        raise IsADirectoryError(f"{path} names a folder (it ends with a slash); give a file name to save to")
     path = Path(path)
     target = path.resolve()  # through symlinks: replacing the link itself would cut it
     if target.is_dir():
         raise IsADirectoryError(f"{path} is a directory; give a file name to save to")
+    if target.exists() and not target.is_file():
+        with open(target, "wb") as f:
+            yield f
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -112,6 +112,29 @@ def test_atomic_save_refuses_a_directory(tmp_path):
         atomic_save({"a": 1}, tmp_path)
 
 
+def test_atomic_save_refuses_a_name_ending_in_a_slash(tmp_path):
+    with pytest.raises(IsADirectoryError, match="ends with a slash"):
+        atomic_save({"a": 1}, str(tmp_path / "new") + "/")
+    assert not (tmp_path / "new").exists()
+
+
+def test_atomic_save_writes_into_a_device_or_fifo_without_replacing_it(tmp_path):
+    """Renaming a temp file over /dev/null (as root) would replace the device node with a plain
+    file: a device or FIFO is written to directly and stays what it was."""
+    import threading
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    atomic_save({"a": 2}, fifo)
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    (tmp_path / "copy.pt").write_bytes(received[0])
+    assert load_torch_file(tmp_path / "copy.pt") == {"a": 2}
+    assert sorted(os.listdir(tmp_path)) == ["copy.pt", "pipe"]  # no temp file
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
