@@ -185,10 +185,41 @@ def _nern_preset(name: str, module: nn.Module, parents: Mapping[str, nn.Module])
     return False
 
 
+def _check_representable_weights(chosen: list[tuple[str, nn.Conv2d]]) -> None:
+    """A represented weight is decoded into the conv's own Parameter: a computed weight
+    (parametrizations, the old weight_norm hook) would ignore it, and one Parameter shared by two
+    convs (tied weights) would be represented twice, by two different decodes."""
+    owner: dict[int, str] = {}
+    for n, m in chosen:
+        if torch.nn.utils.parametrize.is_parametrized(m, "weight") or not isinstance(
+                m._parameters.get("weight"), nn.Parameter):
+            if getattr(m.__dict__.get("weight"), "is_meta", False):
+                raise LayoutError(f"layer '{n}' is attached to a predictor (its weight is decoded when "
+                                  f"it runs); detach the model first")
+            raise LayoutError(f"layer '{n}' has a computed weight (a parametrization such as "
+                              f"weight_norm or orthogonal), not a Parameter a decode can write; remove "
+                              f"it (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
+                              f"layer out of include")
+        first = owner.setdefault(id(m.weight), n)
+        if first != n:
+            raise LayoutError(f"layers '{first}' and '{n}' share one weight Parameter (tied weights); "
+                              f"represent one of them: leave '{n}' out of include")
+
+
 def _select_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
+    chosen = _chosen_convs(model, kernel_size, include)
+    _check_representable_weights(chosen)
+    return chosen
+
+
+def _chosen_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
     named = list(model.named_modules())
     if isinstance(include, str) and include != "nern":
         include = [include]
+    if include is not None and include != "nern" and not callable(include) and (
+            isinstance(include, (bytes, Mapping)) or not hasattr(include, "__iter__")):
+        raise LayoutError(f"include must be None (every conv), 'nern', a module name, a list of module "
+                          f"names or a function (name, module) -> bool; got {type(include).__name__}")
     if include is None:
         return [(n, m) for n, m in named if isinstance(m, nn.Conv2d)
                 and _conv_is_square_at_most(m, kernel_size) is None]
@@ -201,6 +232,9 @@ def _select_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> l
         names = list(include)
         modules = dict(named)
         for n in names:
+            if not isinstance(n, str):
+                raise LayoutError(f"include lists {n!r} ({type(n).__name__}); give module names as "
+                                  f"strings, e.g. 'layer1.0.conv1'")
             if n not in modules:
                 close = [k for k, m in named if isinstance(m, nn.Conv2d)][:8]
                 raise LayoutError(f"include names '{n}', which is not a module of the model; "

@@ -241,3 +241,46 @@ def test_layer_range_spans_and_refusals():
             assert span.filters == (f0, f0 + sum(l.c_out for l in inside))
             assert span.channels == (c0, c0 + sum(l.c_in for l in inside))
             assert t.filter_offsets[a].item() == f0 and t.channel_offsets[a].item() == c0
+
+
+def old_weight_norm(module):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used
+        nn.utils.weight_norm(module)
+
+
+def test_weights_a_decode_cannot_own_are_refused():
+    """A decode writes each represented conv's own weight Parameter: two convs tied to one
+    Parameter would get two different decodes (the second overwriting the first), a computed
+    weight (parametrization, old weight_norm hook) would ignore it, an attached conv has none."""
+    tied = Mixed()
+    tied.depthwise2 = nn.Conv2d(16, 16, 3, groups=16)
+    tied.depthwise2.weight = tied.depthwise.weight
+    with pytest.raises(LayoutError, match="'depthwise' and 'depthwise2' share one weight Parameter.*"
+                                          "leave 'depthwise2' out of include"):
+        WeightLayout.from_model(tied)
+    assert WeightLayout.from_model(tied, include=["stem", "depthwise"]).names == ["stem", "depthwise"]
+    for wrap in (lambda m: nn.utils.parametrizations.weight_norm(m),
+                 lambda m: nn.utils.parametrizations.orthogonal(m),
+                 old_weight_norm):
+        model = Mixed()
+        wrap(model.point)
+        with pytest.raises(LayoutError, match="layer 'point' has a computed weight"):
+            WeightLayout.from_model(model)
+    from nern_fast import FastPredictor
+    model = Mixed()
+    pred = FastPredictor.for_model(model, hidden=8, levels=2, backend="eager")
+    pred.attach(model)
+    with pytest.raises(LayoutError, match="layer 'stem' is attached to a predictor.*detach"):
+        WeightLayout.from_model(model)
+    pred.detach(model)
+    assert WeightLayout.from_model(model).names == pred.layout.names
+
+
+@pytest.mark.parametrize("include,message", [(3, "include must be None.*got int"),
+                                             ([0], "include lists 0 \\(int\\); give module names as strings"),
+                                             (b"stem", "include must be None.*got bytes")])
+def test_include_of_the_wrong_kind_is_named(include, message):
+    with pytest.raises(LayoutError, match=message):
+        WeightLayout.from_model(Mixed(), include=include)
