@@ -515,10 +515,13 @@ class WeightLayout:
         return [part.view(l.shape) for part, l in zip(flat.split_with_sizes(sizes), self.layers)]
 
     def model_weights(self, model: nn.Module) -> list[torch.Tensor]:
-        """The represented conv weights of ``model`` (after checking it matches)."""
+        """The represented conv weights of ``model`` (after checking it matches): its own weight
+        Parameters (an attached model, tied or computed weights are refused: a write would be lost)."""
         self.check_model(model)
         modules = dict(model.named_modules())
-        return [modules[l.name].weight for l in self.layers]
+        chosen = [(l.name, modules[l.name]) for l in self.layers]
+        _check_representable_weights(chosen)
+        return [m.weight for _, m in chosen]
 
     def flatten(self, weights: Union[nn.Module, Sequence[torch.Tensor]]) -> torch.Tensor:
         """One flat buffer of per-layer weights (a model or a list in layout order)."""

@@ -284,3 +284,19 @@ def test_weights_a_decode_cannot_own_are_refused():
 def test_include_of_the_wrong_kind_is_named(include, message):
     with pytest.raises(LayoutError, match=message):
         WeightLayout.from_model(Mixed(), include=include)
+
+
+def test_attached_model_weights_are_refused_not_read_as_placeholders():
+    """load_into / flatten of an attached model read its meta placeholders: a write was lost
+    silently and flatten returned a meta tensor."""
+    from nern_fast import FastPredictor
+    model = Mixed()
+    pred = FastPredictor.for_model(model, hidden=8, levels=2, backend="eager")
+    other = FastPredictor.for_model(model, hidden=8, levels=2, backend="eager")
+    pred.attach(model)
+    for call in (lambda: other.load_into(model), lambda: pred.layout.flatten(model)):
+        with pytest.raises(LayoutError, match="attached to a predictor.*detach the model first"):
+            call()
+    pred.detach(model)
+    other.load_into(model)
+    assert torch.equal(pred.layout.flatten(model), other.decode_flat().detach())
