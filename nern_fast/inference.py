@@ -107,8 +107,12 @@ While attached:
   anything: when it cannot, the model stays attached as it was.
 * An exception (even Ctrl-C) in the middle of a forward leaves nothing broken: hooks restore the
   placeholders, and the next forward of the root model starts from a clean state.
+* ``model.to(dtype)`` / ``.double()`` / ``.half()`` while attached: the represented weights follow
+  the dtype the model's other parameters took (converted per call; a conv's placeholder shows it
+  from the next forward) in forwards, ``state_dict`` and ``detach``.
 * Not supported while attached: ``torch.compile`` / TorchScript of the model, several threads
-  running the same attached model, ``copy.deepcopy`` of the model. Detach first.
+  running the same attached model, ``copy.deepcopy`` and pickling of the model (both raise
+  AttachError). Detach first.
 """
 from __future__ import annotations
 
@@ -341,6 +345,11 @@ class Attachment:
         self._param_order = [list(c._parameters) for c in self.convs]  # restored by detach
         self._placeholders = [torch.empty(l.shape, dtype=c.weight.dtype, device="meta")
                               for l, c in zip(layout.layers, self.convs)]
+        # model.to(dtype) / .double() / .half() while attached: the represented weights follow the
+        # model's dtype, as seen on a witness (its first floating tensor that is not represented).
+        self._dtype_now = [dtype for dtype, _, _ in self._params]
+        self._witness = _dtype_witness(model, {id(c.weight) for c in self.convs})
+        self._witness_seen = None if self._witness is None else self._witness[2]
         self.layer_bytes = [l.num_weights * p.element_size()
                             for l, p in zip(layout.layers, self._placeholders)]
         self.group_bytes, self.groups = groups_for(self.layer_bytes, self.predictor_bytes, group_bytes)
@@ -438,6 +447,17 @@ class Attachment:
             self._handles.append(conv.register_load_state_dict_pre_hook(self._conv_hook(i, self._load)))
         self._update_held()
 
+    # copy.deepcopy would copy this state but not the hooks' closures (they would keep running the
+    # original's), and pickling fails on those closures: say what to do instead.
+    def __deepcopy__(self, memo):
+        raise AttachError("copy.deepcopy of an attached model is not supported: detach it "
+                          "(pred.detach(model)), copy it, then attach the original and the copy")
+
+    def __reduce_ex__(self, protocol):
+        raise AttachError("an attached model cannot be pickled (torch.save(model), multiprocessing): "
+                          "save model.state_dict() (it holds the decoded weights), or detach first; "
+                          "nern_fast.save_compressed(model, pred, path) stores it compressed")
+
     def remove(self) -> None:
         """Remove every hook and give each represented conv an ordinary Parameter (decoded values).
         The weights are decoded before anything changes: a decode that fails leaves the model
@@ -445,6 +465,7 @@ class Attachment:
         self._drop_pending()
         self._drop_current()
         self._state_group = None
+        self._sync_dtype()
         weights: list = [self._store.get(i) for i in range(len(self.convs))]
         try:
             with self._sharing_preparation():
@@ -460,7 +481,25 @@ class Attachment:
                               f"environment variable) and detach again") from exc
         self._release()
         self._set_parameters([nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
-                              for weight, (dtype, device, requires_grad) in zip(weights, self._params)])
+                              for weight, dtype, (_, device, requires_grad)
+                              in zip(weights, self._dtype_now, self._params)])
+
+    def _sync_dtype(self) -> None:
+        """Follow a dtype change of the model since the last look (see ``_dtype_witness``): the
+        convs that had the witness's dtype at attach take its new one (placeholders included)."""
+        if self._witness is None:
+            return
+        kind, name, attached_dtype = self._witness
+        now = (self.model.get_parameter if kind == "parameter" else self.model.get_buffer)(name).dtype
+        if now == self._witness_seen:
+            return
+        self._witness_seen = now
+        for i, (dtype, _, _) in enumerate(self._params):
+            if dtype == attached_dtype:
+                self._dtype_now[i] = now
+                self._placeholders[i] = torch.empty(self._placeholders[i].shape, dtype=now, device="meta")
+                if i not in self._running:
+                    self.convs[i].__dict__["weight"] = self._placeholders[i]
 
     def _release(self) -> None:
         """Remove the hooks and graphs and drop every decoded weight held."""
@@ -663,6 +702,7 @@ class Attachment:
         self._running.clear()
         self._drop_current()  # an interrupted forward's group: its slot conservatively released
         self._state_group = None
+        self._sync_dtype()
         if self._graphed is not None:
             self._graphed.start_forward()
         self._decoder.share_preparation(True)  # the parameters keep their values until the end
@@ -714,6 +754,10 @@ class Attachment:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)
+        if not self._in_forward:
+            self._sync_dtype()  # a conv called on its own (the root's start did it otherwise)
+        if weight.dtype != self._dtype_now[i]:
+            weight = weight.to(self._dtype_now[i])  # the model's dtype changed: a copy per call
         module.__dict__["weight"] = weight
         self._running.add(i)
         self._update_held()
@@ -730,6 +774,7 @@ class Attachment:
 
     def _state_dict_start(self) -> None:
         self._state_dicting = True
+        self._sync_dtype()
         self._state_group = None
 
     def _state_dict_end(self) -> None:
@@ -747,11 +792,15 @@ class Attachment:
     def _state_dict(self, i: int, module, state_dict, prefix, local_metadata) -> None:
         if getattr(_local, "placeholders", False):
             weight = self._placeholders[i]
-        elif i in self._store:
-            weight = self._store[i].to(self._params[i][1])
         else:
-            g = self.group_of[i]
-            weight = _own(self._state_dict_weights(g)[i - self.groups[g].start]).to(self._params[i][1])
+            if not self._state_dicting:
+                self._sync_dtype()  # a conv's own state_dict()
+            if i in self._store:
+                weight = self._store[i]
+            else:
+                g = self.group_of[i]
+                weight = _own(self._state_dict_weights(g)[i - self.groups[g].start])
+            weight = weight.to(device=self._params[i][1], dtype=self._dtype_now[i])
         state_dict[prefix + "weight"] = weight.detach()
         if hasattr(state_dict, "move_to_end") and prefix + "bias" in state_dict:
             state_dict.move_to_end(prefix + "bias")  # keep an ordinary conv's key order
@@ -767,6 +816,16 @@ class Attachment:
 
 
 # ---------------------------------------------------------------------- functions
+def _dtype_witness(model: nn.Module, represented: set) -> Optional[tuple]:
+    """(kind, name, dtype) of the model's first floating parameter or buffer that is not a
+    represented weight: model.to(dtype) changes it too. None when the model has none."""
+    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and id(tensor) not in represented:
+                return kind, name, tensor.dtype
+    return None
+
+
 def attachment(model: nn.Module) -> Optional[Attachment]:
     """The :class:`Attachment` of an attached model (its ``stats``, ``mode``, ...), or None."""
     return model.__dict__.get(_ATTR)

@@ -103,6 +103,48 @@ def test_modes_give_identical_outputs(permuted, batch, grad_mode):
         assert torch.equal(getattr(model, name).weight, pred.decode_layer(i).detach())
 
 
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_model_dtype_changed_while_attached_is_followed(mode):
+    """model.double() while attached: the represented weights follow the model's dtype (a copy per
+    call) in its forward, state_dict and detach — as if the detached model had been converted."""
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    pred.attach(model, mode=mode)
+    model.double()
+    out = run(model, x)
+    conv_alone = model.c2(torch.randn(1, 16, 4, 4, dtype=torch.float64))  # outside a root forward
+    state = model.state_dict()
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float64}
+    assert model.c0.weight.dtype == torch.float64  # the placeholder, after the next forward
+    pred.detach(model)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert torch.equal(run(model, x), out)
+    plain, _ = make()
+    pred.load_into(plain)
+    plain.double()
+    assert torch.equal(run(plain, x), out)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(state[key], value), key
+    assert conv_alone.dtype == torch.float64
+
+
+def test_deepcopy_and_pickle_of_an_attached_model_say_detach_first(tmp_path):
+    import copy
+    import pickle
+    model, pred = make()
+    pred.attach(model)
+    with pytest.raises(AttachError, match="deepcopy of an attached model.*detach"):
+        copy.deepcopy(model)
+    with pytest.raises(AttachError, match="cannot be pickled.*state_dict"):
+        pickle.dumps(model)
+    with pytest.raises(AttachError, match="cannot be pickled"):
+        torch.save(model, tmp_path / "m.pt")
+    x = torch.randn(1, 3, 6, 6)
+    out = run(model, x)  # still attached and working
+    pred.detach(model)
+    assert torch.equal(run(copy.deepcopy(model), x), out)
+
+
 def test_on_demand_keeps_no_weight_alive():
     model, pred = make()
     pred.attach(model, mode="on_demand", group_bytes=0)
