@@ -129,6 +129,8 @@ class FastPredictor(nn.Module):
 
     def decode_kernels(self, rows: torch.Tensor) -> torch.Tensor:
         """Decode the flat kernel indices ``rows`` -> ``(len(rows), k·k)`` (see reference.py)."""
+        if isinstance(rows, (list, tuple)) and len(rows) == 0:
+            rows = torch.empty(0, dtype=torch.long)  # as_tensor([]) would be float32
         rows = torch.as_tensor(rows)
         if rows.device != self.layers[0].weight.device:
             rows = rows.to(self.layers[0].weight.device)

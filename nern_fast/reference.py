@@ -142,11 +142,11 @@ def _decode_rows(weights, biases, layout, encoding, rows, precision, chunk_size)
     dtype = weights[0].dtype
     pieces = []
     step = chunk_size or max(int(rows.numel()), 1)
-    for start in range(0, rows.numel(), step):
+    # No rows: one empty chunk, so that the (empty) output still depends on every parameter and
+    # their gradients are zeros, as the fused backends give (not "does not require grad").
+    for start in range(0, max(rows.numel(), 1), step):
         positions, _ = kernel_positions(layout, rows[start:start + step], dtype)
         pieces.append(mlp_forward(encoding.encode(positions), weights, biases, precision))
-    if not pieces:
-        return weights[-1].new_zeros((0, weights[-1].shape[0]))
     return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 

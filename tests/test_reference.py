@@ -212,3 +212,22 @@ def test_well_conditioned_rows_leave_out_relu_kinks_and_max_crop_ties():
     # only rows of those given are returned
     subset = torch.tensor([0, 5, 600 % layout.num_kernels, 9])
     assert set(well_conditioned_rows(*args, rows=subset).tolist()) <= set(subset.tolist())
+
+
+@pytest.mark.parametrize("backend", ["eager", "csrc"])
+@pytest.mark.parametrize("encoding", ["basic", "ffn"])
+def test_no_rows_decode_to_an_empty_output_with_zero_gradients(backend, encoding):
+    """decode_kernels([]) (a list: torch.as_tensor would make it float32) gives (0, k²) whose
+    backward leaves zeros in every gradient — the eager reference too (its output had no graph)."""
+    from nern_fast import FastPredictor
+    from nern_fast.ops import BackendUnavailable
+    layout = WeightLayout.from_shapes([(4, 4), (8, 4)], kernel_size=3)
+    pred = FastPredictor(layout, hidden=8, levels=2, backend=backend, encoding=encoding)
+    try:
+        out = pred.decode_kernels([])
+    except BackendUnavailable:
+        pytest.skip(f"backend {backend} is not built here")
+    assert out.shape == (0, 9)
+    out.sum().backward()
+    for name, p in pred.named_parameters():
+        assert p.grad is not None and not p.grad.any(), name
