@@ -155,10 +155,14 @@ def coord_rows_from_infilter(filter_order: Any, channel_orders: Any, layer: Laye
 def _coord_rows_from_any(perm: Any, layer: LayerSpec) -> Optional[torch.Tensor]:
     if perm is None:
         return None
-    if isinstance(perm, (tuple, list)) and len(perm) == 2 and layer.num_kernels != 2:
-        first = torch.as_tensor(perm[0]) if not isinstance(perm[0], torch.Tensor) else perm[0]
-        if first.dim() == 1 and first.numel() == layer.c_out and (
-                torch.as_tensor(perm[1]).dim() == 2):
+    if isinstance(perm, (tuple, list)) and len(perm) == 2:
+        # (filter order, channel orders): a vector and a matrix. A crossfilter chain of a 2-kernel
+        # layer is a pair too, of scalars.
+        try:
+            dims = tuple(torch.as_tensor(part).dim() for part in perm)
+        except (TypeError, ValueError, RuntimeError):
+            dims = None
+        if dims == (1, 2):
             return coord_rows_from_infilter(perm[0], perm[1], layer)
     return coord_rows_from_crossfilter(perm, layer)
 

@@ -300,3 +300,16 @@ def test_attached_model_weights_are_refused_not_read_as_placeholders():
     pred.detach(model)
     other.load_into(model)
     assert torch.equal(pred.layout.flatten(model), other.decode_flat().detach())
+
+
+def test_infilter_pair_of_a_two_kernel_layer_is_read_as_infilter():
+    """A 2-kernel layer's crossfilter chain is a pair too: the forms are told apart by shape (a
+    vector and a matrix is infilter), not by the layer's kernel count."""
+    layout = WeightLayout.from_shapes([(2, 1), (1, 2)], kernel_size=3)
+    infilter = layout.with_permutations([(torch.tensor([1, 0]), torch.tensor([[0], [0]])),
+                                         (torch.tensor([0]), torch.tensor([[1, 0]]))])
+    crossfilter = layout.with_permutations([[1, 0], [1, 0]])
+    assert torch.equal(infilter.coord_rows(), torch.tensor([1, 0, 1, 0]))
+    assert torch.equal(crossfilter.coord_rows(), infilter.coord_rows())
+    with pytest.raises(LayoutError, match="infilter permutation of layer.*channel orders must have shape"):
+        layout.with_permutations([(torch.tensor([1, 0]), torch.tensor([[0, 1]])), None])
