@@ -16,15 +16,23 @@ first differences named.
 
 Predictor storage (``predictor_dtype``): ``fp32`` (exact), ``fp16`` / ``bf16`` (every predictor
 tensor rounded), ``int8`` (each weight matrix quantised symmetrically per output row: ``q =
-round(w / s)``, ``s = max|w_row| / 127``, biases kept in fp32). Loading dequantises into a float32
-(or the predictor's original dtype) predictor; the rest of the model is stored at full precision.
+round(w / s)``, ``s = max|w_row| / 127``, biases kept in fp32). Loading gives a predictor of the
+dtype it had when saved (``predictor.dtype`` in the file; float32 for a file without it), holding the
+stored values; the rest of the model is stored at full precision.
 
 A :class:`ModelSpec` records how to rebuild the network without user code: ``cifar_resnet``
 (depth, num_classes, in_channels, width), ``torchvision`` (builder name, num_classes) or
 ``registry`` (a built-in architecture name of ``nern_fast.models.build_model`` with num_classes,
 in_channels, image_size: what ``nern-fast train-base`` model files record). cifar_resnet and
 torchvision specs are inferred when saving; every spec is checked by building the model on the
-``meta`` device. For any other network pass ``model_fn`` to :func:`load_compressed`.
+``meta`` device and comparing its whole module tree with the model's (names, types, ``extra_repr``
+and plain attributes: a torchvision model with its maxpool replaced or a stride changed has the same
+parameters but is another network, so it gets no spec). For any other network pass ``model_fn`` to
+:func:`load_compressed`.
+
+Represented weights are found by identity, not by name: a conv registered under two names, or
+another module's Parameter that is a represented conv's weight, is not stored either; loading needs
+a model that shares those weights the same way.
 """
 from __future__ import annotations
 
@@ -191,8 +199,54 @@ def architecture_differences(expected_convs: list, expected_entries: dict, model
     return problems
 
 
+def _attribute_token(value: Any) -> Any:
+    """A comparable stand-in for a module attribute: plain values as they are, others by type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_attribute_token(v) for v in value)
+    return f"<{type(value).__qualname__}>"
+
+
+def module_tree(model: nn.Module) -> dict[str, tuple]:
+    """name -> (type, extra_repr, public plain attributes) of every submodule, aliases included:
+    what the state dict does not show (Identity vs MaxPool2d, a stride, a flag ``forward`` reads)."""
+    tree = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        attrs = {k: _attribute_token(v) for k, v in vars(m).items()
+                 if not k.startswith("_") and k != "training" and not isinstance(v, torch.Tensor)}
+        tree[name] = (type(m), m.extra_repr(), attrs)
+    return tree
+
+
+def structure_differences(candidate: nn.Module, model: nn.Module) -> list[str]:
+    """How ``model``'s module tree differs from ``candidate``'s (the network a spec builds)."""
+    want, got = module_tree(candidate), module_tree(model)
+    problems = [f"the model has module '{n}' ({got[n][0].__name__}), not built" for n in got if n not in want]
+    problems += [f"module '{n}' ({want[n][0].__name__}) is missing from the model" for n in want if n not in got]
+    for n in (n for n in got if n in want and got[n] != want[n]):
+        (gt, gr, ga), (wt, wr, wa) = got[n], want[n]
+        if gt is not wt:
+            problems.append(f"'{n}' is {gt.__qualname__}, expected {wt.__qualname__}")
+        elif gr != wr:
+            problems.append(f"'{n}' is {gt.__name__}({gr}), expected {wt.__name__}({wr})")
+        else:
+            keys = [k for k in {**wa, **ga} if ga.get(k, "<unset>") != wa.get(k, "<unset>")]
+            problems += [f"'{n}'.{k} is {ga.get(k, '<unset>')!r}, expected {wa.get(k, '<unset>')!r}"
+                         for k in keys]
+    if not problems and list(got) != list(want):
+        problems.append("the modules come in another order")
+    return problems
+
+
+def _architecture_problems(candidate: nn.Module, model: nn.Module) -> list[str]:
+    """Everything that keeps ``candidate`` (built from a spec) from being ``model``'s network."""
+    problems = architecture_differences(list(conv_signature(model)), model_entries(model), candidate)
+    return problems or structure_differences(candidate, model)
+
+
 def _same_architecture(candidate: nn.Module, model: nn.Module) -> bool:
-    return not architecture_differences(list(conv_signature(model)), model_entries(model), candidate)
+    return not _architecture_problems(candidate, model)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -276,8 +330,36 @@ def predictor_as_stored(pred: FastPredictor, predictor_dtype: str) -> FastPredic
 
 
 # ---------------------------------------------------------------------- save / load
-def _represented_keys(pred: FastPredictor) -> set[str]:
-    return {f"{l.name}.weight" for l in pred.layout.layers}
+def _tensor_key(t: torch.Tensor) -> Optional[tuple]:
+    """Same key, same memory (the same Parameter, or a detached view of it); None: nothing to compare."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+
+
+def represented_keys(model: nn.Module, pred: FastPredictor) -> set[str]:
+    """The state-dict keys of ``model`` that hold a weight ``pred`` represents, by identity, not by
+    name: a represented conv under every name it is registered as (``self.b = self.a``; attached,
+    its placeholder), and any entry that is a represented conv's weight (a Parameter shared by
+    another module)."""
+    from .inference import represented_as_placeholders
+    convs = _represented_convs(model, pred)
+    weights = {_tensor_key(c.weight) for c in convs} - {None}
+    with represented_as_placeholders():
+        state = model.state_dict(keep_vars=True)
+    return _conv_keys(model, convs) | {k for k, v in state.items() if _tensor_key(v) in weights}
+
+
+def _represented_convs(model: nn.Module, pred: FastPredictor) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    return [modules[l.name] for l in pred.layout.layers]
+
+
+def _conv_keys(model: nn.Module, convs: list[nn.Module]) -> set[str]:
+    """``convs``' weight keys under every name they are registered as."""
+    ids = {id(c) for c in convs}
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
+            if id(m) in ids}
 
 
 def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype: str = "fp32",
@@ -287,14 +369,25 @@ def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype:
         raise StorageDtypeError(f"predictor_dtype must be one of {PREDICTOR_DTYPES}, got {predictor_dtype!r}")
     pred.layout.check_model(model)
     from .inference import represented_as_placeholders
-    represented = _represented_keys(pred)
+    represented = represented_keys(model, pred)
     with represented_as_placeholders():
         state = model.state_dict()
-    stored = {k: v.detach().cpu().clone() for k, v in state.items()
-              if k not in represented and v.device.type != "meta"}
-    if len(stored) + len(represented) != len(state):
-        raise ValueError("the model is attached to a predictor that represents other layers than "
-                         "the one being saved; detach it first")
+    stored, copies = {}, {}
+    for k, v in state.items():
+        if k in represented:
+            continue
+        if v.device.type == "meta":
+            raise ValueError(f"'{k}' of the model has no values (a meta tensor): the model is attached "
+                             f"to a predictor that represents other layers than the one being saved, "
+                             f"or was built on the meta device; detach it (or load its weights) first")
+        key = _tensor_key(v)  # one copy per tensor: an alias (self.b = self.a) is stored once
+        if key is None or key not in copies:
+            copy = v.detach().cpu().clone()
+            if key is None:
+                stored[k] = copy
+                continue
+            copies[key] = copy
+        stored[k] = copies[key]
     entries = [[k, list(shape), dtype] for k, (shape, dtype) in model_entries(model).items()]
     if model_spec == "auto":
         spec = ModelSpec.infer(model)
@@ -303,9 +396,12 @@ def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype:
     else:
         spec = model_spec if isinstance(model_spec, ModelSpec) else (
             ModelSpec.parse(model_spec) if isinstance(model_spec, str) else ModelSpec.from_description(model_spec))
-        if not _same_architecture(spec.build_on_meta(), model):
+        problems = _architecture_problems(spec.build_on_meta(), model)
+        if problems:
             raise ArchitectureMismatch(f"model_spec {spec.describe()} builds another architecture than "
-                                       f"the model being saved; fix it or pass model_spec=None")
+                                       f"the model being saved ({'; '.join(problems[:4])}"
+                                       f"{' ...' if len(problems) > 4 else ''}); fix it or pass "
+                                       f"model_spec=None (loading then needs model_fn)")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -381,7 +477,14 @@ class CompressedFile:
             model = spec.build()
         self.check_model(model)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
-        represented = set(self.architecture["represented"])
+        represented = represented_keys(model, self.predictor)
+        unshared = [k for k in missing if k not in represented and k in self.architecture["represented"]]
+        if unshared:
+            raise ArchitectureMismatch(
+                f"{self.path}: {unshared[:4]} {'is' if len(unshared) == 1 else 'are'} not stored: in the saved "
+                f"model {'it is' if len(unshared) == 1 else 'they are'} a represented conv weight under "
+                f"another name (a shared module or Parameter), in the given model not; build the model "
+                f"so that it shares those weights as the saved one did (model_fn)")
         left = [k for k in missing if k not in represented]
         if left or unexpected:  # check_model makes this unreachable unless the file lies about itself
             raise FileFormatError(f"{self.path}: stored state does not fit the model (missing "
@@ -399,7 +502,7 @@ def read_compressed(path: PathLike, map_location=None) -> CompressedFile:
     try:
         p = data["predictor"]
         storage = p["storage"]
-        dtype = _dtype_from_name(p["dtype"])
+        dtype = _dtype_from_name(p.get("dtype", "float32"))  # the predictor's dtype when saved
         state = unpack_predictor_state(p["state"], dtype)
         pred_dict = {"config": p["config"], "layout": p["layout"], "state_dict": state}
         stored, architecture = data["state_dict"], data["architecture"]
@@ -462,6 +565,10 @@ def load_compressed(path: PathLike, model_fn: Union[Callable[[], nn.Module], nn.
     if mode == "parameters":
         pred.load_into(model)
     else:
+        if represented_keys(model, pred) != _conv_keys(model, _represented_convs(model, pred)):
+            # Another module's Parameter is a represented weight: attach leaves it to that module,
+            # so it must hold the decoded values (it held none: they are not stored).
+            pred.load_into(model)
         attach(pred, model, mode=mode, cache_bytes=cache_bytes,
                prefetch=True if prefetch is None else prefetch, group_bytes=group_bytes,
                workspace_bytes=workspace_bytes)

@@ -385,3 +385,112 @@ def test_registry_spec(tmp_path):
         ModelSpec("registry", {"arch": "my.package:net"})
     with pytest.raises(ArchitectureMismatch, match="another architecture"):
         save_compressed(model, pred, tmp_path / "x.nfz", model_spec="torchvision:resnet18,num_classes=10")
+
+
+def test_a_modified_torchvision_model_gets_no_spec(tmp_path):
+    """Same convs and state-dict entries as the stock resnet18, another network (maxpool removed, a
+    stride changed): no spec is inferred, so loading asks for model_fn instead of rebuilding the
+    stock model; an explicit spec names the difference."""
+    torchvision = pytest.importorskip("torchvision")
+
+    def modified():
+        net = torchvision.models.resnet18(num_classes=10)
+        net.maxpool = nn.Identity()
+        net.layer2[0].conv1.stride = (1, 1)
+        net.layer2[0].downsample[0].stride = (1, 1)
+        return net.eval()
+
+    torch.manual_seed(0)
+    model = modified()
+    assert ModelSpec.infer(model) is None
+    strided = torchvision.models.resnet18(num_classes=10)
+    strided.layer2[0].conv1.stride = (1, 1)  # a hyperparameter only (extra_repr)
+    assert ModelSpec.infer(strided) is None
+    assert ModelSpec.infer(torchvision.models.resnet18(num_classes=10)) is not None  # stock: still inferred
+    pred = FastPredictor.for_model(model, include="nern", hidden=8, levels=2, backend="eager")
+    with pytest.raises(ArchitectureMismatch, match=r"'maxpool' is Identity, expected MaxPool2d"):
+        save_compressed(model, pred, tmp_path / "x.nfz", model_spec="torchvision:resnet18,num_classes=10")
+    path = save_compressed(model, pred, tmp_path / "r18.nfz", predictor_dtype="fp16")
+    assert read_compressed(path).model_spec is None
+    with pytest.raises(ValueError, match="pass model_fn"):
+        load_compressed(path)
+    loaded, _ = load_compressed(path, model_fn=modified)
+    reference = modified()
+    reference.load_state_dict(model.state_dict())
+    predictor_as_stored(pred, "fp16").load_into(reference)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), reference(x))
+
+
+class _Aliased(nn.Module):
+    """One conv registered under two names (``self.b = self.a``)."""
+
+    def __init__(self, alias=True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = self.a if alias else nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+
+
+class _Tied(_Aliased):
+    """Another conv whose weight is the represented conv's Parameter."""
+
+    def __init__(self, tie=True):
+        super().__init__(alias=False)
+        if tie:
+            self.b.weight = self.a.weight
+
+
+@pytest.mark.parametrize("build", [_Aliased, _Tied])
+def test_a_represented_weight_under_two_names_is_stored_by_neither(tmp_path, build):
+    torch.manual_seed(0)
+    model = build().eval()
+    pred = random_predictor(WeightLayout.from_model(model, include=["stem", "a"]), hidden=8, backend="eager")
+    x = torch.randn(1, 3, 6, 6)
+    reference = build().eval()
+    reference.load_state_dict(model.state_dict())
+    pred.load_into(reference)
+    attached = build().eval()
+    attached.load_state_dict(model.state_dict())
+    pred.attach(attached, mode="on_demand")
+    with torch.no_grad():
+        assert build is _Tied or torch.equal(attached(x), reference(x))
+    # (attach leaves a tied Parameter to the other module, with its own values: only the alias)
+    sources = [("plain", model)] + ([("attached", attached)] if build is _Aliased else [])
+    for name, source in sources:
+        path = save_compressed(source, pred, tmp_path / f"{name}.nfz")
+        loaded = read_compressed(path)
+        assert sorted(loaded.state_dict) == ["a.bias", "b.bias", "stem.bias"], name
+        assert sorted(loaded.architecture["represented"]) == ["a.weight", "b.weight", "stem.weight"]
+        for mode in ("parameters", "on_demand"):
+            rebuilt, _ = load_compressed(path, model_fn=build, mode=mode)
+            assert rebuilt.b.weight is rebuilt.a.weight or mode != "parameters"
+            with torch.no_grad():
+                assert torch.equal(rebuilt(x), reference(x)), (name, mode)
+    # A model that does not share the weight would leave 'b.weight' as built: refused.
+    with pytest.raises(ArchitectureMismatch, match=r"\['b.weight'\] is not stored.*shares those weights"
+                       if build is _Tied else "has conv 'b', not expected"):
+        load_compressed(tmp_path / "plain.nfz", model_fn=lambda: build(False))
+
+
+def test_the_predictor_comes_back_in_its_dtype(tmp_path):
+    """The file records the predictor's dtype: a float64 predictor stored exactly (fp32 storage of
+    fp32-representable values) or rounded (fp16/bf16/int8) comes back float64; a file without the
+    record (none was written so) loads as float32."""
+    model, pred = trained_like()
+    pred = pred.double()
+    for predictor_dtype in PREDICTOR_DTYPES:
+        path = save_compressed(model, pred, tmp_path / f"{predictor_dtype}.nfz", predictor_dtype=predictor_dtype)
+        _, loaded = load_compressed(path)
+        stored = predictor_as_stored(pred, predictor_dtype)
+        for (name, a), b in zip(loaded.state_dict().items(), stored.state_dict().values()):
+            assert a.dtype == torch.float64 and torch.equal(a, b), (predictor_dtype, name)
+    data = torch.load(tmp_path / "fp32.nfz", weights_only=True)
+    del data["predictor"]["dtype"]
+    torch.save(data, tmp_path / "old.nfz")
+    _, old = load_compressed(tmp_path / "old.nfz")
+    assert all(t.dtype == torch.float32 for t in old.state_dict().values())

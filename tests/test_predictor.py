@@ -209,3 +209,18 @@ def test_compile_fullgraph_on_cpu_eager_backend():
     assert torch.allclose(loss, step())
     for g, p in zip(grads, pred.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_save_load_keeps_the_dtype(tmp_path, dtype):
+    """A predictor loads in the dtype it was saved in: a float64 one is not rounded through fp32."""
+    model = cifar_resnet(8, width=4)
+    pred = FastPredictor.for_model(model, include="nern", hidden=8, levels=2, backend="eager").to(dtype)
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.add_(torch.randn_like(p) * 1e-12)  # float64 values that fp32 cannot hold
+    pred.save(tmp_path / "p.pt")
+    again = FastPredictor.load(tmp_path / "p.pt", model=model)
+    for (name, a), b in zip(again.state_dict().items(), pred.state_dict().values()):
+        assert a.dtype == dtype and torch.equal(a, b), name
+    assert torch.equal(again.decode_flat(), pred.decode_flat())
