@@ -565,10 +565,6 @@ def load_compressed(path: PathLike, model_fn: Union[Callable[[], nn.Module], nn.
     if mode == "parameters":
         pred.load_into(model)
     else:
-        if represented_keys(model, pred) != _conv_keys(model, _represented_convs(model, pred)):
-            # Another module's Parameter is a represented weight: attach leaves it to that module,
-            # so it must hold the decoded values (it held none: they are not stored).
-            pred.load_into(model)
         attach(pred, model, mode=mode, cache_bytes=cache_bytes,
                prefetch=True if prefetch is None else prefetch, group_bytes=group_bytes,
                workspace_bytes=workspace_bytes)

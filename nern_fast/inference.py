@@ -107,6 +107,8 @@ While attached:
   anything: when it cannot, the model stays attached as it was.
 * An exception (even Ctrl-C) in the middle of a forward leaves nothing broken: hooks restore the
   placeholders, and the next forward of the root model starts from a clean state.
+* A represented conv weight that another module holds too (``b.weight = a.weight``, ``b`` not
+  represented) stays that module's Parameter, holding the decoded values; ``detach`` keeps the tie.
 * ``model.to(dtype)`` / ``.double()`` / ``.half()`` while attached: the represented weights follow
   the dtype the model's other parameters took (converted per call; a conv's placeholder shows it
   from the next forward) in forwards, ``state_dict`` and ``detach``.
@@ -417,12 +419,41 @@ class Attachment:
         midway (a materialized decode, a hook) gives the convs their own Parameters back."""
         self._decoder.backend_name()
         originals = [conv._parameters["weight"] for conv in self.convs]
+        # A represented weight Parameter that another module holds too (tied weights) stays that
+        # module's: it gets the decoded values (restored on failure), and detach gives the conv that
+        # same Parameter back, so the tie survives.
+        self._tied = {i: originals[i] for i in self._tied_weights(originals)}
+        kept = {i: p.detach().clone() for i, p in self._tied.items()}
         try:
+            self._write_shared()
             self._install()
         except BaseException:
             self._release()
+            with torch.no_grad():
+                for i, value in kept.items():
+                    originals[i].copy_(value)
             self._set_parameters(originals)
             raise
+
+    def _tied_weights(self, weights: list) -> list[int]:
+        """Indices of represented weights that a module other than their conv also holds."""
+        by_id = {id(w): i for i, w in enumerate(weights)}
+        convs = {id(c) for c in self.convs}
+        return sorted({by_id[id(p)] for m in self.model.modules() if id(m) not in convs
+                       for p in m._parameters.values() if p is not None and id(p) in by_id})
+
+    @torch.no_grad()
+    def _write_shared(self, weights: Optional[list] = None) -> None:
+        """Decoded values into the tied Parameters (``weights``: already decoded, per conv); decoded
+        by the same group calls as the forward's, so both modules see the same bits."""
+        if weights is None and self._tied:
+            weights = [None] * len(self.convs)
+            with self._sharing_preparation():
+                for g in sorted({self.group_of[i] for i in self._tied}):
+                    for i, w in zip(self.groups[g], self._decode_group(g)):
+                        weights[i] = w
+        for i, param in self._tied.items():
+            param.copy_(weights[i].to(dtype=param.dtype, device=param.device))
 
     def _install(self) -> None:
         for i, conv in enumerate(self.convs):
@@ -480,9 +511,11 @@ class Attachment:
                               f"decodable (e.g. pred.backend = 'eager', or the {ops.ENV_BACKEND} "
                               f"environment variable) and detach again") from exc
         self._release()
-        self._set_parameters([nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
-                              for weight, dtype, (_, device, requires_grad)
-                              in zip(weights, self._dtype_now, self._params)])
+        self._write_shared(weights)
+        self._set_parameters([self._tied[i] if i in self._tied else
+                              nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
+                              for i, (weight, dtype, (_, device, requires_grad))
+                              in enumerate(zip(weights, self._dtype_now, self._params))])
 
     def _sync_dtype(self) -> None:
         """Follow a dtype change of the model since the last look (see ``_dtype_witness``): the

@@ -128,6 +128,39 @@ def test_model_dtype_changed_while_attached_is_followed(mode):
     assert conv_alone.dtype == torch.float64
 
 
+class TiedNet(nn.Module):
+    """``b`` (not represented) runs with the weight Parameter of the represented ``a``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_a_weight_tied_to_an_unrepresented_module_gets_the_decoded_values(mode):
+    """attach leaves the tied Parameter to the other module, holding the decode (it kept the
+    original values, so the two convs ran different weights); detach keeps the tie."""
+    torch.manual_seed(0)
+    model = TiedNet().eval()
+    pred = random_predictor(WeightLayout.from_model(model, include=["a"]), backend="eager")
+    x = torch.randn(2, 4, 5, 5)
+    plain = TiedNet().eval()
+    plain.load_state_dict(model.state_dict())
+    pred.load_into(plain)
+    expected = run(plain, x)
+    pred.attach(model, mode=mode)
+    assert torch.equal(model.b.weight, pred.decode_layer(0).detach())
+    assert torch.equal(run(model, x), expected)
+    pred.detach(model)
+    assert model.a.weight is model.b.weight
+    assert torch.equal(run(model, x), expected)
+
+
 def test_deepcopy_and_pickle_of_an_attached_model_say_detach_first(tmp_path):
     import copy
     import pickle
