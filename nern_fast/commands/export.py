@@ -157,7 +157,7 @@ def _model_spec(text: str):
 
 def _from_predictor(args):
     from nern_fast import FastPredictor
-    from nern_fast.compressed import ModelSpec
+    from nern_fast.compressed import ModelSpec, represented_keys
     from nern_fast.config import ConfigError
 
     if not args.base:
@@ -176,7 +176,7 @@ def _from_predictor(args):
         model = spec.build()
     pred = FastPredictor.load(args.predictor, model=model, map_location="cpu")
     args.model_spec = spec
-    represented = {f"{l.name}.weight" for l in pred.layout.layers}
+    represented = represented_keys(model, pred)  # by identity: aliases and tied weights too
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # load_state_dict's shape mismatches
