@@ -425,7 +425,7 @@ class Attachment:
         self._tied = {i: originals[i] for i in self._tied_weights(originals)}
         kept = {i: p.detach().clone() for i, p in self._tied.items()}
         try:
-            self._write_shared()
+            self._write_tied()
             self._install()
         except BaseException:
             self._release()
@@ -443,7 +443,7 @@ class Attachment:
                        for p in m._parameters.values() if p is not None and id(p) in by_id})
 
     @torch.no_grad()
-    def _write_shared(self, weights: Optional[list] = None) -> None:
+    def _write_tied(self, weights: Optional[list] = None) -> None:
         """Decoded values into the tied Parameters (``weights``: already decoded, per conv); decoded
         by the same group calls as the forward's, so both modules see the same bits."""
         if weights is None and self._tied:
@@ -511,7 +511,7 @@ class Attachment:
                               f"decodable (e.g. pred.backend = 'eager', or the {ops.ENV_BACKEND} "
                               f"environment variable) and detach again") from exc
         self._release()
-        self._write_shared(weights)
+        self._write_tied(weights)
         self._set_parameters([self._tied[i] if i in self._tied else
                               nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
                               for i, (weight, dtype, (_, device, requires_grad))
