@@ -666,6 +666,46 @@ def test_nan_propagates_like_eager(layer, schedule, device, monkeypatch):
     assert_nan_like_eager(pred, "triton", "fp32", layer)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("first", ["separable", "direct"])
+@pytest.mark.parametrize("schedule", ["fused", "chunked"])
+def test_padding_rows_add_no_nan_to_the_gradients(schedule, first, device, first_layer, monkeypatch):
+    """One row decoded (the rest of its tile is padding, recomputed from position 0 with gradient
+    0) and a NaN in the output layer's column of a unit that row's ReLU leaves dead: eager's
+    gradients of the other layers stay finite (ReLU's backward selects 0), and so must the
+    kernels' (the fused backward's padding rows added 0 · NaN = NaN to every weight gradient)."""
+    from nern_fast.reference import kernel_positions
+    first_layer(first)
+    monkeypatch.setenv("NERN_FAST_TRITON_SCHEDULE", schedule)
+    layout = WeightLayout.from_shapes([(4, 3, 3, 3)], kernel_size=3)
+    pred = random_predictor(layout, hidden=16, num_blocks=3, levels=4).to(device)
+    w, b = pred.weights(), pred.biases()
+    with torch.no_grad():
+        for bias in b:
+            bias.uniform_(-0.3, 0.3)  # units alive for some rows, dead for others
+        positions = kernel_positions(layout, torch.arange(layout.num_kernels))[0].to(device)
+        x = pred.encoding.encode(torch.cat([positions, torch.zeros_like(positions[:1])]))
+        for wi, bi in zip(w[:-1], b[:-1]):
+            x = torch.relu(x @ wi.T + bi)
+    # Units dead for a row and alive for a padding row (the kernels load its positions as 0).
+    dead = ((x[:-1] == 0) & (x[-1:] > 0)).nonzero().tolist()
+    assert dead, "no dead unit to put the NaN behind"
+    g = torch.randn(1, 9, generator=torch.Generator().manual_seed(1)).to(device)
+    for r, n in dead[:4]:
+        rows = torch.tensor([r], device=device)
+        with torch.no_grad():
+            kept, w[-1][0, n] = w[-1][0, n].item(), float("nan")
+        patterns = {}
+        for backend in ("triton", "eager"):
+            out = ops.decode(w, b, layout, pred.encoding, rows, "fp32", backend)
+            grads = torch.autograd.grad((out * g).sum(), w + b)
+            patterns[backend] = [bool(t.isnan().any()) for t in grads]
+        with torch.no_grad():
+            w[-1][0, n] = kept
+        assert patterns["eager"][0] is False, "the case means something: eager's W0 gradient is finite"
+        assert patterns["triton"] == patterns["eager"], (r, n)
+
+
 def padded_tiles_layout(permuted: bool) -> WeightLayout:
     """110 kernels (not a multiple of any tile or chunk: the last one is partly padding), every
     crop size, permutations on two layers if ``permuted``."""
