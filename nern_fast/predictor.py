@@ -131,7 +131,14 @@ class FastPredictor(nn.Module):
         """Decode the flat kernel indices ``rows`` -> ``(len(rows), k·k)`` (see reference.py)."""
         if isinstance(rows, (list, tuple)) and len(rows) == 0:
             rows = torch.empty(0, dtype=torch.long)  # as_tensor([]) would be float32
-        rows = torch.as_tensor(rows)
+        try:
+            rows = torch.as_tensor(rows)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"rows must be flat kernel indices (an integer tensor, array or list), got "
+                            f"{type(rows).__name__}: {exc}") from None
+        if rows.is_meta:
+            raise ValueError("rows is a meta tensor (no values); give the kernel indices on the "
+                             "predictor's device or the CPU")
         if rows.device != self.layers[0].weight.device:
             rows = rows.to(self.layers[0].weight.device)
         return ops.decode(self.weights(), self.biases(), self.layout, self.encoding, rows.reshape(-1),

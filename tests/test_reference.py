@@ -231,3 +231,13 @@ def test_no_rows_decode_to_an_empty_output_with_zero_gradients(backend, encoding
     out.sum().backward()
     for name, p in pred.named_parameters():
         assert p.grad is not None and not p.grad.any(), name
+
+
+def test_rows_of_the_wrong_kind_are_named():
+    from nern_fast import FastPredictor
+    layout = WeightLayout.from_shapes([(4, 4), (8, 4)], kernel_size=3)
+    pred = FastPredictor(layout, hidden=8, levels=2, backend="eager")
+    with pytest.raises(ValueError, match="rows is a meta tensor"):
+        pred.decode_kernels(torch.zeros(3, dtype=torch.long, device="meta"))
+    with pytest.raises(TypeError, match="rows must be flat kernel indices.*got str"):
+        pred.decode_kernels("abc")
