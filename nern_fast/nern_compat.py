@@ -98,11 +98,23 @@ def read_nern_permutations(permutations: Any, num_layers: int) -> list:
     return permutations
 
 
-def predictor_from_nern(cls, checkpoint, model: nn.Module, config, permutations=None, include="nern",
+def nern_layer_set(model: nn.Module):
+    """The ``include`` that selects the convs NeRN's own code represents in ``model``
+    (``get_learnable_weights`` of maorash/NeRN's tasks): its CIFAR ResNets list the stem conv, then
+    every block's convs (option-A shortcuts have none: here, every conv of a CifarResNet); its
+    ImageNet ResNet-18 the blocks' 3×3 convs (stem left out): the ``"nern"`` preset, which is the
+    default for other models too."""
+    from .models.cifar_resnet import CifarResNet
+    return None if isinstance(model, CifarResNet) else "nern"
+
+
+def predictor_from_nern(cls, checkpoint, model: nn.Module, config, permutations=None, include="auto",
                         **kwargs):
     section = read_nern_config(config)
     predictor_kw, layout_kw, permute_mode = nern_settings(section)
     layout_kw.update({k: kwargs.pop(k) for k in ("kernel_size", "normalization", "crop") if k in kwargs})
+    if isinstance(include, str) and include == "auto":
+        include = nern_layer_set(model)
     layout = WeightLayout.from_model(model, include=include, **layout_kw)
     if permute_mode and permutations is None:
         raise LayoutError(f"the NeRN config uses '{permute_mode}' permutations: pass permutations= "

@@ -74,7 +74,9 @@ class FastPredictor(nn.Module):
     @classmethod
     def from_nern(cls, checkpoint: Union[PathLike, dict], model: nn.Module, config: Union[PathLike, dict],
                   permutations: Any = None, **kwargs) -> "FastPredictor":
-        """A predictor from the official NeRN code's checkpoint and YAML config (see nern_compat)."""
+        """A predictor from the official NeRN code's checkpoint and YAML config (see nern_compat).
+        ``include`` (a keyword) defaults to ``"auto"``: the convs NeRN's code represents in that
+        network (:func:`nern_fast.nern_compat.nern_layer_set`; the stem too in CIFAR ResNets)."""
         from .nern_compat import predictor_from_nern
         return predictor_from_nern(cls, checkpoint, model, config, permutations, **kwargs)
 

@@ -147,11 +147,17 @@ def test_from_nern_with_permutations(tmp_path, mode):
         assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
-def test_from_nern_on_resnet20_with_nern_preset(tmp_path):
+def test_from_nern_on_resnet20_takes_nerns_layer_set(tmp_path):
+    """NeRN's CIFAR ResNet-20 (maorash/NeRN tasks/cifar10/cifar_resnet.py, get_learnable_weights)
+    represents the stem conv and the 18 block convs: 19 layers, 29,744 kernels (the "nern" preset
+    leaves the stem out: 29,696, every layer's coordinate l/18 instead of l/19)."""
     cfg, state = make_files(tmp_path, hidden=16, blocks=5, levels=40)
     model = cifar_resnet(20)
     pred = FastPredictor.from_nern(state, model, cfg["nern"], backend="eager")
-    assert pred.layout.num_kernels == 29696 and pred.hidden == 16 and pred.num_blocks == 5
+    assert pred.layout.names[0] == "conv1" and pred.layout.num_layers == 19
+    assert pred.layout.num_kernels == 29744 and pred.hidden == 16 and pred.num_blocks == 5
+    preset = FastPredictor.from_nern(state, model, cfg["nern"], backend="eager", include="nern")
+    assert preset.layout.num_kernels == 29696
     shapes = [l.shape for l in pred.layout.layers]
     expected = nern_decode(state, cfg, shapes, chunk=4096)
     for got, want in zip(pred(), expected):
