@@ -204,14 +204,27 @@ def store_encoding(dst, E_S, p_l, p_f, p_c, enc_ptr, levels, E, FFN: tl.constexp
 
 
 @triton.jit
-def dense_relu(src, K_S, w_ptr, b_ptr, N, N_S, dst,
+def zero_invalid(h, rows_left, ZERO_INVALID: tl.constexpr):
+    """The backward's recomputed activations are 0 in the rows past the end of the last tile (recomputed
+    from position 0, gradient 0): a ReLU mask of 0 then zeroes their gradients too, so no 0 · NaN of
+    a NaN/inf parameter reaches the weight gradients (eager's stay finite). Done once per stored
+    tile rather than as row masks on every weight-gradient load (those raised spills); the tile's
+    valid rows are the first ``rows_left`` (a scalar: no row vector kept live through the layers)."""
+    if ZERO_INVALID:
+        h = tl.where((tl.arange(0, h.shape[0]) < rows_left)[:, None], h, 0.0)
+    return h
+
+
+@triton.jit
+def dense_relu(src, K_S, w_ptr, b_ptr, N, N_S, dst, rows_left,
                PRECISION: tl.constexpr, INTERPRET: tl.constexpr, F64: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ZERO_INVALID: tl.constexpr):
     """dst = relu(src @ W.T + b) for one tile.
 
     src: (BM, K_S) scratch; W: (N, K_S) zero-padded rows; dst: (BM, N_S) scratch whose columns
     >= N come out 0. Padded sizes are multiples of 16, so the masks are uniform over vectors and the
     loads vectorise (and, for bf16, stage asynchronously); only weight *rows* use the true N.
+    ZERO_INVALID: rows from ``rows_left`` on (past the end) are stored as 0 (see ``zero_invalid``).
     """
     offs_m = tl.arange(0, BM)
     for n0 in range(0, N_S, BN):
@@ -226,15 +239,15 @@ def dense_relu(src, K_S, w_ptr, b_ptr, N, N_S, dst,
                         other=0.0)
             acc = mma(a, w, acc, PRECISION, INTERPRET)
         bias = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0)
-        h = relu(acc + bias[None, :])
+        h = zero_invalid(relu(acc + bias[None, :]), rows_left, ZERO_INVALID)
         tl.store(dst + offs_m[:, None] * N_S + offs_n[None, :], to_scratch(h, PRECISION, INTERPRET),
                  mask=(offs_n < N_S)[None, :])
 
 
 @triton.jit
-def separable_relu(tab_ptr, layer, f_row, c_row, H_S, dst,
+def separable_relu(tab_ptr, layer, f_row, c_row, H_S, dst, rows_left,
                    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, ZERO_INVALID: tl.constexpr):
     """First layer via the separable tables: relu(T[layer] + T[filter row] + T[channel row]).
 
     Table rows (stride H_S, zero padding columns): [0, L) layer terms (b1 included), then the filter
@@ -247,7 +260,7 @@ def separable_relu(tab_ptr, layer, f_row, c_row, H_S, dst,
         t = tl.load(tab_ptr + layer[:, None] * H_S + cols, mask=ok, other=0.0)
         t += tl.load(tab_ptr + f_row[:, None] * H_S + cols, mask=ok, other=0.0)
         t += tl.load(tab_ptr + c_row[:, None] * H_S + cols, mask=ok, other=0.0)
-        h = relu(t)
+        h = zero_invalid(relu(t), rows_left, ZERO_INVALID)
         tl.store(dst + offs_m[:, None] * H_S + cols, to_scratch(h, PRECISION, INTERPRET), mask=ok)
 
 

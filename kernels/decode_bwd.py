@@ -47,28 +47,24 @@ def _transpose_tile(src, N_S, dst_t, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
-def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first, dz_t, x_t, valid,
+def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first, dz_t, x_t,
                  ATOMIC: tl.constexpr, K_MAJOR: tl.constexpr, PRECISION: tl.constexpr,
                  INTERPRET: tl.constexpr, F64: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Slot of W (N rows of KD_S) += dzᵀ @ x; slot of b += Σ_rows dz.
 
     dz: (BM, N_S) scratch, x: (BM, KD_S) scratch (both zero in their padding columns); K_MAJOR:
-    read from their transposed copies dz_t (N_S, BM) and x_t (KD_S, BM) instead. Rows past the end
-    (``valid`` false) are read as zeros on both sides: they were recomputed from position 0 and
-    their dz is 0, but with a NaN/inf parameter 0 · NaN would reach the gradients.
+    read from their transposed copies dz_t (N_S, BM) and x_t (KD_S, BM) instead.
     """
     offs_m = tl.arange(0, BM)
     for n0 in range(0, N_S, BN):
         offs_n = n0 + tl.arange(0, BN)
         n_ok = offs_n < N
         if K_MAJOR:
-            dT = tl.load(dz_t + offs_n[:, None] * BM + offs_m[None, :],
-                         mask=(offs_n < N_S)[:, None] & valid[None, :], other=0.0)
+            dT = tl.load(dz_t + offs_n[:, None] * BM + offs_m[None, :], mask=(offs_n < N_S)[:, None], other=0.0)
             bsum = tl.sum(dT.to(tl.float64 if F64 else tl.float32), axis=1)
         else:
-            d = tl.load(dz + offs_m[:, None] * N_S + offs_n[None, :],
-                        mask=valid[:, None] & (offs_n < N_S)[None, :], other=0.0)
+            d = tl.load(dz + offs_m[:, None] * N_S + offs_n[None, :], mask=(offs_n < N_S)[None, :], other=0.0)
             dT = tl.trans(d)
             bsum = tl.sum(d.to(tl.float64 if F64 else tl.float32), axis=0)
         _accumulate(b_slot + offs_n, bsum, n_ok, not_first, ATOMIC)
@@ -76,11 +72,9 @@ def _weight_grad(dz, N, N_S, x, KD_S, w_slot, b_slot, not_first, dz_t, x_t, vali
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < KD_S
             if K_MAJOR:
-                xk = tl.load(x_t + offs_k[None, :] * BM + offs_m[:, None], mask=valid[:, None] & k_ok[None, :],
-                             other=0.0)
+                xk = tl.load(x_t + offs_k[None, :] * BM + offs_m[:, None], mask=k_ok[None, :], other=0.0)
             else:
-                xk = tl.load(x + offs_m[:, None] * KD_S + offs_k[None, :], mask=valid[:, None] & k_ok[None, :],
-                             other=0.0)
+                xk = tl.load(x + offs_m[:, None] * KD_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             part = mma(dT, xk, tl.zeros((BN, BK), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             _accumulate(w_slot + offs_n[:, None] * KD_S + offs_k[None, :], part,
                         n_ok[:, None] & k_ok[None, :], not_first, ATOMIC)
@@ -265,16 +259,17 @@ def decode_bwd_kernel(
         store_encoding(enc_s, E_S, p_l, p_f, p_c, enc_ptr, levels, E, FFN, PRECISION, INTERPRET, F64,
                        BM, BK)
         tl.debug_barrier()
-        # ---- recompute the activations
+        # ---- recompute the activations (0 in the rows past the end: common.zero_invalid)
         if SEPARABLE:
-            separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, acts,
-                           PRECISION, INTERPRET, BM, BS)
+            separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, acts, R - tile * BM,
+                           PRECISION, INTERPRET, BM, BS, True)
         else:
-            dense_relu(enc_s, E_S, w1_ptr, b1_ptr, H, H_S, acts, PRECISION, INTERPRET, F64, BM, BN, BK)
+            dense_relu(enc_s, E_S, w1_ptr, b1_ptr, H, H_S, acts, R - tile * BM, PRECISION, INTERPRET, F64,
+                       BM, BN, BK, True)
         tl.debug_barrier()
         for i in range(num_hidden):
             dense_relu(acts + i * (BM * H_S), H_S, wh_ptr + i * H * H_S, bh_ptr + i * H, H, H_S,
-                       acts + (i + 1) * (BM * H_S), PRECISION, INTERPRET, F64, BM, BN, BK)
+                       acts + (i + 1) * (BM * H_S), R - tile * BM, PRECISION, INTERPRET, F64, BM, BN, BK, True)
             tl.debug_barrier()
         last = acts + num_hidden * (BM * H_S)
         last_t = acts_t + num_hidden * (BM * H_S)
@@ -299,11 +294,10 @@ def decode_bwd_kernel(
         for k0 in range(0, H_S, BK):
             offs_k = k0 + tl.arange(0, BK)
             k_ok = offs_k < H_S
-            row_k_ok = valid[:, None] & k_ok[None, :]  # rows past the end: zeros (see _weight_grad)
             if K_MAJOR:
-                xk = tl.load(last_t + offs_k[None, :] * BM + offs_m[:, None], mask=row_k_ok, other=0.0)
+                xk = tl.load(last_t + offs_k[None, :] * BM + offs_m[:, None], mask=k_ok[None, :], other=0.0)
             else:
-                xk = tl.load(last + offs_m[:, None] * H_S + offs_k[None, :], mask=row_k_ok, other=0.0)
+                xk = tl.load(last + offs_m[:, None] * H_S + offs_k[None, :], mask=k_ok[None, :], other=0.0)
             part = mma(gT, xk, tl.zeros((K2P, BK), tl.float64 if F64 else tl.float32), PRECISION, INTERPRET)
             _accumulate(slot + o_wl + q[:, None] * H_S + offs_k[None, :], part,
                         q_ok[:, None] & k_ok[None, :], not_first, ATOMIC)
@@ -330,7 +324,7 @@ def decode_bwd_kernel(
             nxt = dz0 + ((j + 1) % 2) * (BM * H_S)
             x = acts + i * (BM * H_S)
             _weight_grad(cur, H, H_S, x, H_S, slot + o_wh + i * H * H_S, slot + o_bh + i * H_S,
-                         not_first, dz_t, acts_t + i * (BM * H_S), valid, ATOMIC, K_MAJOR, PRECISION, INTERPRET,
+                         not_first, dz_t, acts_t + i * (BM * H_S), ATOMIC, K_MAJOR, PRECISION, INTERPRET,
                          F64, BM, BN, BK)
             if K_MAJOR:
                 w_i = wht_ptr + i * H_S * H_S
@@ -343,7 +337,7 @@ def decode_bwd_kernel(
                 tl.debug_barrier()
         # ---- first layer: W1 (H, E) against the encoding
         _weight_grad(dz0 + (num_hidden % 2) * (BM * H_S), H, H_S, enc_s, E_S, slot, slot + o_b1,
-                     not_first, dz_t, enc_t, valid, ATOMIC, K_MAJOR, PRECISION, INTERPRET, F64, BM, BN, BK)
+                     not_first, dz_t, enc_t, ATOMIC, K_MAJOR, PRECISION, INTERPRET, F64, BM, BN, BK)
 
 
 @triton.jit

@@ -52,7 +52,8 @@ def chunk_first_layer_kernel(
     layer = layer_of(row, valid, koff_ptr, num_layers, search_steps)
     _, f_row, c_row, _, _ = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
     separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S,
-                   act_ptr + pid.to(tl.int64) * (BM * H_S), PRECISION, INTERPRET, BM, BS)
+                   act_ptr + pid.to(tl.int64) * (BM * H_S), R - (tile0 + pid) * BM, PRECISION, INTERPRET, BM, BS,
+                   False)
 
 
 @triton.jit

@@ -83,8 +83,8 @@ def decode_fwd_kernel(
         _, f_row, c_row, _, _ = kernel_coords(row, valid, layer, koff_ptr, meta_ptr, coord_ptr, PERMUTED)
         tl.debug_barrier()  # the previous tile is done with this program's scratch
         if SEPARABLE:
-            separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, act0,
-                           PRECISION, INTERPRET, BM, BS)
+            separable_relu(tab_ptr, layer, f_row + tab_f_base, c_row + tab_c_base, H_S, act0, R - tile * BM,
+                           PRECISION, INTERPRET, BM, BS, False)
         else:
             p_l = tl.load(pos_l_ptr + layer, mask=valid, other=0.0)
             p_f = tl.load(pos_f_ptr + f_row, mask=valid, other=0.0)
@@ -92,13 +92,14 @@ def decode_fwd_kernel(
             store_encoding(enc_s, E_S, p_l, p_f, p_c, enc_ptr, levels, E, FFN, PRECISION, INTERPRET,
                            F64, BM, BK)
             tl.debug_barrier()
-            dense_relu(enc_s, E_S, w1_ptr, b1_ptr, H, H_S, act0, PRECISION, INTERPRET, F64, BM, BN, BK)
+            dense_relu(enc_s, E_S, w1_ptr, b1_ptr, H, H_S, act0, R - tile * BM, PRECISION, INTERPRET, F64,
+                       BM, BN, BK, False)
         tl.debug_barrier()
         for i in range(num_hidden):
             src = act0 + (i % 2) * (BM * H_S)
             dst = act0 + ((i + 1) % 2) * (BM * H_S)
-            dense_relu(src, H_S, wh_ptr + i * H * H_S, bh_ptr + i * H, H, H_S, dst,
-                       PRECISION, INTERPRET, F64, BM, BN, BK)
+            dense_relu(src, H_S, wh_ptr + i * H * H_S, bh_ptr + i * H, H, H_S, dst, R - tile * BM,
+                       PRECISION, INTERPRET, F64, BM, BN, BK, False)
             tl.debug_barrier()
         last = act0 + (num_hidden % 2) * (BM * H_S)
         y = dense_out(last, H_S, wl_ptr, bl_ptr, K * K, PRECISION, INTERPRET, F64, BM, BK, K2P)
