@@ -294,13 +294,18 @@ def test_torchvision_spec(tmp_path):
 
 
 # ---------------------------------------------------------------------- nern-fast export
-def test_export_command(tmp_path, capsys):
-    model, pred = trained_like()
+def export_inputs(tmp_path, model, pred):
+    """base.pt (the network with its spec) and pred.pt in tmp_path; the export's output path."""
     torch.save({"model_state_dict": model.state_dict(),
                 "model_spec": {"kind": "cifar_resnet", "args": {"depth": 8, "width": 4}}},
                tmp_path / "base.pt")
     pred.save(tmp_path / "pred.pt")
-    out = tmp_path / "model.nfz"
+    return tmp_path / "model.nfz"
+
+
+def test_export_command(tmp_path, capsys):
+    model, pred = trained_like()
+    out = export_inputs(tmp_path, model, pred)
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "base.pt"),
                  "--predictor-dtype", "fp16", "--out", str(out)]) == 0
     report = capsys.readouterr().out
@@ -336,11 +341,7 @@ def test_export_names_predictor_dtype_only_for_storage_errors(tmp_path, capsys):
     model, pred = trained_like()
     with torch.no_grad():
         pred.weights()[1][0, 0] = float("nan")
-    torch.save({"model_state_dict": model.state_dict(),
-                "model_spec": {"kind": "cifar_resnet", "args": {"depth": 8, "width": 4}}},
-               tmp_path / "base.pt")
-    pred.save(tmp_path / "pred.pt")
-    out = tmp_path / "model.nfz"
+    out = export_inputs(tmp_path, model, pred)
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "base.pt"),
                  "--predictor-dtype", "int8", "--out", str(out)]) == 2
     assert "--predictor-dtype: predictor tensor 'layers.1.weight' holds 1 NaN/inf" in capsys.readouterr().err
