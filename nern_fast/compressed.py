@@ -343,23 +343,15 @@ def represented_keys(model: nn.Module, pred: FastPredictor) -> set[str]:
     its placeholder), and any entry that is a represented conv's weight (a Parameter shared by
     another module)."""
     from .inference import represented_as_placeholders
-    convs = _represented_convs(model, pred)
+    modules = dict(model.named_modules())
+    convs = [modules[l.name] for l in pred.layout.layers]
     weights = {_tensor_key(c.weight) for c in convs} - {None}
+    conv_ids = {id(c) for c in convs}
+    under_every_name = {f"{n}.weight" if n else "weight"
+                        for n, m in model.named_modules(remove_duplicate=False) if id(m) in conv_ids}
     with represented_as_placeholders():
         state = model.state_dict(keep_vars=True)
-    return _conv_keys(model, convs) | {k for k, v in state.items() if _tensor_key(v) in weights}
-
-
-def _represented_convs(model: nn.Module, pred: FastPredictor) -> list[nn.Module]:
-    modules = dict(model.named_modules())
-    return [modules[l.name] for l in pred.layout.layers]
-
-
-def _conv_keys(model: nn.Module, convs: list[nn.Module]) -> set[str]:
-    """``convs``' weight keys under every name they are registered as."""
-    ids = {id(c) for c in convs}
-    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
-            if id(m) in ids}
+    return under_every_name | {k for k, v in state.items() if _tensor_key(v) in weights}
 
 
 def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype: str = "fp32",

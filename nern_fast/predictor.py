@@ -203,14 +203,14 @@ class FastPredictor(nn.Module):
         if "backend" not in overrides:  # the file's name yields to NERN_FAST_BACKEND (class docstring)
             pred._backend_from_file = True
         first = next(iter(state.values()), None) if isinstance(state, dict) else None
-        if isinstance(first, torch.Tensor) and first.is_floating_point():
-            # The stored dtype and device, set before loading: an fp32 module would round a float64 state.
-            pred.to(device=first.device, dtype=first.dtype)
+        if isinstance(first, torch.Tensor):
+            # The stored device and dtype, set before loading: an fp32 module would round a float64 state.
+            pred.to(first.device, **({"dtype": first.dtype} if first.is_floating_point() else {}))
         try:
             pred.load_state_dict(state)
         except RuntimeError as exc:
             raise FileFormatError(f"{source}: weights do not match the stored config ({exc})") from exc
-        return pred.to(first.device) if isinstance(first, torch.Tensor) else pred
+        return pred
 
     @classmethod
     def load(cls, path: PathLike, model: Optional[nn.Module] = None, map_location=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from ._common import check_output_file, fail, user_errors
 
@@ -61,7 +62,6 @@ def _config(args, recorded: dict):
 def _resolve_recorded_paths(sections: dict, fit_cwd) -> None:
     """A relative network file or data root recorded by fit is relative to the folder fit ran in:
     where it is not found from here but is from there, use that one (eval from any folder)."""
-    from pathlib import Path
     if not fit_cwd:
         return
     for section, key in (("model", "checkpoint"), ("data", "root")):
@@ -102,7 +102,6 @@ def evaluate(args) -> dict:
         from nern_fast.config import ConfigError
         raise ConfigError("model.checkpoint: eval needs the original network's weights; pass "
                           "--checkpoint FILE")
-    from pathlib import Path
     if not Path(cfg.model.checkpoint).exists():
         from nern_fast.config import ConfigError
         raise ConfigError(f"model.checkpoint: the network file {cfg.model.checkpoint} does not exist "

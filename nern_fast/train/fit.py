@@ -162,10 +162,10 @@ class FitRun:
             saved_digest = self.resume_state.get("model_digest")
             if saved_digest is not None and Path(cfg.model.checkpoint).is_file():
                 self.model_digest = file_digest(cfg.model.checkpoint)
-            if saved_digest is not None and self.model_digest not in (None, saved_digest):
-                raise ConfigError(f"--resume: {cfg.model.checkpoint} is not the network this run "
-                                  f"started from (its contents changed: trained again?); start a new "
-                                  f"--out for it, or put the original file back to resume")
+                if self.model_digest != saved_digest:
+                    raise ConfigError(f"--resume: {cfg.model.checkpoint} is not the network this run "
+                                      f"started from (its contents changed: trained again?); start a "
+                                      f"new --out for it, or put the original file back to resume")
         elif ckpt.exists() or (self.out / "metrics.json").exists():
             if not overwrite:
                 raise FileExistsError(f"{self.out} already holds a run; continue it with --resume, "
