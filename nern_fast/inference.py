@@ -87,9 +87,12 @@ milliseconds per group, once). Details, limits and the fallback: ``nern_fast.inf
 
 While attached:
 
-* ``conv.weight`` of a represented conv is a ``meta`` tensor placeholder with the original shape and
-  dtype (so shape queries such as ``WeightLayout.check_model`` still work); the real weight exists
-  only while the conv runs. ``model.parameters()`` no longer yields the represented weights (they
+* ``conv.weight`` of a represented conv is a placeholder (``RepresentedWeight``, a ``meta`` tensor)
+  with the original shape and the conv's dtype (so shape queries such as
+  ``WeightLayout.check_model`` still work); the real weight exists only while the conv runs. Any
+  computation on the placeholder (``F.conv2d(x, conv.weight)``, ``conv.weight.data``, a fusion that
+  reads the weight) raises ``AttachedWeightError`` (an ``AttachError``) instead of returning an
+  uninitialised result: call the module, read ``model.state_dict()``, or detach. ``model.parameters()`` no longer yields the represented weights (they
   are not stored), so ``sum(p.numel() for p in model.parameters())`` counts what is stored.
 * ``model.state_dict()`` is a complete ordinary state dict: the represented weights are decoded
   into it (detached), so it loads into a plain model. Loading a state dict *with* represented
@@ -111,7 +114,7 @@ While attached:
   represented) stays that module's Parameter, holding the decoded values; ``detach`` keeps the tie.
 * ``model.to(dtype)`` / ``.double()`` / ``.half()`` while attached: the represented weights follow
   the dtype the model's other parameters took (converted per call; a conv's placeholder shows it
-  from the next forward) in forwards, ``state_dict`` and ``detach``.
+  at once) in forwards, ``state_dict`` and ``detach``.
 * Not supported while attached: ``torch.compile`` / TorchScript of the model, several threads
   running the same attached model, ``copy.deepcopy`` and pickling of the model (both raise
   AttachError). Detach first.
@@ -129,14 +132,11 @@ from torch import nn
 from . import ops
 from .inference_graphs import GraphedDecodes
 from .inference_groups import check_group_bytes, groups_for
+from .inference_placeholder import AttachedWeightError, AttachError, RepresentedWeight, current_placeholder
 
 MODES = ("on_demand", "cached", "materialized")
 _ATTR = "_nern_fast_attachment"
 _local = threading.local()
-
-
-class AttachError(RuntimeError):
-    """A model that cannot be attached or detached as asked (already attached, not attached, ...)."""
 
 
 @contextlib.contextmanager
@@ -345,8 +345,7 @@ class Attachment:
         self.names = [l.name for l in layout.layers]
         self._params = [(c.weight.dtype, c.weight.device, c.weight.requires_grad) for c in self.convs]
         self._param_order = [list(c._parameters) for c in self.convs]  # restored by detach
-        self._placeholders = [torch.empty(l.shape, dtype=c.weight.dtype, device="meta")
-                              for l, c in zip(layout.layers, self.convs)]
+        self._placeholders = [self._placeholder(i, c.weight.dtype) for i, c in enumerate(self.convs)]
         # model.to(dtype) / .double() / .half() while attached: the represented weights follow the
         # model's dtype, as seen on a witness (its first floating tensor that is not represented).
         self._dtype_now = [dtype for dtype, _, _ in self._params]
@@ -530,9 +529,17 @@ class Attachment:
         for i, (dtype, _, _) in enumerate(self._params):
             if dtype == attached_dtype:
                 self._dtype_now[i] = now
-                self._placeholders[i] = torch.empty(self._placeholders[i].shape, dtype=now, device="meta")
+                self._placeholders[i] = self._placeholder(i, now)
                 if i not in self._running:
                     self.convs[i].__dict__["weight"] = self._placeholders[i]
+
+    def _placeholder(self, i: int, dtype: torch.dtype) -> RepresentedWeight:
+        return RepresentedWeight.make(self.pred.layout.layers[i].shape, dtype, self.names[i],
+                                      current_placeholder(self, i))
+
+    @property
+    def attached(self) -> bool:
+        return bool(getattr(self, "_handles", None))  # False while __init__ runs
 
     def _release(self) -> None:
         """Remove the hooks and graphs and drop every decoded weight held."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import random_predictor
 from nern_fast import LayoutError, WeightLayout
-from nern_fast.inference import AttachError, attachment, is_attached, prepare_for_inference
+from nern_fast.inference import AttachedWeightError, AttachError, attachment, is_attached, prepare_for_inference
 from nern_fast.models import cifar_resnet
 
 REPRESENTED = ["c0", "c1", "c2", "c3"]
@@ -115,7 +115,7 @@ def test_model_dtype_changed_while_attached_is_followed(mode):
     conv_alone = model.c2(torch.randn(1, 16, 4, 4, dtype=torch.float64))  # outside a root forward
     state = model.state_dict()
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float64}
-    assert model.c0.weight.dtype == torch.float64  # the placeholder, after the next forward
+    assert model.c0.weight.dtype == torch.float64  # the placeholder
     pred.detach(model)
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     assert torch.equal(run(model, x), out)
@@ -159,6 +159,40 @@ def test_a_weight_tied_to_an_unrepresented_module_gets_the_decoded_values(mode):
     pred.detach(model)
     assert model.a.weight is model.b.weight
     assert torch.equal(run(model, x), expected)
+
+
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_represented_weight_used_outside_its_conv_is_an_error_not_garbage(mode):
+    """Code that reads conv.weight outside the conv's forward (F.conv2d(x, conv.weight), a fusion,
+    .data) got an uninitialised result from a meta placeholder: now a clear error; metadata works."""
+    model, pred = make()
+    x = torch.randn(2, 8, 5, 5)
+    pred.attach(model, mode=mode)
+    w = model.c0.weight
+    assert (w.shape, w.dtype, w.device.type, w.numel(), w.dim()) == ((8, 8, 3, 3), torch.float32, "meta", 576, 4)
+    for use in (lambda: F.conv2d(x, w, padding=1), lambda: w + 1, lambda: w.data,
+                lambda: w.to("cpu"), lambda: torch.cat([w, w]), lambda: w.abs().sum()):
+        with pytest.raises(AttachedWeightError, match=r"'c0\.weight' is represented.*conv\(x\)"):
+            use()
+    out = model.c0(x)  # the module decodes
+    pred.detach(model)
+    torch.testing.assert_close(out, F.conv2d(x, model.c0.weight, padding=1), rtol=0, atol=0)
+
+
+def test_placeholder_dtype_follows_the_model_before_the_next_forward():
+    """model.double() while attached: conv.weight (and a reference kept from before) shows float64
+    at once, not only after the next forward; after detach a kept placeholder answers its own."""
+    model, pred = make()
+    pred.attach(model)
+    kept = model.c1.weight
+    model.double()
+    assert model.c1.weight.dtype == torch.float64 and kept.dtype == torch.float64
+    assert kept.element_size() == 8
+    pred.detach(model)
+    assert model.c1.weight.dtype == torch.float64 and isinstance(model.c1.weight, nn.Parameter)
+    assert kept.shape == (16, 8, 3, 3)
+    with pytest.raises(AttachedWeightError):
+        kept.sum()
 
 
 def test_deepcopy_and_pickle_of_an_attached_model_say_detach_first(tmp_path):
