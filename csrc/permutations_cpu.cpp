@@ -165,6 +165,10 @@ void walk_points(const float* x, int64_t n, int64_t d, int64_t* order) {
           if (sims[j] == best && slot_row[j] < next) next = slot_row[j];
         }
       }
+      if (next == n) {  // nothing compared (rows with infinities: the caller's normalisation
+        while (visited[lowest]) ++lowest;  // makes NaN rows of them): never index past the end
+        next = lowest;
+      }
     }
     visited[next] = 1;
     remove(next);
@@ -563,7 +567,7 @@ inline bool walk_cosines(const float*, int64_t, int64_t, int64_t*, float*, float
 #endif
 
 // Normalises the c_in kernels (d weights each) of one filter into `normed` (a zero kernel to
-// 0/0 = NaN, as in NeRN); true when every value is finite (then every cosine is). The divisions run
+// NaN, as NeRN's 0/0); true when every value is finite (then every cosine is). The divisions run
 // over the whole filter in one loop against a per-weight copy of the norms, which the compiler
 // vectorises (the same quotients: 37.6 → 15.9 µs for a 64×64 layer's 64 filters, one EPYC core).
 inline __attribute__((always_inline)) bool normalise_kernels(const float* x, int64_t c_in, int64_t d,
@@ -571,7 +575,9 @@ inline __attribute__((always_inline)) bool normalise_kernels(const float* x, int
   for (int64_t c = 0; c < c_in; ++c) {
     float squares = 0.f;
     for (int64_t k = 0; k < d; ++k) squares += x[c * d + k] * x[c * d + k];
-    const float norm = std::sqrt(squares);
+    // A kernel whose squares underflow to 0 (|w| below ~1e-23) counts as a zero kernel: NaN, not
+    // the ±inf of x / 0 (the Python side's rule too, nern_fast.permutations._normalise_rows).
+    const float norm = squares == 0.f ? std::numeric_limits<float>::quiet_NaN() : std::sqrt(squares);
     for (int64_t k = 0; k < d; ++k) norms[c * d + k] = norm;
   }
   int finite = 1;

@@ -110,8 +110,12 @@ def _one_thread():
 
 # ------------------------------------------------------------------------------ batched chains
 def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
-    """x / ‖x‖ per row (last dim); zero rows give NaN, as NeRN's division does."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    """x / ‖x‖ per row (last dim); zero rows give NaN, as NeRN's division does. A row whose norm
+    underflows to 0 (|x| below ~1e-23 in float32) counts as zero too (NeRN's division would give
+    it ±inf, whose similarities are NaN or ±inf at random): NaN, as the fallback walk and the
+    compiled infilter treat it."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / norm.masked_fill(norm == 0, float("nan"))
 
 
 def _similarities(vectors: torch.Tensor) -> torch.Tensor:

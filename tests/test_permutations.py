@@ -181,3 +181,23 @@ def test_corrupt_cache_is_recomputed(tmp_path):
     perms = P.compute_permutations(weights, "crossfilter", cache_dir=tmp_path)
     assert perms[0].tolist() == nern_crossfilter(weights[0])
     assert path.stat().st_size > 100
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e-30, 1e-44])
+def test_kernel_whose_norm_underflows_counts_as_a_zero_kernel(scale, chain_walk):
+    """A kernel of ~1e-24 weights has a float32 norm of 0: NeRN's division gives it ±inf, and the
+    compiled crossfilter walk then wrote past the end of its arrays (a segfault). It now counts
+    as a zero kernel in both walks and both forms: the same chains as with that kernel zeroed."""
+    g = torch.Generator().manual_seed(5)
+    for shape in ((16, 16, 3, 3), (6, 9, 2, 2)):
+        w = torch.randn(shape, generator=g)
+        tiny = w.clone()
+        tiny[5, 7] = torch.randn(shape[2:], generator=g) * scale
+        assert torch.linalg.vector_norm(tiny[5, 7]) == 0 and (tiny[5, 7] != 0).any()
+        zeroed = w.clone()
+        zeroed[5, 7] = 0
+        assert P.crossfilter(tiny).tolist() == nern_crossfilter(zeroed)
+        filters, channels = nern_infilter(zeroed)
+        filter_order, channel_orders = P.infilter(tiny)
+        assert filter_order.tolist() == list(filters)
+        assert channel_orders.tolist() == [list(c) for c in channels]
