@@ -337,6 +337,8 @@ def _check_optim(o: OptimConfig, key: str) -> None:
         raise ConfigError(f"{key}.betas: expected two numbers in [0, 1), got {o.betas!r}")
     if o.min_lr > o.lr:
         raise ConfigError(f"{key}.min_lr: {o.min_lr} is above lr {o.lr}")
+    if not 0 <= o.momentum < 1:  # SGD's; 1 or more never forgets a step (the updates grow)
+        raise ConfigError(f"{key}.momentum: must be in [0, 1), got {o.momentum}")
 
 
 def _check_stage(s: StageConfig, key: str) -> None:
@@ -386,6 +388,10 @@ def _check_stage(s: StageConfig, key: str) -> None:
         if isinstance(s.feature_maps, str) and s.feature_maps not in FEATURE_MAP_PRESETS:
             raise ConfigError(f"{key}.feature_maps: {s.feature_maps!r} is not one of "
                               f"{', '.join(FEATURE_MAP_PRESETS)} (or a list of module names)")
+        if not s.feature_maps and s.fmd_weight > 0:
+            raise ConfigError(f"{key}.feature_maps: empty, but fmd_weight is {s.fmd_weight}: name the "
+                              f"maps to distil (a preset such as 'bn+blocks' or module names) or set "
+                              f"fmd_weight: 0")
         if s.teacher is not None:
             _check_model(s.teacher, f"{key}.teacher")
     _check_optim(s.optim, f"{key}.optim")

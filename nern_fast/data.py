@@ -290,6 +290,10 @@ def load_digits(image_size: Optional[int] = None, split_seed: int = 0,
     g = torch.Generator().manual_seed(split_seed)
     order = torch.randperm(x.shape[0], generator=g)
     n_test = int(round(x.shape[0] * test_fraction))
+    if not 1 <= n_test <= x.shape[0] - 2:  # the training split's std needs two images
+        raise DataError(f"data.test_fraction {test_fraction} leaves {n_test} test and "
+                        f"{x.shape[0] - n_test} training images of the {x.shape[0]} digits; choose a "
+                        f"fraction that leaves at least 1 and 2 (e.g. the default 0.2)")
     test, train = order[:n_test], order[n_test:]
     mean, std = float(x[train].mean()), float(x[train].std())
     x = (x - mean) / std

@@ -16,6 +16,9 @@ import torch
 
 ENCODINGS = ("basic", "ffn")
 NUM_INDICES = 3  # (layer, filter, channel)
+# The largest basic frequency base^(levels-1) (log10): times π and positions of up to ~10^4 (no
+# normalisation) it stays below float32's 3.4e38.
+_MAX_FREQUENCY_LOG10 = 33
 
 _DEVICE_CONSTANTS: dict = {}
 
@@ -50,6 +53,12 @@ class EncodingSpec:
             raise ValueError(f"levels must be an integer in 1..64, got {self.levels!r}")
         if not (isinstance(self.base, (int, float)) and math.isfinite(self.base) and self.base > 0):
             raise ValueError(f"base must be a positive finite number, got {self.base!r}")
+        if self.kind == "basic" and (self.levels - 1) * math.log10(self.base) > _MAX_FREQUENCY_LOG10:
+            # x = p · base^j · π in float32 would overflow to inf for some positions: NaN weights
+            raise ValueError(f"base {self.base} with levels {self.levels} gives frequencies up to "
+                             f"base^{self.levels - 1} = 10^{(self.levels - 1) * math.log10(self.base):.1f}, "
+                             f"above 1e{_MAX_FREQUENCY_LOG10}: times π and a position its encodings can overflow "
+                             f"float32 (inf, then NaN weights); lower base or levels")
         scale = tuple(float(s) for s in self.gauss_scale)
         if len(scale) != NUM_INDICES:
             raise ValueError(f"gauss_scale needs {NUM_INDICES} values (layer, filter, channel), "

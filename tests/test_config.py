@@ -109,6 +109,10 @@ def test_yaml_style_numbers_are_read():
     ({"predictor": {"levels": 65}}, r"predictor: levels must be an integer in 1..64, got 65"),
     ({"predictor": {"levels": 0}}, r"predictor: levels must be an integer in 1..64, got 0"),
     ({"predictor": {"base": 0}}, r"predictor: base must be a positive finite number"),
+    ({"predictor": {"base": 10, "levels": 40}}, r"predictor: base 10.0 with levels 40 gives frequencies up to base\^39 = 10\^39.0, above 1e33.*lower base or levels"),
+    ({"stages": [distill(fmd_weight=1.0, feature_maps=[])]}, r"stages.0.feature_maps: empty, but fmd_weight is 1.0"),
+    ({"stages": [stage(optim={"momentum": 1.5})]}, r"stages.0.optim.momentum: must be in \[0, 1\), got 1.5"),
+    ({"train_base": {"optim": {"momentum": -1}}}, r"train_base.optim.momentum: must be in \[0, 1\)"),
     ({"predictor": {"gauss_scale": [1, "x", 0.1]}}, r"predictor.gauss_scale.1: expected a number"),
     # list items
     ({"predictor": {"include": [1, 2]}}, r"predictor.include: \[1, 2\] is not a valid value; expected str or list of str"),

@@ -21,6 +21,28 @@ def test_digits_split_is_fixed_and_standardised():
     assert big.input_shape == (1, 12, 12) and big._train[0].shape[-1] == 12
 
 
+@pytest.mark.parametrize("fraction, match", [(0.9999, "leaves 1797 test and 0 training"),
+                                              (0.0001, "leaves 0 test and 1797 training")])
+def test_digits_split_that_leaves_a_side_empty_is_refused(fraction, match):
+    """An empty training split made every image NaN (its mean and std) and fit ran on without a
+    word; an empty test split failed later, in the evaluation."""
+    with pytest.raises(DataError, match=f"data.test_fraction {fraction} {match}"):
+        load_digits(test_fraction=fraction)
+
+
+def test_model_outputs_and_input_channels_must_fit_the_data():
+    """num_classes below the data's classes failed in the loss (a raw IndexError), in_channels
+    other than the images' in the first conv: both are config errors naming the key."""
+    from nern_fast.config import ConfigError, ModelConfig
+    from nern_fast.train.setup import make_network
+    task = load_digits()
+    with pytest.raises(ConfigError, match="model.num_classes: 5 outputs, but the digits data has 10"):
+        make_network(ModelConfig(arch="cifar_resnet20", num_classes=5), task)
+    with pytest.raises(ConfigError, match="teacher.in_channels: 3, but the digits images have 1"):
+        make_network(ModelConfig(arch="cifar_resnet20", in_channels=3), task, "teacher")
+    assert make_network(ModelConfig(arch="cifar_resnet20", num_classes=12), task) is not None
+
+
 def test_test_batches_cover_the_test_set_in_order():
     task = load_digits()
     batches = list(task.test_batches(100, "cpu"))

@@ -63,6 +63,7 @@ def test_sizes_and_separable_blocks(levels):
     (dict(levels=65), "1..64"),
     (dict(base=-1.0), "positive"),
     (dict(gauss_scale=(1, 2)), "3 values"),
+    (dict(base=9.0, levels=40), r"base\^39 = 10\^37.2, above 1e33"),  # float32 encodings overflow: NaN weights
 ])
 def test_bad_settings(kw, message):
     with pytest.raises(ValueError, match=message):

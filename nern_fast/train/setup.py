@@ -38,6 +38,13 @@ def apply_runtime(cfg: Config) -> torch.device:
 def make_network(model_cfg, task: TaskData, what: str = "model") -> nn.Module:
     """A network from a model (or teacher) config, its checkpoint loaded when one is given."""
     c, h = task.input_shape[0], task.input_shape[1]
+    if model_cfg.num_classes and model_cfg.num_classes < task.num_classes:
+        raise ConfigError(f"{what}.num_classes: {model_cfg.num_classes} outputs, but the {task.name} "
+                          f"data has {task.num_classes} classes; set it to {task.num_classes} or leave "
+                          f"it out (it then follows the data)")
+    if model_cfg.in_channels and model_cfg.in_channels != c:
+        raise ConfigError(f"{what}.in_channels: {model_cfg.in_channels}, but the {task.name} images "
+                          f"have {c} channels; set it to {c} or leave it out")
     try:
         model = build_model(model_cfg.arch, model_cfg.num_classes or task.num_classes,
                             model_cfg.in_channels or c, h, model_cfg.small_input,
