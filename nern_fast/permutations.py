@@ -12,6 +12,13 @@ lowest index. NeRN's quirks are kept so the chains are the same:
   similarities (each kernel normalised on its own, then the filter flattened), after reordering
   every filter's channels by its own chain.
 
+Ties are ties of the float32 similarities as each walk computes them (NeRN's too): cosines equal
+in exact arithmetic but summed in another order (the compiled walks' lanes, the fallback's BLAS
+products) can differ in the last bit, so with quantised or ternary weights, whose cosines often tie
+exactly, the compiled and the fallback walks may break such a tie differently (exactly identical
+kernels tie in both). A permutation is computed once and travels in the layout and its cache file.
+A kernel whose float32 norm underflows to 0 counts as a zero kernel (see ``_normalise_rows``).
+
 Results come in the NeRN forms :meth:`WeightLayout.with_permutations` accepts: crossfilter, the
 chain (row order, length C_out·C_in); infilter, ``(filter_order, channel_orders)``.
 
