@@ -348,9 +348,11 @@ def load_imagenet(root: str, image_size: Optional[int] = None, augment: bool = T
                                              T.Compose(train_tf + [T.ToTensor(), normalize]))
     test = torchvision.datasets.ImageFolder(str(root / "val"), T.Compose(
         [T.Resize(int(size * 256 / 224)), T.CenterCrop(size), T.ToTensor(), normalize]))
-    if len(train.classes) != len(test.classes):
-        raise DataError(f"ImageNet: train/ has {len(train.classes)} classes, val/ has "
-                        f"{len(test.classes)}; they must match")
+    if train.classes != test.classes:  # labels are folder positions: the same names, or mixed labels
+        only = sorted(set(train.classes) ^ set(test.classes))[:3]
+        raise DataError(f"ImageNet: train/ has {len(train.classes)} class folders, val/ has "
+                        f"{len(test.classes)}, and they must have the same names (labels are their "
+                        f"sorted positions); in one only: {only}")
     return TaskData("imagenet", len(train.classes), (3, size, size), len(train), len(test),
                     IMAGENET_MEAN, IMAGENET_STD, train, test, False)
 

@@ -125,3 +125,15 @@ def test_imagenet_folders(tmp_path):
     assert task.num_classes == 2 and task.input_shape == (3, 32, 32)
     x, y = next(task.test_batches(2, "cpu"))
     assert x.shape == (2, 3, 32, 32)
+
+
+def test_imagenet_class_folders_must_have_the_same_names(tmp_path):
+    """Labels are the sorted folder positions: val/ with other names (same count) mixed labels up."""
+    from PIL import Image
+    for split, classes in (("train", ("a", "b")), ("val", ("a", "c"))):
+        for cls in classes:
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            Image.new("RGB", (40, 40), (10, 200, 30)).save(d / "x.png")
+    with pytest.raises(DataError, match=r"same names .* in one only: \['b', 'c'\]"):
+        load_imagenet(str(tmp_path))
