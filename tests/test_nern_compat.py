@@ -14,41 +14,35 @@ from nern_fast import FastPredictor, FileFormatError, LayoutError
 from nern_fast.models import cifar_resnet
 
 
-def nern_positions(shapes, mode):
-    max_index = max(max(s) for s in shapes)
-    out = []
-    for l, s in enumerate(shapes):
-        rows = []
-        for f in range(s[0]):
-            for c in range(s[1]):
-                if mode == "local":
-                    rows.append((l / len(shapes), f / s[0], c / s[1]))
-                elif mode == "global":
-                    rows.append((l / max_index, f / max_index, c / max_index))
-                else:
-                    rows.append((l, f, c))
-        out.append(rows)
-    return out
+def nern_positions(shapes):
+    """NeRN's ``ReconstructedModel._get_tensor_indices``: the raw (layer, filter, channel) integers,
+    which its embeddings encode whatever ``normalization_mode`` says (the normalised ones it also
+    computes, ``.normalized_indices``, are never read)."""
+    return [[(l, f, c) for f in range(s[0]) for c in range(s[1])] for l, s in enumerate(shapes)]
 
 
-def nern_encode(pos, emb):
+def nern_encode(positions, emb):
+    """NeRN's MyPositionalEncoding of each position (a row of ``positions``), the same elementwise
+    steps for all rows at once: its per-coordinate Python loop took minutes on ResNet-20 on a busy
+    2-core machine."""
     levels, base = emb["enc_levels"], emb["base"]
+    pos = torch.tensor(positions)
     if emb["type"] == "basic":
-        x = torch.tensor(pos).unsqueeze(-1) * (base ** torch.arange(levels)) * np.pi
+        x = pos.unsqueeze(-1) * (base ** torch.arange(levels)) * np.pi  # (n, 3, levels)
     else:
         rng = torch.random.get_rng_state()
         torch.manual_seed(0)
         b = torch.randn((levels * 3, 3)) * torch.Tensor(emb["gauss_scale"])
         torch.random.set_rng_state(rng)
-        x = (torch.tensor(pos) * 2 * np.pi) @ b.T
-    return torch.dstack([torch.sin(x), torch.cos(x)]).flatten()
+        x = (pos * 2 * np.pi) @ b.T  # (n, 3·levels)
+    # NeRN: dstack([sin, cos]).flatten() per position, i.e. sin and cos interleaved
+    return torch.stack([torch.sin(x), torch.cos(x)], dim=-1).reshape(len(positions), -1)
 
 
 def nern_decode(state, cfg, shapes, perms=None, mode=None, chunk=5):
     nern = cfg["nern"]
     emb = nern["embeddings"]
-    embeddings = [torch.stack([nern_encode(p, emb) for p in layer])
-                  for layer in nern_positions(shapes, emb["normalization_mode"])]
+    embeddings = [nern_encode(layer, emb) for layer in nern_positions(shapes)]
     if mode == "crossfilter":
         embeddings = [e[np.argsort(p)] for e, p in zip(embeddings, perms)]
     elif mode == "infilter":
@@ -177,3 +171,88 @@ def test_from_nern_errors(tmp_path):
         FastPredictor.from_nern(state, model, {"nern": dict(cfg["nern"], method="basic")}, include=None)
     with pytest.raises(FileNotFoundError):
         FastPredictor.from_nern(tmp_path / "nope.pt", model, cfg, include=None)
+
+
+def test_nern_normalization_mode_is_ignored_as_nerns_code_does(tmp_path):
+    """NeRN encodes raw indices for every normalization_mode: the three decode the same weights
+    here, and other than a layout normalised per layer (what the config's 'local' would mean)."""
+    model = SmallNet()
+    decodes = []
+    for norm in ("local", "global", "None"):
+        cfg, state = make_files(tmp_path, norm=norm)
+        pred = FastPredictor.from_nern(state, model, cfg, include=None)
+        assert pred.layout.normalization == "none"
+        decodes.append(pred())
+    for other in decodes[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(decodes[0], other))
+    local = FastPredictor.from_nern(state, model, cfg, include=None, normalization="local")
+    assert not torch.allclose(local()[1], decodes[0][1])
+
+
+class NeRNStyleBlock(nn.Module):
+    def __init__(self, planes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+
+
+class NeRNStyleNet(nn.Module):
+    """Like NeRN's own model classes: get_learnable_weights() names the represented convs."""
+
+    def __init__(self, reverse=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.block = NeRNStyleBlock(4)
+        self.extra = nn.Conv2d(4, 4, 1)  # not in NeRN's list
+        self.reverse = reverse
+
+    def get_learnable_weights(self):
+        weights = [self.stem.weight, self.block.conv1.weight, self.block.conv2.weight]
+        return weights[::-1] if self.reverse else weights
+
+
+def test_auto_layer_set_asks_get_learnable_weights(tmp_path):
+    """A model with NeRN's get_learnable_weights() (NeRN's own classes, whose blocks the "nern"
+    preset does not recognise) is represented as that list says."""
+    cfg, state = make_files(tmp_path)
+    pred = FastPredictor.from_nern(state, NeRNStyleNet(), cfg)
+    assert pred.layout.names == ["stem", "block.conv1", "block.conv2"]
+    with pytest.raises(LayoutError, match="another order than the model's modules"):
+        FastPredictor.from_nern(state, NeRNStyleNet(reverse=True), cfg)
+    odd = NeRNStyleNet()
+    odd.get_learnable_weights = lambda: [odd.stem.weight, torch.zeros(3)]
+    with pytest.raises(LayoutError, match=r"get_learnable_weights\(\)\[1\] is not the weight of an nn.Conv2d"):
+        FastPredictor.from_nern(state, odd, cfg)
+
+
+def test_permutations_must_fit_the_configs_permute_mode(tmp_path):
+    """NeRN applies no permutation cache without a permute_mode, and each mode has its own form:
+    a cache of the other form (or none asked for) decoded other weights without a word."""
+    model = SmallNet()
+    shapes = [tuple(m.weight.shape) for m in (model.a, model.b, model.c)]
+    chains = [list(range(s[0] * s[1]))[::-1] for s in shapes]
+    pairs = [(list(range(s[0])), [list(range(s[1]))] * s[0]) for s in shapes]
+    cfg, state = make_files(tmp_path)
+    with pytest.raises(LayoutError, match="permute_mode is None: NeRN's code applies none"):
+        FastPredictor.from_nern(state, model, cfg, permutations=chains, include=None)
+    cfg, state = make_files(tmp_path, permute_mode="infilter")
+    with pytest.raises(LayoutError, match="layer 0 is not an infilter .* pair"):
+        FastPredictor.from_nern(state, model, cfg, permutations=chains, include=None)
+    FastPredictor.from_nern(state, model, cfg, permutations=pairs, include=None)
+    cfg, state = make_files(tmp_path, permute_mode="crossfilter")
+    with pytest.raises(LayoutError, match="layer 0 is not a crossfilter chain"):
+        FastPredictor.from_nern(state, model, cfg, permutations=pairs, include=None)
+
+
+def test_malformed_nern_files_are_named(tmp_path):
+    cfg, state = make_files(tmp_path)
+    model = SmallNet()
+    with pytest.raises(FileFormatError, match=r"entries \['extra'\] are not tensors"):
+        FastPredictor.from_nern({**state, "extra": [1, 2]}, model, cfg, include=None)
+    with pytest.raises(ValueError, match="hidden_layer_size must be an integer, got 'abc'"):
+        FastPredictor.from_nern(state, model, {"nern": dict(cfg["nern"], hidden_layer_size="abc")}, include=None)
+    with pytest.raises(ValueError, match="embeddings must be a mapping, got list"):
+        FastPredictor.from_nern(state, model, {"nern": dict(cfg["nern"], embeddings=[1])}, include=None)
+    with pytest.raises(ValueError, match=r"embeddings.gauss_scale must be a list of numbers"):
+        emb = dict(cfg["nern"]["embeddings"], gauss_scale="wide")
+        FastPredictor.from_nern(state, model, {"nern": dict(cfg["nern"], embeddings=emb)}, include=None)
