@@ -232,6 +232,7 @@ class CpuDecoder {
     at::Tensor y, enc, enc_lp;            // (T, k²), (T, 6·levels)
     at::Tensor g, g2, gy, gy_lp;          // backward: (T, H) x2 (bf16 in bf16 mode), (T, k²) x2
     at::Tensor prod_lp;                   // bf16 per-tile weight-gradient product, flat
+    at::Tensor colsum;                    // bf16 mode: 2·max(H, k²) fp32, add_column_sums_bf16's scratch
     at::Tensor wide_a, wide_b, wide_out;  // fp32 GEMMs of bf16 values: widened operands, result
     std::vector<RowInfo> info;
   };
@@ -308,6 +309,7 @@ class CpuDecoder {
       if (bf16_) {
         s.gy_lp = at::empty({tile_, k2_}, lp);
         s.prod_lp = at::empty({wide * std::max(hidden_, enc_size_)}, lp);
+        s.colsum = at::empty({2 * wide}, opts);
       }
     }
     s.info.resize(tile_);
@@ -547,9 +549,9 @@ class CpuDecoder {
   // (the hidden gradients in bf16 mode) through cpu::add_column_sums_bf16. A running sum row by row
   // lost ~n·ε over a tile of thousands of rows (bias gradients of a 300 K-row decode were 40x
   // further from float64 than eager's).
-  static void add_column_sums(const at::Tensor& acc, const at::Tensor& g, int64_t n) {
+  static void add_column_sums(Scratch& s, const at::Tensor& acc, const at::Tensor& g, int64_t n) {
     if (g.scalar_type() == at::kBFloat16) {
-      cpu::add_column_sums_bf16(ptr<BF16>(g), n, g.size(1), ptr<float>(acc));
+      cpu::add_column_sums_bf16(ptr<BF16>(g), n, g.size(1), ptr<float>(acc), ptr<float>(s.colsum));
       return;
     }
     at::Tensor out = acc;
@@ -613,7 +615,7 @@ class CpuDecoder {
     at::Tensor g_out = rows_of(s.gy, n), g_out_lp = lp(s.gy_lp);
     at::Tensor cur = rows_of(s.g, n), other = rows_of(s.g2, n);
     for (int64_t i = last_; i >= 1; --i) {
-      add_column_sums(gr.b[i], g_out, n);
+      add_column_sums(s, gr.b[i], g_out, n);
       add_weight_grad(s, gr.w[i], g_out, g_out_lp, act(i - 1), act_lp(i - 1));
       backprop(s, i, g_out, g_out_lp, bf16_ ? act_lp(i - 1) : act(i - 1), cur, n);
       g_out = cur;
@@ -625,23 +627,28 @@ class CpuDecoder {
       const int64_t H = hidden_;
       scalar_t* gf = ptr<scalar_t>(gr.g_filter);
       scalar_t* gc = ptr<scalar_t>(gr.g_channel);
-      for (int64_t r = 0; r < n; ++r) {
-        scalar_t* a = gf + s.info[r].filter * H;
-        scalar_t* b = gc + s.info[r].channel * H;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (bf16_) {
-            const BF16* x = ptr<BF16>(g_out) + r * H;
-            cpu::accumulate_bf16(a, x, H);
-            cpu::accumulate_bf16(b, x, H);
-            continue;
-          }
+      // row r of x (the compute dtype) into its filter's and its channel's sums; the dtype's
+      // row add is chosen once per tile, not per row
+      auto add_rows = [&](const auto* x, const auto& add_row) {
+        for (int64_t r = 0; r < n; ++r) {
+          add_row(gf + s.info[r].filter * H, x + r * H);
+          add_row(gc + s.info[r].channel * H, x + r * H);
         }
-        const scalar_t* x = ptr<scalar_t>(g_out) + r * H;
-        for (int64_t j = 0; j < H; ++j) a[j] += x[j];
-        for (int64_t j = 0; j < H; ++j) b[j] += x[j];
+      };
+      bool done = false;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (bf16_) {
+          add_rows(ptr<BF16>(g_out), [H](float* acc, const BF16* x) { cpu::accumulate_bf16(acc, x, H); });
+          done = true;
+        }
+      }
+      if (!done) {
+        add_rows(ptr<scalar_t>(g_out), [H](scalar_t* acc, const scalar_t* x) {
+          for (int64_t j = 0; j < H; ++j) acc[j] += x[j];
+        });
       }
     } else {
-      add_column_sums(gr.b[0], g_out, n);
+      add_column_sums(s, gr.b[0], g_out, n);
       add_weight_grad(s, gr.w[0], g_out, g_out_lp, rows_of(s.enc, n), lp(s.enc_lp));
     }
   }
