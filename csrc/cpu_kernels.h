@@ -55,6 +55,53 @@ inline void to_bf16(const float* src, BF16* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = BF16(src[j]);
 }
 
+// fp32/fp64 passes (the template is the portable version of both; fp64 always uses it)
+template <bool Relu, typename T>
+inline void bias_act(T* x, const T* bias, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* row = x + r * cols;
+    for (int64_t j = 0; j < cols; ++j) {
+      T v = row[j] + bias[j];
+      if (Relu) v = v < T(0) ? T(0) : v;  // NaN stays NaN, like torch.relu
+      row[j] = v;
+    }
+  }
+}
+
+template <typename T>
+inline void add_relu(const T* a, const T* b, T* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = a[j] + b[j];
+    out[j] = v < T(0) ? T(0) : v;
+  }
+}
+
+// threshold_backward: d passes where !(mask <= 0) (NaN passes). A select, not a branch: the
+// compiler vectorizes it, and a ReLU mask is a coin flip per entry.
+template <typename T>
+inline void relu_mask(const T* mask, T* d, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) d[j] = mask[j] <= T(0) ? T(0) : d[j];
+}
+
+// v = relu_mask(mask, x); a += v; b += v (a, b, x distinct): the mask, then two sums, without storing v
+template <typename T>
+inline void masked_accumulate2(T* a, T* b, const T* x, const T* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = mask[j] <= T(0) ? T(0) : x[j];
+    a[j] += v;
+    b[j] += v;
+  }
+}
+
+// the same with bf16 x and mask, fp32 sums: masked_bf16 then accumulate_bf16 twice
+inline void masked_accumulate2_bf16(float* a, float* b, const BF16* x, const BF16* mask, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = static_cast<float>(mask[j]) <= 0.f ? 0.f : static_cast<float>(x[j]);
+    a[j] += v;
+    b[j] += v;
+  }
+}
+
 }  // namespace scalar
 
 #ifdef NERN_FAST_X86
@@ -129,6 +176,62 @@ NERN_FAST_AVX512 inline void to_bf16(const float* src, BF16* dst, int64_t n) {
   }
 }
 
+template <bool Relu>
+NERN_FAST_AVX512 inline void bias_act(float* x, const float* bias, int64_t rows, int64_t cols) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = x + r * cols;
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = tail(cols - j);
+      __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, row + j), _mm512_maskz_loadu_ps(m, bias + j));
+      if (Relu) v = _mm512_max_ps(zero, v);  // v < 0: +0; NaN and ±0: v (the second operand)
+      _mm512_mask_storeu_ps(row + j, m, v);
+    }
+  }
+}
+
+NERN_FAST_AVX512 inline void add_relu(const float* a, const float* b, float* out, int64_t n) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail(n - j);
+    const __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j));
+    _mm512_mask_storeu_ps(out + j, m, _mm512_max_ps(zero, v));
+  }
+}
+
+NERN_FAST_AVX512 inline __mmask16 kept(const float* mask, __mmask16 m) {  // !(mask <= 0)
+  return _mm512_mask_cmp_ps_mask(m, _mm512_maskz_loadu_ps(m, mask), _mm512_setzero_ps(), _CMP_NLE_UQ);
+}
+
+NERN_FAST_AVX512 inline void relu_mask(const float* mask, float* d, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail(n - j);
+    _mm512_mask_storeu_ps(d + j, m, _mm512_maskz_loadu_ps(kept(mask + j, m), d + j));
+  }
+}
+
+NERN_FAST_AVX512 inline void masked_accumulate2(float* a, float* b, const float* x, const float* mask,
+                                                int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail(n - j);
+    const __m512 v = _mm512_maskz_loadu_ps(kept(mask + j, m), x + j);
+    _mm512_mask_storeu_ps(a + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + j), v));
+    _mm512_mask_storeu_ps(b + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, b + j), v));
+  }
+}
+
+NERN_FAST_AVX512 inline void masked_accumulate2_bf16(float* a, float* b, const BF16* x, const BF16* mask,
+                                                     int64_t n) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail(n - j);
+    const __mmask16 keep = _mm512_cmp_ps_mask(load_bf16(mask + j, m), zero, _CMP_NLE_UQ);
+    const __m512 v = load_bf16(x + j, keep & m);
+    _mm512_mask_storeu_ps(a + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + j), v));
+    _mm512_mask_storeu_ps(b + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, b + j), v));
+  }
+}
+
 #undef NERN_FAST_AVX512
 }  // namespace avx512
 
@@ -165,6 +268,29 @@ inline void accumulate_bf16(float* acc, const BF16* x, int64_t n) {
   NERN_FAST_DISPATCH(accumulate_bf16, acc, x, n);
 }
 inline void to_bf16(const float* src, BF16* dst, int64_t n) { NERN_FAST_DISPATCH(to_bf16, src, dst, n); }
+inline void masked_accumulate2_bf16(float* a, float* b, const BF16* x, const BF16* mask, int64_t n) {
+  NERN_FAST_DISPATCH(masked_accumulate2_bf16, a, b, x, mask, n);
+}
+
+// fp32/fp64 passes: fp32 through the same run-time choice as the bf16 passes, fp64 portable.
+template <bool Relu>
+inline void bias_act(float* x, const float* bias, int64_t rows, int64_t cols) {
+  NERN_FAST_DISPATCH(bias_act<Relu>, x, bias, rows, cols);
+}
+template <bool Relu>
+inline void bias_act(double* x, const double* bias, int64_t rows, int64_t cols) {
+  scalar::bias_act<Relu>(x, bias, rows, cols);
+}
+inline void add_relu(const float* a, const float* b, float* out, int64_t n) { NERN_FAST_DISPATCH(add_relu, a, b, out, n); }
+inline void add_relu(const double* a, const double* b, double* out, int64_t n) { scalar::add_relu(a, b, out, n); }
+inline void relu_mask(const float* mask, float* d, int64_t n) { NERN_FAST_DISPATCH(relu_mask, mask, d, n); }
+inline void relu_mask(const double* mask, double* d, int64_t n) { scalar::relu_mask(mask, d, n); }
+inline void masked_accumulate2(float* a, float* b, const float* x, const float* mask, int64_t n) {
+  NERN_FAST_DISPATCH(masked_accumulate2, a, b, x, mask, n);
+}
+inline void masked_accumulate2(double* a, double* b, const double* x, const double* mask, int64_t n) {
+  scalar::masked_accumulate2(a, b, x, mask, n);
+}
 
 // acc (cols) += the column sums of g (rows, cols), bf16 values summed in fp32: blocks of 64 rows,
 // then the blocks, then one add (error ~(64 + rows/64)·ε, not rows·ε as a running sum would have;

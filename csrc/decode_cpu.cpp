@@ -438,16 +438,7 @@ class CpuDecoder {
     }
     at::Tensor out = rows_of(dst, n);
     at::mm_out(out, src, wt_[i]);
-    const scalar_t* bias = ptr<scalar_t>(p_.biases[i]);
-    scalar_t* d = ptr<scalar_t>(dst);
-    for (int64_t r = 0; r < n; ++r) {
-      scalar_t* row = d + r * cols;
-      for (int64_t j = 0; j < cols; ++j) {
-        scalar_t v = row[j] + bias[j];
-        if (Relu) v = v < scalar_t(0) ? scalar_t(0) : v;  // NaN stays NaN, like torch.relu
-        row[j] = v;
-      }
-    }
+    cpu::bias_act<Relu>(ptr<scalar_t>(dst), ptr<scalar_t>(p_.biases[i]), n, cols);  // NaN stays NaN
   }
 
   // Hidden activation i of the tile (n rows from `begin`), in the compute dtype: the saved rows
@@ -498,15 +489,8 @@ class CpuDecoder {
       return;
     }
     scalar_t* d = ptr<scalar_t>(dst);
-    for (int64_t r = 0; r < n; ++r) {
-      const scalar_t* a = tf + s.info[r].filter * H;
-      const scalar_t* b = tc + s.info[r].channel * H;
-      scalar_t* o = d + r * H;
-      for (int64_t j = 0; j < H; ++j) {
-        const scalar_t v = a[j] + b[j];
-        o[j] = v < scalar_t(0) ? scalar_t(0) : v;
-      }
-    }
+    for (int64_t r = 0; r < n; ++r)
+      cpu::add_relu(tf + s.info[r].filter * H, tc + s.info[r].channel * H, d + r * H, H);
   }
 
   // ffn: x = (2π·p) @ Bᵀ, e[2m] = sin(x_m), e[2m+1] = cos(x_m) (nern_fast.encoding)
@@ -572,24 +556,33 @@ class CpuDecoder {
     cpu::accumulate_bf16(ptr<float>(acc), ptr<BF16>(prod), rows * cols);
   }
 
-  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); in bf16 mode g, a and dst are bf16 (the product
-  // is rounded to bf16 anyway, so an fp32 copy of dst would hold the same values).
-  void backprop(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp, const at::Tensor& a,
-                const at::Tensor& dst, int64_t n) {
+  // g (n, out) @ W_i, unmasked: into dst (fp32/fp64), or in bf16 mode (g bf16) into the bf16
+  // result buffer. Returns the product.
+  at::Tensor backprop_product(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp,
+                              const at::Tensor& dst, int64_t n) {
     const int64_t cols = p_.weights[i].size(1);
     if (bf16_) {
       at::Tensor acc = lp_result(s, n, cols);
       mm_bf16(s, acc, g_lp, false, w_lp_[i]);
-      cpu::masked_bf16(ptr<BF16>(acc), ptr<BF16>(a), ptr<BF16>(dst), n * cols);
-      return;
+      return acc;
     }
     at::Tensor out = dst;
     at::mm_out(out, g, p_.weights[i]);
-    const scalar_t* __restrict__ mask = ptr<scalar_t>(a);
-    scalar_t* __restrict__ d = ptr<scalar_t>(dst);
-    // threshold_backward: NaN passes. A select, not a branch: the compiler vectorizes it, and a
-    // ReLU mask is a coin flip per entry (the branch cost ~10% of a fp32 forward+backward).
-    for (int64_t j = 0; j < n * cols; ++j) d[j] = mask[j] <= scalar_t(0) ? scalar_t(0) : d[j];
+    return out;
+  }
+
+  // dst (n, in) <- (g (n, out) @ W_i) * (a > 0); in bf16 mode g, a and dst are bf16 (the product
+  // is rounded to bf16 anyway, so an fp32 copy of dst would hold the same values).
+  void backprop(Scratch& s, int64_t i, const at::Tensor& g, const at::Tensor& g_lp, const at::Tensor& a,
+                const at::Tensor& dst, int64_t n) {
+    const at::Tensor prod = backprop_product(s, i, g, g_lp, dst, n);
+    if (bf16_) {
+      cpu::masked_bf16(ptr<BF16>(prod), ptr<BF16>(a), ptr<BF16>(dst), prod.numel());
+      return;
+    }
+    // threshold_backward: NaN passes (a select: as a branch, mispredicted about half the time, it
+    // cost ~10% of a fp32 forward+backward)
+    cpu::relu_mask(ptr<scalar_t>(a), ptr<scalar_t>(dst), prod.numel());
   }
 
   void backward_tile(Scratch& s, Grads& gr, const scalar_t* grad, int64_t begin, int64_t n) {
@@ -614,43 +607,47 @@ class CpuDecoder {
     // hidden layers' gradients exist in the compute dtype only (g, g2: bf16 in bf16 mode).
     at::Tensor g_out = rows_of(s.gy, n), g_out_lp = lp(s.gy_lp);
     at::Tensor cur = rows_of(s.g, n), other = rows_of(s.g2, n);
+    // basic encoding: layer 1's masked gradient (dL/dz1) goes straight into the per-filter and
+    // per-channel sums, masked as it is summed (one pass over the tile instead of two)
+    const bool fused_first = p_.encoding == kBasic;
     for (int64_t i = last_; i >= 1; --i) {
       add_column_sums(s, gr.b[i], g_out, n);
       add_weight_grad(s, gr.w[i], g_out, g_out_lp, act(i - 1), act_lp(i - 1));
-      backprop(s, i, g_out, g_out_lp, bf16_ ? act_lp(i - 1) : act(i - 1), cur, n);
+      if (i == 1 && fused_first) {
+        first_layer_sums(s, gr, backprop_product(s, 1, g_out, g_out_lp, cur, n), buffer(0), n);
+        return;
+      }
+      backprop(s, i, g_out, g_out_lp, buffer(i - 1), cur, n);
       g_out = cur;
       g_out_lp = bf16_ ? cur : at::Tensor();
       std::swap(cur, other);
     }
-    // g_out = dL/dz1 (first layer pre-activation)
-    if (p_.encoding == kBasic) {
-      const int64_t H = hidden_;
-      scalar_t* gf = ptr<scalar_t>(gr.g_filter);
-      scalar_t* gc = ptr<scalar_t>(gr.g_channel);
-      // row r of x (the compute dtype) into its filter's and its channel's sums; the dtype's
-      // row add is chosen once per tile, not per row
-      auto add_rows = [&](const auto* x, const auto& add_row) {
-        for (int64_t r = 0; r < n; ++r) {
-          add_row(gf + s.info[r].filter * H, x + r * H);
-          add_row(gc + s.info[r].channel * H, x + r * H);
-        }
-      };
-      bool done = false;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (bf16_) {
-          add_rows(ptr<BF16>(g_out), [H](float* acc, const BF16* x) { cpu::accumulate_bf16(acc, x, H); });
-          done = true;
-        }
+    // g_out = dL/dz1 (first layer pre-activation); ffn: its weight is an ordinary GEMM's
+    add_column_sums(s, gr.b[0], g_out, n);
+    add_weight_grad(s, gr.w[0], g_out, g_out_lp, rows_of(s.enc, n), lp(s.enc_lp));
+  }
+
+  // basic: row r of relu_mask(act0, prod) (layer 1's input gradient, dL/dz1) into its filter's and
+  // its channel's sums (prod: g @ W_1, unmasked; act0: the first layer's activations; both in the
+  // compute dtype)
+  void first_layer_sums(Scratch& s, Grads& gr, const at::Tensor& prod, const at::Tensor& act0, int64_t n) {
+    const int64_t H = hidden_;
+    scalar_t* gf = ptr<scalar_t>(gr.g_filter);
+    scalar_t* gc = ptr<scalar_t>(gr.g_channel);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (bf16_) {
+        const BF16* x = ptr<BF16>(prod);
+        const BF16* m = ptr<BF16>(act0);
+        for (int64_t r = 0; r < n; ++r)
+          cpu::masked_accumulate2_bf16(gf + s.info[r].filter * H, gc + s.info[r].channel * H, x + r * H,
+                                       m + r * H, H);
+        return;
       }
-      if (!done) {
-        add_rows(ptr<scalar_t>(g_out), [H](scalar_t* acc, const scalar_t* x) {
-          for (int64_t j = 0; j < H; ++j) acc[j] += x[j];
-        });
-      }
-    } else {
-      add_column_sums(s, gr.b[0], g_out, n);
-      add_weight_grad(s, gr.w[0], g_out, g_out_lp, rows_of(s.enc, n), lp(s.enc_lp));
     }
+    const scalar_t* x = ptr<scalar_t>(prod);
+    const scalar_t* m = ptr<scalar_t>(act0);
+    for (int64_t r = 0; r < n; ++r)
+      cpu::masked_accumulate2(gf + s.info[r].filter * H, gc + s.info[r].channel * H, x + r * H, m + r * H, H);
   }
 
   const DecodeProblem& p_;
