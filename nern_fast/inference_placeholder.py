@@ -73,7 +73,10 @@ class RepresentedWeight(torch.Tensor):
                 return func(self, *args[1:], **kwargs)  # plain tensors out (detach: a meta tensor)
         placeholder = self if self is not None else next((a for a in _flat(args, kwargs) if isinstance(a, RepresentedWeight)))
         name = getattr(func, "__name__", str(func))
-        name = f".{func.__self__.__name__}" if name == "__get__" else f"{name}()"  # a property
+        if name in ("__get__", "__set__"):  # a property
+            name = f"{'reading' if name == '__get__' else 'setting'} .{func.__self__.__name__}"
+        else:
+            name = f"{name}()"
         raise AttachedWeightError(
             f"'{placeholder._nern_fast_name}.weight' is represented by a predictor (the model is "
             f"attached): it has no values outside the conv's own forward, so {name} on it cannot "

@@ -171,9 +171,14 @@ def test_represented_weight_used_outside_its_conv_is_an_error_not_garbage(mode):
     w = model.c0.weight
     assert (w.shape, w.dtype, w.device.type, w.numel(), w.dim()) == ((8, 8, 3, 3), torch.float32, "meta", 576, 4)
     for use in (lambda: F.conv2d(x, w, padding=1), lambda: w + 1, lambda: w.data,
-                lambda: w.to("cpu"), lambda: torch.cat([w, w]), lambda: w.abs().sum()):
+                lambda: w.to("cpu"), lambda: torch.cat([w, w]), lambda: w.abs().sum(),
+                lambda: nn.init.kaiming_normal_(w), lambda: setattr(w, "requires_grad", False)):
         with pytest.raises(AttachedWeightError, match=r"'c0\.weight' is represented.*conv\(x\)"):
             use()
+    with pytest.raises(AttachedWeightError, match=r"so setting \.requires_grad on it"):
+        w.requires_grad = False
+    with pytest.raises(AttachedWeightError, match=r"so reading \.data on it"):
+        w.data
     out = model.c0(x)  # the module decodes
     pred.detach(model)
     torch.testing.assert_close(out, F.conv2d(x, model.c0.weight, padding=1), rtol=0, atol=0)
