@@ -130,6 +130,15 @@ def test_feature_maps_hooks_work_with_functional_call():
         feature_module_names(nn.Sequential(nn.Conv2d(1, 1, 3)), "bn")
 
 
+def test_bn_preset_leaves_shortcut_batchnorms_out():
+    """NeRN's ResNet-18 get_feature_maps lists the stem, every block's bn1 and bn2 and its output:
+    25 maps; the three downsample BatchNorms made 28 (a feature-map loss 1.18× NeRN's)."""
+    import torchvision
+    names = feature_module_names(torchvision.models.resnet18(), "bn+blocks")
+    assert len(names) == 25 and not any("downsample" in n for n in names)
+    assert set(names[:4]) == {"bn1", "layer1.0.bn1", "layer1.0.bn2", "layer1.0"}
+
+
 def test_samplers():
     layout = mixed_layout()
     flat, _ = _flat_pair(layout)

@@ -180,9 +180,17 @@ def _is_block(module: nn.Module) -> bool:
     return name.endswith("Block") or name.endswith("Bottleneck")
 
 
+def _on_shortcut(name: str) -> bool:
+    return any(part in ("downsample", "shortcut") for part in name.split("."))
+
+
 def feature_module_names(model: nn.Module, spec: Union[str, Sequence[str]]) -> list[str]:
-    """Modules whose outputs are distilled: ``bn`` (every BatchNorm2d: NeRN's stem and in-block
-    maps), ``blocks`` (every residual block's output), ``bn+blocks``, or explicit names."""
+    """Modules whose outputs are distilled: ``bn`` (every BatchNorm2d but those on a shortcut
+    path, ``downsample``/``shortcut``, which NeRN's ``get_feature_maps`` never lists), ``blocks``
+    (every residual block's output), ``bn+blocks``, or explicit names. On torchvision's ResNet-18
+    ``bn+blocks`` records NeRN's 25 maps exactly (its in-place ReLU and residual add make the
+    stored BatchNorm outputs the post-ReLU maps, as in NeRN); on this library's CIFAR ResNets the
+    block's second map differs from NeRN's (see README, known gaps)."""
     named = dict(model.named_modules())
     if isinstance(spec, str):
         if spec not in ("bn", "blocks", "bn+blocks"):
@@ -190,7 +198,8 @@ def feature_module_names(model: nn.Module, spec: Union[str, Sequence[str]]) -> l
                              f"module names)")
         parts = spec.split("+")
         names = [n for n, m in named.items() if n and (
-            ("bn" in parts and isinstance(m, nn.BatchNorm2d)) or ("blocks" in parts and _is_block(m)))]
+            ("bn" in parts and isinstance(m, nn.BatchNorm2d) and not _on_shortcut(n))
+            or ("blocks" in parts and _is_block(m)))]
         if not names:
             raise ValueError(f"feature_maps '{spec}': the model {type(model).__name__} has no such "
                              f"modules; list module names instead")
