@@ -131,7 +131,7 @@ class StageConfig:
     gradients: Literal["sampled", "full"] = "sampled"  # NeRN's subset, or through every kernel
     inputs: Literal["task", "noise"] = "task"  # noise: data-free distillation
     teacher: Optional[TeacherConfig] = None  # default: the original network
-    feature_maps: Union[str, list[str]] = "bn+blocks"  # bn, blocks, bn+blocks or module names
+    feature_maps: Union[str, list[str]] = "bn+blocks"  # bn, blocks, bn+blocks, nern or module names
     autocast: Literal["none", "bf16"] = "none"  # CNN forward in bf16 autocast
     cuda_graphs: bool = False  # capture decode + loss + backward in CUDA graphs (static shapes)
     eval_every: Optional[int] = None  # steps between test-set evaluations (default: stage end)
@@ -194,7 +194,7 @@ class Config:
 # Keys of StageConfig that only a distill stage uses.
 DISTILL_ONLY = ("epochs", "fmd_weight", "kd_weight", "kd_loss", "temperature", "loss_warmup_steps",
                 "gradients", "inputs", "teacher", "feature_maps", "autocast")
-FEATURE_MAP_PRESETS = ("bn", "blocks", "bn+blocks")
+FEATURE_MAP_PRESETS = ("bn", "blocks", "bn+blocks", "nern")
 MODEL_ARCHS = ("cifar_resnet20", "cifar_resnet32", "cifar_resnet44", "cifar_resnet56",
                "cifar_resnet110", "resnet18", "resnet34", "resnet50")
 # Seeds are 0 .. 2**32 - 1: torch generators take 64-bit seeds, and the seeds derived from them

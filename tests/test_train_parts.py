@@ -261,3 +261,39 @@ def test_parameters_as_inputs_runs_the_objective_with_the_given_parameters():
     # other values for the parameters are used, not the module's (a perturbed stand-in changes the loss)
     moved = tuple(s.detach() + (0.1 if i == 0 else 0.0) for i, s in enumerate(stand_ins))
     assert not torch.equal(call(rows, *moved)[0], loss)
+
+
+def test_nern_preset_records_nerns_cifar_feature_maps():
+    """NeRN's CIFAR BasicBlock (maorash/NeRN tasks/cifar10/cifar_resnet.py) appends bn1's output,
+    then bn2's, which its in-place `out += shortcut(x)` turns into the post-add map, then that map
+    again; the stem's bn1 output first. The "nern" preset records exactly those tensors."""
+    model = cifar_resnet(20, 10, in_channels=3, width=4).eval()
+    x = torch.randn(2, 3, 8, 8)
+
+    def nern_style_maps():
+        maps = []
+        out = model.bn1(model.conv1(x))
+        maps.append(out)
+        out = F.relu(out)
+        for layer in (model.layer1, model.layer2, model.layer3):
+            for block in layer:
+                o = block.bn1(block.conv1(out))
+                maps.append(o)
+                o = block.bn2(block.conv2(F.relu(o)))
+                maps.append(o)
+                o += block.shortcut(out)
+                maps.append(o)
+                out = F.relu(o)
+        return maps
+
+    names = feature_module_names(model, "nern")
+    assert len(names) == 1 + 3 * 9
+    with torch.no_grad(), FeatureMaps(model, names) as rec:
+        model(x)
+        expected = nern_style_maps()
+    assert len(rec.maps) == len(expected)
+    for got, want in zip(rec.maps, expected):
+        assert torch.equal(got, want)
+    import torchvision
+    resnet18 = torchvision.models.resnet18()
+    assert feature_module_names(resnet18, "nern") == feature_module_names(resnet18, "bn+blocks")

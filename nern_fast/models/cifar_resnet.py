@@ -36,11 +36,14 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut = ShortcutA(in_planes, planes, stride)
+        # No parameters: a hook point for the map after the residual add, before the ReLU (the
+        # block's second feature map in NeRN's code; the "nern" feature-map preset).
+        self.residual = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(self.residual(out + self.shortcut(x)))
 
 
 class CifarResNet(nn.Module):

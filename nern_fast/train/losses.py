@@ -184,18 +184,36 @@ def _on_shortcut(name: str) -> bool:
     return any(part in ("downsample", "shortcut") for part in name.split("."))
 
 
+def _nern_feature_maps(model: nn.Module) -> list[str]:
+    """The maps NeRN's ``get_feature_maps`` yields. Its CIFAR ResNets: the stem's BatchNorm output
+    and per block bn1's (both before the ReLU), then bn2's, which its in-place ``out +=
+    shortcut(x)`` turns into the post-add, pre-ReLU map, listed again as the block's output:
+    here ``residual`` twice. Other networks (its ImageNet ResNet-18, whose in-place ReLUs and add
+    the hooks see the same way): ``bn+blocks``."""
+    from ..models.cifar_resnet import BasicBlock, CifarResNet
+    if not isinstance(model, CifarResNet):
+        return feature_module_names(model, "bn+blocks")
+    names = ["bn1"]
+    for n, m in model.named_modules():
+        if isinstance(m, BasicBlock):
+            names += [f"{n}.bn1", f"{n}.residual", f"{n}.residual"]
+    return names
+
+
 def feature_module_names(model: nn.Module, spec: Union[str, Sequence[str]]) -> list[str]:
     """Modules whose outputs are distilled: ``bn`` (every BatchNorm2d but those on a shortcut
     path, ``downsample``/``shortcut``, which NeRN's ``get_feature_maps`` never lists), ``blocks``
     (every residual block's output), ``bn+blocks``, or explicit names. On torchvision's ResNet-18
     ``bn+blocks`` records NeRN's 25 maps exactly (its in-place ReLU and residual add make the
-    stored BatchNorm outputs the post-ReLU maps, as in NeRN); on this library's CIFAR ResNets the
-    block's second map differs from NeRN's (see README, known gaps)."""
+    stored BatchNorm outputs the post-ReLU maps, as in NeRN); ``nern`` gives NeRN's maps on this
+    library's CIFAR ResNets too (see ``_nern_feature_maps``)."""
     named = dict(model.named_modules())
+    if spec == "nern":
+        return _nern_feature_maps(model)
     if isinstance(spec, str):
         if spec not in ("bn", "blocks", "bn+blocks"):
-            raise ValueError(f"feature_maps '{spec}' is not bn, blocks or bn+blocks (or a list of "
-                             f"module names)")
+            raise ValueError(f"feature_maps '{spec}' is not bn, blocks, bn+blocks or nern (or a list "
+                             f"of module names)")
         parts = spec.split("+")
         names = [n for n, m in named.items() if n and (
             ("bn" in parts and isinstance(m, nn.BatchNorm2d) and not _on_shortcut(n))
