@@ -1,8 +1,9 @@
 """CIFAR ResNets (He et al. 2016, §4.2): 3 stages of 16/32/64 channels, shortcut option A.
 
 Depth 6n+2: ResNet-20/32/44/56/110. Option A shortcuts downsample by striding and zero-pad the
-new channels, so the only convs are the stem and the 3×3 convs inside the blocks (what NeRN
-represents with ``include="nern"``).
+new channels, so the only convs are the stem and the 3×3 convs inside the blocks (NeRN's code
+represents all of them: ``include=None``; the ``"nern"`` preset takes the blocks' only). Each
+block has a parameter-free ``residual`` module, the hook point of NeRN's post-add feature map.
 """
 from __future__ import annotations
 
