@@ -422,3 +422,21 @@ def test_resume_continues_a_predictor_of_an_earlier_stages_width(base_model, tmp
     assert metrics["stages"][-1]["hidden"] == 8
     a, b = _params(full), _params(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stage_evaluations_are_kept_across_a_resume_and_reported(base_model, tmp_path):
+    """Every eval_every evaluation is kept in metrics.json (NeRN reports the best of its test
+    evaluations), also those before a Ctrl-C and resume; report.md names each stage's best."""
+    stages = [{**RESUME_STAGES[0], "eval_every": 3}, {**RESUME_STAGES[1], "eval_every": 4}]
+    full = tmp_path / "full"
+    expected = FitRun(_cfg(base_model, stages), full, echo=_quiet).run()
+    steps = [[e[0] for e in s["evaluations"]] for s in expected["stages"]]
+    assert steps == [[3, 6, 9, 10], [4, 8]]
+    assert all(s["evaluations"][-1][1] == s["accuracy"] for s in expected["stages"])
+    part = tmp_path / "part"
+    _interrupted_run(_cfg(base_model, stages), part, (0, 7))
+    resumed = FitRun(_cfg(base_model, stages), part, resume=True, echo=_quiet).run()
+    assert [s["evaluations"] for s in resumed["stages"]] == [s["evaluations"] for s in expected["stages"]]
+    report = (part / "report.md").read_text()
+    best = max(expected["stages"][0]["evaluations"], key=lambda e: (e[1], -e[0]))
+    assert f"- reconstruct: best of 4 test evaluations {best[1]:.2f} % at step {best[0]} of 10" in report

@@ -308,6 +308,7 @@ class FitRun:
                                     self.device, cfg.seed + 31 * index, norms)
         step = 0
         seconds_before = 0.0
+        evaluations: list = []  # [step, test accuracy] of the stage's eval_every evaluations
         if state is not None and not at_start:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -317,6 +318,7 @@ class FitRun:
                 stream.load_state_dict(state["stream"])
             step = state["step"]
             seconds_before = state.get("stage_seconds", 0.0)
+            evaluations = [list(e) for e in state.get("evaluations") or []]
         if state is not None:
             set_rng_state(state["rng"])
 
@@ -368,7 +370,7 @@ class FitRun:
                             previous_output=None if prev is None else prev.detach().cpu(),
                             elapsed=elapsed_before + time.perf_counter() - t0,
                             stage_seconds=seconds_before + time.perf_counter() - t0,
-                            last_loss=last_loss)
+                            last_loss=last_loss, evaluations=evaluations if stage_index == index else [])
 
         log_every, ckpt_every = cfg.logging.log_every, cfg.logging.checkpoint_every
         meter = StepMeter(self.device)
@@ -428,6 +430,7 @@ class FitRun:
                 if stage.eval_every and step % stage.eval_every == 0 and step < total:
                     with torch.no_grad():
                         acc = self._evaluate(pred.decode_flat())
+                    evaluations.append([step, acc])
                     self.log.write({"stage": stage.name, "stage_index": index, "step": step,
                                     "event": "eval", "accuracy": acc})
                     bar.write(f"  {stage.name} step {step}: test accuracy {acc:.2f} %")
@@ -456,6 +459,8 @@ class FitRun:
                   "compression_ratio": pred.compression_ratio,
                   "predictor_parameters": pred.num_parameters, "steps": total,
                   "seconds": seconds, "final_loss": last_loss,
+                  # NeRN reports the best of its test evaluations; fit's result is the final one
+                  "evaluations": evaluations + [[total, acc]],
                   "per_layer_rmse": per_layer_rmse(decoded, self.original, self.layout)}
         self.echo(f"{stage.name}: test accuracy {acc:.2f} % (original {self.original_accuracy:.2f} %), "
                   f"compression ratio {pred.compression_ratio:.4f}, reconstruction RMSE "
