@@ -71,14 +71,17 @@ class RepresentedWeight(torch.Tensor):
                 self = current
             with torch._C.DisableTorchFunctionSubclass():
                 return func(self, *args[1:], **kwargs)  # plain tensors out (detach: a meta tensor)
-        placeholder = self if self is not None else next((a for a in _flat(args, kwargs) if isinstance(a, RepresentedWeight)))
+        placeholder = self if self is not None else next(
+            (a for a in _flat(args, kwargs) if isinstance(a, RepresentedWeight)), None)
+        weight = ("a represented conv weight" if placeholder is None
+                  else f"'{placeholder._nern_fast_name}.weight'")
         name = getattr(func, "__name__", str(func))
         if name in ("__get__", "__set__"):  # a property
             name = f"{'reading' if name == '__get__' else 'setting'} .{func.__self__.__name__}"
         else:
             name = f"{name}()"
         raise AttachedWeightError(
-            f"'{placeholder._nern_fast_name}.weight' is represented by a predictor (the model is "
+            f"{weight} is represented by a predictor (the model is "
             f"attached): it has no values outside the conv's own forward, so {name} on it cannot "
             f"run. Call the module (conv(x)) instead of using its weight directly, read the decoded "
             f"weights with model.state_dict(), or detach first (pred.detach(model))")
