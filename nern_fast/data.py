@@ -122,6 +122,16 @@ def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> tor
     return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
+def _steps_per_epoch(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches per epoch; none (a training set smaller than one batch, drop_last) is refused: an
+    in-memory set used to shrink the batch to its size without a word."""
+    steps = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if steps == 0:
+        raise DataError(f"the training set has {n} samples, fewer than one batch of "
+                        f"{batch_size}; lower data.batch_size")
+    return steps
+
+
 class TensorStream(BatchStream):
     """Batches of in-memory tensors kept on the device (no workers, no copies per step), with an
     optional random translation (``shift`` pixels) drawn on the device."""
@@ -134,11 +144,10 @@ class TensorStream(BatchStream):
         self.x = x.to(device)
         self.y = y.to(device)
         self.n = x.shape[0]
-        self.batch_size = min(batch_size, self.n)
+        self.batch_size = batch_size
         self.seed = seed
         self.drop_last = drop_last
-        self.steps_per_epoch = (self.n // self.batch_size if drop_last
-                                else math.ceil(self.n / self.batch_size))
+        self.steps_per_epoch = _steps_per_epoch(self.n, batch_size, drop_last)
         self.epoch = 0
         self.position = 0
         self._order = None
@@ -190,12 +199,8 @@ class LoaderStream(BatchStream):
         self.seed = seed
         self.num_workers = num_workers
         self.drop_last = drop_last
-        n = len(dataset)
-        self.steps_per_epoch = n // batch_size if drop_last else math.ceil(n / batch_size)
-        if self.steps_per_epoch == 0:
-            raise DataError(f"the training set has {n} samples, fewer than one batch of "
-                            f"{batch_size}; lower data.batch_size")
-        self.sampler = _ResumableSampler(n, seed)
+        self.steps_per_epoch = _steps_per_epoch(len(dataset), batch_size, drop_last)
+        self.sampler = _ResumableSampler(len(dataset), seed)
         self.epoch = 0
         self.position = 0
         self._iter = None

@@ -87,6 +87,16 @@ def test_loader_stream_resumes_the_same_order():
         LoaderStream(ds, 64, "cpu")
 
 
+def test_in_memory_stream_refuses_a_set_smaller_than_a_batch_as_the_loader_does():
+    """It used to shrink the batch to the set's size without a word (another batch size than the
+    config's); without drop_last one partial batch per epoch remains, as with the loader."""
+    x, y = torch.randn(10, 1, 4, 4), torch.arange(10)
+    with pytest.raises(DataError, match="the training set has 10 samples, fewer than one batch of 16"):
+        TensorStream(x, y, 16, "cpu")
+    partial = TensorStream(x, y, 16, "cpu", drop_last=False)
+    assert partial.steps_per_epoch == 1 and len(partial.next()[1]) == 10
+
+
 def test_noise_stream_shape_range_and_resume():
     task = load_digits()
     s = task.noise_stream(5, "cpu", seed=2)
