@@ -345,6 +345,7 @@ class Attachment:
         self.names = [l.name for l in layout.layers]
         self._params = [(c.weight.dtype, c.weight.device, c.weight.requires_grad) for c in self.convs]
         self._param_order = [list(c._parameters) for c in self.convs]  # restored by detach
+        self._handles: list = []  # hooks, once installed (attached): before the placeholders, which ask
         self._placeholders = [self._placeholder(i, c.weight.dtype) for i, c in enumerate(self.convs)]
         # model.to(dtype) / .double() / .half() while attached: the represented weights follow the
         # model's dtype, as seen on a witness (its first floating tensor that is not represented).
@@ -378,7 +379,6 @@ class Attachment:
         self._in_forward = False
         self._state_dicting = False  # inside the root's state_dict(): one decode per group
         self._state_group = None  # (group, weights) decoded for the state dict's last conv
-        self._handles: list = []
         self.stats: dict[str, int] = {}
         self.reset_stats()
 
@@ -539,7 +539,7 @@ class Attachment:
 
     @property
     def attached(self) -> bool:
-        return bool(getattr(self, "_handles", None))  # False while __init__ runs
+        return bool(self._handles)
 
     def _release(self) -> None:
         """Remove the hooks and graphs and drop every decoded weight held."""
