@@ -119,7 +119,11 @@ def test_joint(base_model, tmp_path, gradients):
     _check_outputs(out, metrics, 1)
 
 
-def test_data_free_teacher_and_bf16(base_model, tmp_path):
+def test_data_free_teacher_and_bf16(base_model, tmp_path, monkeypatch):
+    from nern_fast.train import fit as fit_module
+    loads = []
+    real_load = fit_module.load_teacher
+    monkeypatch.setattr(fit_module, "load_teacher", lambda *a: loads.append(a[2]) or real_load(*a))
     out, metrics = _fit(base_model, tmp_path, [
         {"type": "reconstruct", "steps": 10, "optim": {"name": "adam", "lr": 3e-3}},
         {"type": "distill", "steps": 6, "reconstruction_weight": 0.0, "kd_weight": 1.0,
@@ -128,6 +132,7 @@ def test_data_free_teacher_and_bf16(base_model, tmp_path):
                      "checkpoint": str(base_model)},
          "optim": {"name": "adam", "lr": 1e-3}}])
     assert len(_losses(out, "distill")) == 3
+    assert loads == [1]  # the start-up check's teacher serves its stage: read once
     _check_outputs(out, metrics, 2)
 
 

@@ -144,6 +144,7 @@ class FitRun:
         self.resume_state = None
         self.replace_outputs = False
         self.model_digest = None  # SHA-256 of the network file, read once (resume compares it)
+        self.checked_teachers: dict[int, torch.nn.Module] = {}  # stage index -> teacher loaded by the check
         ckpt = self.out / CHECKPOINT_NAME
         if resume and overwrite:
             raise ValueError("--resume continues the run in --out and --overwrite replaces it: "
@@ -201,8 +202,8 @@ class FitRun:
         for index, stage in enumerate(self.cfg.stages[first:], start=first):
             if stage.type != "distill":
                 continue
-            if stage.teacher is not None:
-                load_teacher(stage.teacher, self.task, index)
+            if stage.teacher is not None:  # kept (on the CPU) for its stage: read once
+                self.checked_teachers[index] = load_teacher(stage.teacher, self.task, index)
             if stage.fmd_weight > 0:
                 try:
                     feature_module_names(self.model, stage.feature_maps)
@@ -334,7 +335,7 @@ class FitRun:
         else:
             teacher = None
             if stage.teacher is not None:
-                teacher = setup.frozen(load_teacher(stage.teacher, self.task, index), self.device)
+                teacher = setup.frozen(self.checked_teachers.pop(index), self.device)
             names = feature_module_names(self.model, stage.feature_maps) if stage.fmd_weight > 0 else []
             eager = DistillationObjective(pred, target, self.model, teacher, stage, names)
             compute = None  # captured lazily, after the loss warm-up
