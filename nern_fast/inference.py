@@ -106,8 +106,12 @@ While attached:
   ``attach`` chooses the decode backend, the prefetch stream and the graphs for the predictor's
   device then, and is all or nothing — a backend that cannot decode there refuses the attach, and
   a failure midway gives the convs their own weights back. A decoded weight is moved to its input's
-  device if they differ, which works but copies every call. ``detach`` decodes before it changes
-  anything: when it cannot, the model stays attached as it was.
+  device and cast to its input's dtype if they differ, which works but copies every call (a model
+  made half precision with its BatchNorms kept in float32 runs so). ``detach`` decodes before it changes
+  anything: when it cannot, the model stays attached as it was. Moved after attaching
+  (``model.cuda()``, ``model.to(device)``), the represented weights follow the model's device in
+  ``state_dict`` and ``detach``; a predictor moved off the device it was attached on decodes
+  without prefetch.
 * An exception (even Ctrl-C) in the middle of a forward leaves nothing broken: hooks restore the
   placeholders, and the next forward of the root model starts from a clean state.
 * A represented conv weight that another module holds too (``b.weight = a.weight``, ``b`` not
@@ -347,11 +351,13 @@ class Attachment:
         self._param_order = [list(c._parameters) for c in self.convs]  # restored by detach
         self._handles: list = []  # hooks, once installed (attached): before the placeholders, which ask
         self._placeholders = [self._placeholder(i, c.weight.dtype) for i, c in enumerate(self.convs)]
-        # model.to(dtype) / .double() / .half() while attached: the represented weights follow the
-        # model's dtype, as seen on a witness (its first floating tensor that is not represented).
+        # model.to(dtype / device) / .double() / .half() / .cuda() while attached: the represented
+        # weights follow the model's dtype and device, as seen on a witness (its first floating
+        # tensor that is not represented).
         self._dtype_now = [dtype for dtype, _, _ in self._params]
-        self._witness = _dtype_witness(model, {id(c.weight) for c in self.convs})
-        self._witness_seen = None if self._witness is None else self._witness[2]
+        self._device_now = [device for _, device, _ in self._params]
+        self._witness = _find_witness(model, {id(c.weight) for c in self.convs})
+        self._witness_seen = None if self._witness is None else self._witness[2:]
         self.layer_bytes = [l.num_weights * p.element_size()
                             for l, p in zip(layout.layers, self._placeholders)]
         self.group_bytes, self.groups = groups_for(self.layer_bytes, self.predictor_bytes, group_bytes)
@@ -359,6 +365,7 @@ class Attachment:
         self.device = pred.layers[0].weight.device
         self.prefetch = bool(prefetch) and self.device.type == "cuda" and mode != "materialized"
         self._side_stream = torch.cuda.Stream(self.device) if self.prefetch else None
+        self._prefetching = False  # this forward prefetches: the predictor is on self.device
         self._events = None  # (ready, done): created at the first prefetch, then re-recorded
         self.workspace_bytes = workspace_bytes
         self._decoder = LayerDecoder(pred, self.groups, workspace_bytes)
@@ -495,7 +502,7 @@ class Attachment:
         self._drop_pending()
         self._drop_current()
         self._state_group = None
-        self._sync_dtype()
+        self._sync_model()
         weights: list = [self._store.get(i) for i in range(len(self.convs))]
         try:
             with self._sharing_preparation():
@@ -513,23 +520,28 @@ class Attachment:
         self._write_tied(weights)
         self._set_parameters([self._tied[i] if i in self._tied else
                               nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=requires_grad)
-                              for i, (weight, dtype, (_, device, requires_grad))
-                              in enumerate(zip(weights, self._dtype_now, self._params))])
+                              for i, (weight, dtype, device, (_, _, requires_grad))
+                              in enumerate(zip(weights, self._dtype_now, self._device_now, self._params))])
 
-    def _sync_dtype(self) -> None:
-        """Follow a dtype change of the model since the last look (see ``_dtype_witness``): the
-        convs that had the witness's dtype at attach take its new one (placeholders included)."""
+    def _sync_model(self) -> None:
+        """Follow a dtype or device change of the model since the last look (``_find_witness``): the
+        convs that had the witness's dtype at attach take its new one (placeholders included), those
+        that had its device its new device (where state_dict and detach put their weights; a
+        forward moves a decoded weight to its input's device anyway)."""
         if self._witness is None:
             return
-        kind, name, attached_dtype = self._witness
-        now = (self.model.get_parameter if kind == "parameter" else self.model.get_buffer)(name).dtype
+        kind, name, attached_dtype, attached_device = self._witness
+        tensor = (self.model.get_parameter if kind == "parameter" else self.model.get_buffer)(name)
+        now = (tensor.dtype, tensor.device)
         if now == self._witness_seen:
             return
         self._witness_seen = now
-        for i, (dtype, _, _) in enumerate(self._params):
-            if dtype == attached_dtype:
-                self._dtype_now[i] = now
-                self._placeholders[i] = self._placeholder(i, now)
+        for i, (dtype, device, _) in enumerate(self._params):
+            if device == attached_device:
+                self._device_now[i] = now[1]
+            if dtype == attached_dtype and self._dtype_now[i] != now[0]:
+                self._dtype_now[i] = now[0]
+                self._placeholders[i] = self._placeholder(i, now[0])
                 if i not in self._running:
                     self.convs[i].__dict__["weight"] = self._placeholders[i]
 
@@ -736,13 +748,17 @@ class Attachment:
         # A fresh forward. Also repairs anything an interrupted forward (Ctrl-C skips the
         # always-call hooks) may have left behind.
         self._drop_pending()
+        # No prefetch while the predictor is away from the device attach made the streams for
+        # (moved after attaching): its decodes would not run on those streams (CPU tensors have
+        # no record_stream).
+        self._prefetching = self.prefetch and self.pred.layers[0].weight.device == self.device
         self._planned = None
         for i in self._running:
             self.convs[i].__dict__["weight"] = self._placeholders[i]
         self._running.clear()
         self._drop_current()  # an interrupted forward's group: its slot conservatively released
         self._state_group = None
-        self._sync_dtype()
+        self._sync_model()
         if self._graphed is not None:
             self._graphed.start_forward()
         self._decoder.share_preparation(True)  # the parameters keep their values until the end
@@ -785,7 +801,7 @@ class Attachment:
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
         position = len(self._trace) if self._in_forward else None
-        main = torch.cuda.current_stream(self.device) if self.prefetch else None
+        main = torch.cuda.current_stream(self.device) if self._prefetching else None
         weight, _ = self._acquire(i, position, main)
         if position is not None:
             self._trace.append(i)
@@ -795,9 +811,13 @@ class Attachment:
         if x is not None and x.device != weight.device:
             weight = weight.to(x.device)
         if not self._in_forward:
-            self._sync_dtype()  # a conv called on its own (the root's start did it otherwise)
-        if weight.dtype != self._dtype_now[i]:
-            weight = weight.to(self._dtype_now[i])  # the model's dtype changed: a copy per call
+            self._sync_model()  # a conv called on its own (the root's start did it otherwise)
+        # The conv runs in its input's dtype (F.conv2d accepts no other), which a model whose parts
+        # have several dtypes (model.half(), then its BatchNorms .float()) gives it where the
+        # witness cannot; otherwise the model's dtype, as followed. A copy per call when it differs.
+        dtype = x.dtype if x is not None and x.is_floating_point() else self._dtype_now[i]
+        if weight.dtype != dtype:
+            weight = weight.to(dtype)
         module.__dict__["weight"] = weight
         self._running.add(i)
         self._update_held()
@@ -814,7 +834,7 @@ class Attachment:
 
     def _state_dict_start(self) -> None:
         self._state_dicting = True
-        self._sync_dtype()
+        self._sync_model()
         self._state_group = None
 
     def _state_dict_end(self) -> None:
@@ -834,13 +854,13 @@ class Attachment:
             weight = self._placeholders[i]
         else:
             if not self._state_dicting:
-                self._sync_dtype()  # a conv's own state_dict()
+                self._sync_model()  # a conv's own state_dict()
             if i in self._store:
                 weight = self._store[i]
             else:
                 g = self.group_of[i]
                 weight = _own(self._state_dict_weights(g)[i - self.groups[g].start])
-            weight = weight.to(device=self._params[i][1], dtype=self._dtype_now[i])
+            weight = weight.to(device=self._device_now[i], dtype=self._dtype_now[i])
         state_dict[prefix + "weight"] = weight.detach()
         if hasattr(state_dict, "move_to_end") and prefix + "bias" in state_dict:
             state_dict.move_to_end(prefix + "bias")  # keep an ordinary conv's key order
@@ -856,13 +876,13 @@ class Attachment:
 
 
 # ---------------------------------------------------------------------- functions
-def _dtype_witness(model: nn.Module, represented: set) -> Optional[tuple]:
-    """(kind, name, dtype) of the model's first floating parameter or buffer that is not a
-    represented weight: model.to(dtype) changes it too. None when the model has none."""
+def _find_witness(model: nn.Module, represented: set) -> Optional[tuple]:
+    """(kind, name, dtype, device) of the model's first floating parameter or buffer that is not a
+    represented weight: model.to(dtype / device) changes it too. None when the model has none."""
     for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
         for name, tensor in named:
             if tensor.is_floating_point() and id(tensor) not in represented:
-                return kind, name, tensor.dtype
+                return kind, name, tensor.dtype, tensor.device
     return None
 
 

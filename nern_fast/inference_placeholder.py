@@ -104,6 +104,6 @@ def current_placeholder(attachment, i: int) -> Callable[[], Optional[torch.Tenso
         owner = ref()
         if owner is None or not owner.attached:
             return None
-        owner._sync_dtype()
+        owner._sync_model()
         return owner._placeholders[i]
     return current

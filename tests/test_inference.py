@@ -3,6 +3,7 @@ the CUDA prefetch tests at the end run where a GPU is present."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 
 import pytest
@@ -126,6 +127,52 @@ def test_model_dtype_changed_while_attached_is_followed(mode):
     for key, value in plain.state_dict().items():
         assert torch.equal(state[key], value), key
     assert conv_alone.dtype == torch.float64
+
+
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_model_moved_while_attached_keeps_its_weights_on_the_models_device(mode):
+    """model.cuda() / model.to(device) while attached (``meta`` stands in for a GPU here): state_dict
+    and detach put the represented weights on the model's device, as they do its other
+    parameters (they stayed on the attach-time device: a mixed-device model after detach)."""
+    model, pred = make()
+    pred.attach(model, mode=mode)
+    model.to("meta")
+    assert {v.device.type for v in model.state_dict().values()} == {"meta"}
+    model.to(torch.float64)  # dtype and device followed together
+    state = model.state_dict()
+    assert {(v.device.type, v.dtype) for k, v in state.items() if v.is_floating_point()} == \
+        {("meta", torch.float64)}
+    assert model.c0.weight.dtype == torch.float64 and model.c0.weight.is_meta  # the placeholder
+    pred.detach(model)
+    assert {(p.device.type, p.dtype) for p in model.parameters()} == {("meta", torch.float64)}
+    assert isinstance(model.c0.weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_half_model_with_float_batchnorms_runs_attached(mode):
+    """model.to(bf16) with its BatchNorms kept in float32 (the usual mixed half-precision set-up),
+    every conv represented: the witness the attachment follows is a BatchNorm, still float32, and
+    the convs decoded float32 weights for bf16 inputs (F.conv2d refused them). They now run in their
+    input's dtype, as the same model with ordinary parameters does."""
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4).eval()
+    pred = random_predictor(WeightLayout.from_model(model, include=None), backend="eager")
+    x = torch.randn(2, 3, 16, 16).bfloat16()
+
+    def keep_batchnorms_float(m):
+        m.to(torch.bfloat16)
+        for module in m.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.float()
+        return m
+
+    plain = copy.deepcopy(model)
+    pred.load_into(plain)
+    expected = run(keep_batchnorms_float(plain), x)
+    pred.attach(model, mode=mode)
+    keep_batchnorms_float(model)
+    assert torch.equal(run(model, x), expected)
+    pred.detach(model)
 
 
 class TiedNet(nn.Module):
@@ -799,6 +846,36 @@ def test_prefetch_logic_with_faked_streams(fake_streams):
     for _ in range(3):
         assert torch.equal(run(model, x), expected_once)
     assert state.stats["prefetched"] > 0 and state.stats["cached_bytes"] <= layer_bytes(pred)[2]
+
+
+def test_no_prefetch_while_the_predictor_is_off_its_attach_device(fake_streams, monkeypatch):
+    """Attached on a GPU, then model.cpu(); pred.cpu(): the prefetch streams are the GPU's but the
+    decodes CPU tensors, which have no record_stream (NotImplementedError on a GPU machine, at the
+    first prefetched weight). Faked: the attachment's device says cuda:0, the predictor is on the
+    CPU. Forwards then decode without prefetch, exactly."""
+    enable, log = fake_streams
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
+    state = enable(model)
+    for _ in range(2):
+        assert torch.equal(run(model, x), expected)
+    assert state.stats["prefetched"] > 0  # the fakes prefetch while the devices agree
+    state.device = torch.device("cuda", 0)  # where it was attached; the predictor moved since
+
+    def record_stream(self, stream):  # what torch does for a CPU tensor
+        raise NotImplementedError("Could not run 'aten::record_stream' with arguments from the 'CPU' backend")
+    monkeypatch.setattr(torch.Tensor, "record_stream", record_stream)
+    prefetched = state.stats["prefetched"]
+    for _ in range(2):
+        assert torch.equal(run(model, x), expected)
+    assert state.stats["prefetched"] == prefetched and state._pending is None
+    state.device = torch.device("cpu")  # back together (the fakes' CPU "GPU"): prefetching again
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
+    run(model, x)
+    assert state.stats["prefetched"] > prefetched
+    pred.detach(model)
 
 
 # ---------------------------------------------------------------------- CUDA graphs logic, faked on CPU
