@@ -322,14 +322,63 @@ def test_export_command(tmp_path, capsys):
     # --model names the network when the checkpoint does not; a wrong one is a clear error.
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
-                 "--out", str(out)]) == 2
+                 "--out", str(out), "--overwrite"]) == 2
     assert "--model" in capsys.readouterr().err
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
                  "--model", "cifar_resnet:depth=8,width=4", "--format", "state_dict",
-                 "--out", str(sd)]) == 0
+                 "--out", str(sd), "--overwrite"]) == 0
     assert main(["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "bare.pt"),
-                 "--model", "resnet8", "--out", str(out)]) == 2
+                 "--model", "resnet8", "--out", str(out), "--overwrite"]) == 2
     assert "another architecture" in capsys.readouterr().err
+
+
+def test_export_keeps_existing_files_and_its_own_inputs(tmp_path, capsys):
+    """An existing --out is replaced only with --overwrite, and never when it is a file the export
+    reads (the predictor, the network checkpoint or the compressed file): a slip of --out used to
+    replace a trained predictor or the original network with the export, silently."""
+    model, pred = trained_like()
+    out = export_inputs(tmp_path, model, pred)
+    pred_file, base_file = tmp_path / "pred.pt", tmp_path / "base.pt"
+    source = ["export", "--predictor", str(pred_file), "--base", str(base_file)]
+    kept = {p: p.read_bytes() for p in (pred_file, base_file)}
+    for target in (pred_file, base_file):
+        for extra in ([], ["--overwrite"]):
+            assert main(source + ["--format", "state_dict", "--out", str(target)] + extra) == 2
+            err = capsys.readouterr().err
+            assert "this export reads" in err and len(err.strip().splitlines()) == 1, err
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert main(source + ["--out", str(out)]) == 0
+    first = out.read_bytes()
+    assert main(source + ["--predictor-dtype", "int8", "--out", str(out)]) == 2
+    assert "already exists; replace it with --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    for extra in ([], ["--overwrite"]):
+        assert main(["export", "--compressed", str(out), "--out", str(out)] + extra) == 2
+        assert "is the --compressed file this export reads" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    assert main(source + ["--predictor-dtype", "int8", "--out", str(out), "--overwrite"]) == 0
+    assert read_compressed(out).storage == "int8"
+
+
+def test_export_refuses_a_predictor_dtype_it_would_ignore(tmp_path, capsys):
+    """--predictor-dtype with --format state_dict did nothing (the fp32 predictor's weights were
+    written, as if int8 had been honoured); now it is refused with the way to get those weights."""
+    model, pred = trained_like()
+    export_inputs(tmp_path, model, pred)
+    sd = tmp_path / "sd.pt"
+    source = ["export", "--predictor", str(tmp_path / "pred.pt"), "--base", str(tmp_path / "base.pt")]
+    assert main(source + ["--format", "state_dict", "--predictor-dtype", "int8", "--out", str(sd)]) == 2
+    err = capsys.readouterr().err
+    assert "--predictor-dtype applies to --format compressed only" in err and len(err.strip().splitlines()) == 1
+    assert not sd.exists()
+    int8 = tmp_path / "int8.nfz"
+    assert main(source + ["--predictor-dtype", "int8", "--out", str(int8)]) == 0
+    assert main(["export", "--compressed", str(int8), "--format", "state_dict", "--out", str(sd)]) == 0
+    assert main(source + ["--format", "state_dict", "--out", str(tmp_path / "fp32.pt")]) == 0
+    a, b = torch.load(sd, weights_only=True), torch.load(tmp_path / "fp32.pt", weights_only=True)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # int8's weights are not fp32's
+    assert main(source + ["--out", str(tmp_path / "default.nfz")]) == 0
+    assert read_compressed(tmp_path / "default.nfz").storage == "fp32"
 
 
 def test_export_names_predictor_dtype_only_for_storage_errors(tmp_path, capsys):

@@ -34,10 +34,12 @@ def register(subparsers) -> None:
     source.add_argument("--base", help="the original model's checkpoint (state dict), with --predictor")
     source.add_argument("--model", help="model spec, e.g. resnet56 or torchvision:resnet18")
     p.add_argument("--format", choices=("compressed", "state_dict"), default="compressed")
-    p.add_argument("--predictor-dtype", choices=("fp32", "fp16", "bf16", "int8"), default="fp32",
+    p.add_argument("--predictor-dtype", choices=("fp32", "fp16", "bf16", "int8"), default=None,
                    help="storage of the predictor in a compressed file (default fp32)")
     p.add_argument("--device", default="cpu", help="where to decode the weights (cpu, cuda)")
-    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--out", required=True, help="output file (an existing one is replaced only with "
+                                                "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
 
 
@@ -76,8 +78,15 @@ def _export(args) -> int:
 
     if bool(args.compressed) == bool(args.predictor):
         raise ConfigError("give either --compressed FILE or --predictor FILE --base CHECKPOINT")
+    if args.predictor_dtype is not None and args.format != "compressed":
+        raise ConfigError("--predictor-dtype applies to --format compressed only (a state dict holds "
+                          "the decoded weights in the network's dtype); for the weights an int8 / fp16 "
+                          "predictor decodes, export --format compressed with it, then export that "
+                          "file with --compressed FILE --format state_dict")
+    args.predictor_dtype = args.predictor_dtype or "fp32"
     device = usable_device(args.device, "--device")
     out = check_output_file(args.out, "--out")
+    _check_not_overwritten(args, out)
     if args.compressed:
         loaded = read_compressed(args.compressed, map_location="cpu")
         spec = _model_spec(args.model) if args.model else None
@@ -113,6 +122,21 @@ def _export(args) -> int:
     else:
         print(f"size       {size} bytes")
     return 0
+
+
+def _check_not_overwritten(args, out: Path) -> None:
+    """Nothing saved is lost to a mistake: an --out that is one of this export's own inputs is
+    refused (it would replace the predictor or network it reads), any other existing file is
+    replaced only with --overwrite."""
+    from nern_fast.config import ConfigError
+    if not out.exists():
+        return
+    for option in ("--compressed", "--predictor", "--base"):
+        source = getattr(args, option[2:])
+        if source and Path(source).exists() and Path(source).resolve() == out.resolve():
+            raise ConfigError(f"--out {out} is the {option} file this export reads; write to another file")
+    if not getattr(args, "overwrite", False):
+        raise ConfigError(f"--out {out} already exists; replace it with --overwrite or choose another file")
 
 
 def _read_checkpoint(path):
