@@ -196,6 +196,12 @@ def test_resume_equals_uninterrupted(base_model, tmp_path, stop_at):
     a, b = _params(full), _params(part)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert metrics["final_accuracy"] == json.loads((full / "metrics.json").read_text())["final_accuracy"]
+    # The logged means and each stage's final loss too: the loss sums of the log interval that the
+    # interruption cut are checkpointed (a resumed run used to average only the steps after it).
+    full_metrics = json.loads((full / "metrics.json").read_text())
+    assert [s["final_loss"] for s in metrics["stages"]] == [s["final_loss"] for s in full_metrics["stages"]]
+    for stage in ("reconstruct", "distill"):
+        assert _losses(part, stage) == _losses(full, stage), stage
 
 
 @pytest.mark.filterwarnings("ignore:.*cuda_graphs needs a CUDA device")
@@ -445,3 +451,59 @@ def test_stage_evaluations_are_kept_across_a_resume_and_reported(base_model, tmp
     report = (part / "report.md").read_text()
     best = max(expected["stages"][0]["evaluations"], key=lambda e: (e[1], -e[0]))
     assert f"- reconstruct: best of 4 test evaluations {best[1]:.2f} % at step {best[0]} of 10" in report
+
+
+def test_runtime_pins_the_thread_state_when_the_config_leaves_it(monkeypatch):
+    """threads unset still calls torch.set_num_threads (with torch's count): that call also turns
+    MKL's dynamic threads off, which a permutation computation does as a side effect, so without it
+    a run that computed its permutations and one that read them from the cache (every resumed run)
+    differ in the last bits."""
+    from nern_fast.train import setup
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    setup.apply_runtime(load_config(data={**BASE, "threads": None}))
+    assert calls == [torch.get_num_threads()]
+    calls.clear()
+    setup.apply_runtime(load_config(data={**BASE, "threads": 1}))
+    assert calls == [1]
+
+
+def test_a_cached_permutation_trains_the_same_bits_as_a_computed_one(tmp_path):
+    """In fresh processes (the thread state is process-wide), with the config's threads unset as in
+    every shipped config: a run that reads its crossfilter permutations from OUT/permutations (as
+    --resume does) equals one that computed them. Before apply_runtime pinned the thread state the
+    two differed in the last bits on a 2-core machine (so a resumed run was not exact)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("MKL's dynamic threads change nothing on one core")
+    stages = [{"type": "reconstruct", "steps": 3, "weights_batch_size": 256},
+              {"type": "distill", "steps": 3, "reconstruction_weight": 0.0, "kd_weight": 1.0,
+               "gradients": "full"}]
+    data = {**BASE, "stages": stages, "model": {"arch": "cifar_resnet8", "kwargs": {"width": 8},
+                                                "checkpoint": None}}
+    data.pop("threads")
+    data["predictor"] = {**BASE["predictor"], "hidden": 32, "permutation": "crossfilter"}
+    data["data"] = {**BASE["data"], "batch_size": 64, "num_workers": 0}
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def run(*argv):
+        proc = subprocess.run([sys.executable, "-m", "nern_fast", *argv], capture_output=True,
+                              text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    wide = tmp_path / "base8"
+    run("train-base", "--config", str(config), "--set", "threads=1", "--out", str(wide))
+    ckpt = f"model.checkpoint={wide / 'model.pt'}"
+    computed, cached = tmp_path / "computed", tmp_path / "cached"
+    run("fit", "--config", str(config), "--set", ckpt, "--out", str(computed))
+    cached.mkdir()
+    shutil.copytree(computed / "permutations", cached / "permutations")
+    run("fit", "--config", str(config), "--set", ckpt, "--out", str(cached))
+    a, b = _params(computed), _params(cached)
+    assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k] - b[k]).abs().max().item() for k in a}

@@ -226,8 +226,12 @@ class FitRun:
             previous = state.get("previous_output")
             previous = None if previous is None else previous.to(self.device)
             elapsed = state.get("elapsed", 0.0)
-            self.echo(f"resuming {self.out} at stage {start_stage} ({cfg.stages[min(start_stage, len(cfg.stages) - 1)].name}) "
-                      f"step {state['step']}")
+            if start_stage >= len(cfg.stages):  # the checkpoint of the last stage's end
+                self.echo(f"{self.out}: the run is complete (all {len(cfg.stages)} stages); writing "
+                          f"its outputs again")
+            else:
+                self.echo(f"resuming {self.out} at stage {start_stage} ({cfg.stages[start_stage].name}) "
+                          f"step {state['step']}")
         else:
             results, previous, start_stage, elapsed = [], None, 0, 0.0
             original_accuracy = self._evaluate(None)
@@ -371,10 +375,13 @@ class FitRun:
                             previous_output=None if prev is None else prev.detach().cpu(),
                             elapsed=elapsed_before + time.perf_counter() - t0,
                             stage_seconds=seconds_before + time.perf_counter() - t0,
-                            last_loss=last_loss, evaluations=evaluations if stage_index == index else [])
+                            last_loss=last_loss, evaluations=evaluations if stage_index == index else [],
+                            meter=meter.state_dict() if stage_index == index else None)
 
         log_every, ckpt_every = cfg.logging.log_every, cfg.logging.checkpoint_every
         meter = StepMeter(self.device)
+        if state is not None and not at_start and state.get("meter") is not None:
+            meter.load_state_dict(state["meter"])  # the log interval the interruption cut
         last_good = step
         last_loss = None if state is None else state.get("last_loss")
         ctrl_c = _CtrlC()
@@ -448,6 +455,11 @@ class FitRun:
                                    f"{kept()}") from None
         finally:
             ctrl_c.remove()
+        if meter.count:  # resumed at the stage's last step: write the log its interruption cut
+            means, _ = meter.read()  # (finite: the checkpoint was written)
+            last_loss = means["loss"]
+            self.log.write({"stage": stage.name, "stage_index": index, "step": step,
+                            "lr": scheduler.get_last_lr()[0], **means}, global_step=step)
         bar.close()
         seconds = seconds_before + time.perf_counter() - t0
         pred.eval()

@@ -65,6 +65,15 @@ class StepMeter:
         self.nonfinite |= ~torch.isfinite(parts[0])
         self.count += 1
 
+    def state_dict(self) -> dict:
+        """The running sums since the last read (a checkpoint keeps them: a resumed run logs the
+        same means, and records the same final loss, as an uninterrupted one)."""
+        return {"sums": self.sums.detach().cpu(), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = state["sums"].to(device=self.device, dtype=torch.float64).clone()
+        self.count = int(state["count"])
+
     def read(self, parameters: Sequence[torch.Tensor] = ()) -> tuple[dict, bool]:
         """(means of the parts since the last read, whether a loss — or one of ``parameters`` — was
         not finite), in one sync. The parameters are checked because a decode may hide their NaN:

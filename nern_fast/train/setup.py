@@ -24,8 +24,11 @@ def resolve_device(name: str) -> torch.device:
 
 def apply_runtime(cfg: Config) -> torch.device:
     """Threads, determinism, cuDNN's algorithm search and the device of a run."""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    # Set even when the config leaves the count to torch: torch.set_num_threads also switches MKL's
+    # dynamic thread choice off, which changes the last bits of CPU GEMMs. Computing permutations
+    # sets threads (and restores the count), a cached permutation does not, so without this a run
+    # that computed them and one that read them (every --resume) trained on different bits.
+    torch.set_num_threads(cfg.threads if cfg.threads is not None else torch.get_num_threads())
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
