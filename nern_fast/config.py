@@ -632,6 +632,10 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optio
     try:
         return from_dict(raw)
     except ConfigError as exc:
+        # A value that came from --set is that option's problem, not the file's.
+        keys = [parse_override(o)[0] if isinstance(o, str) else o[0] for o in overrides or []]
+        if any(str(exc).startswith(f"{key}:") for key in keys):
+            raise ConfigError(f"--set {exc}") from exc
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from exc
         raise

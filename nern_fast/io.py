@@ -138,6 +138,27 @@ def safe_load(path: PathLike, kind: str, map_location=None) -> dict:
     """
     data = load_torch_file(path, f"{kind} file", map_location)
     if not isinstance(data, dict) or data.get("format") != kind:
-        found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise FileFormatError(f"{path}: expected a {kind} file, found {found!r}")
+        raise FileFormatError(f"{path}: expected a {kind} file, found {_describe_contents(data)}")
     return data
+
+
+# The files nern_fast writes, by their "format" entry: what a wrong one is, said in its words.
+_KNOWN_FORMATS = {
+    "nern_fast.predictor": "a predictor file (FastPredictor.save, fit's predictor.pt)",
+    "nern_fast.model": "a network file (train-base's model.pt)",
+    "nern_fast.compressed_model": "a compressed model file (save_compressed, export --format compressed)",
+    "nern_fast.fit_checkpoint": "a fit checkpoint (checkpoint.pt)",
+}
+
+
+def _describe_contents(data: Any) -> str:
+    """What a file that is not of the expected kind holds, for an error message."""
+    if not isinstance(data, dict):
+        return f"a {type(data).__name__}"
+    found = data.get("format")
+    if found is not None:
+        return _KNOWN_FORMATS.get(found, repr(found)) if isinstance(found, str) else repr(found)
+    if data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return ("a plain state dict (a network's weights, such as `export --format state_dict` "
+                "writes)")
+    return f"a dict without a 'format' entry (keys {list(data)[:6]})"

@@ -51,8 +51,11 @@ def test_fit_eval_and_resume(trained, capsys):
     # a second fit into the same folder needs --resume or --overwrite
     assert main(["fit", "--config", str(config), "--set", ckpt, "--out", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
-    # resuming a finished run re-writes the outputs and changes nothing
+    # resuming a finished run re-writes the outputs and changes nothing, and says so (it used to
+    # announce "resuming at stage 2 (<the last stage's name>) step 0", a stage that does not exist)
     assert main(["fit", "--config", str(config), "--set", ckpt, "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "the run is complete (all 2 stages)" in printed and "resuming" not in printed
     again = json.loads((out / "metrics.json").read_text())
     assert again["final_accuracy"] == metrics["final_accuracy"]
 
@@ -231,3 +234,97 @@ def test_demo_quick(tmp_path):
     assert [s["name"] for s in metrics["stages"]] == ["reconstruct", "distill", "progressive1",
                                                       "progressive2"]
     assert (out / "base" / "model.pt").exists() and (out / "report.md").exists()
+
+
+def test_an_interrupted_demo_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in a demo's fit stage writes a checkpoint, but `demo` has no --resume: its message
+    used to be a bare "interrupted" and a second `demo` offered only --overwrite (training the
+    base network again). Both now name the fit command that continues the run, which works."""
+    from nern_fast.train import fit as fit_module
+
+    class Interrupted(fit_module.FitRun):
+        def __init__(self, *args, **kwargs):
+            def stop(stage, step):
+                if (stage, step) == (0, 2):
+                    raise KeyboardInterrupt
+            super().__init__(*args, on_step=stop, **kwargs)
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--quick", "--out", str(out), "--set", "logging.progress=false", "--set", "device=cpu"]
+    monkeypatch.setattr(fit_module, "FitRun", Interrupted)
+    assert main(argv) == 130
+    resume = f"nern-fast fit --config {out / 'config.yaml'} --out {out} --resume"
+    err = capsys.readouterr().err
+    assert "interrupted in stage 0" in err and resume in err, err
+    monkeypatch.undo()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unfinished demo run" in err and resume in err and "--overwrite" in err, err
+    assert main(resume.split()[1:]) == 0
+    assert json.loads((out / "metrics.json").read_text())["stages"][-1]["name"] == "progressive2"
+    assert main(argv) == 2
+    assert "already holds a demo run" in capsys.readouterr().err
+
+
+def test_eval_set_changes_the_decode_or_is_refused(trained, tmp_path, capsys):
+    """eval reads the predictor from its file: --set predictor.backend / predictor.precision decode
+    it another way; any other predictor, stages, train_base or logging key used to be ignored
+    without a word (a user asking for `--set predictor.backend=eager` got csrc)."""
+    root, config = trained
+    out = root / "fit_set"
+    if not (out / "predictor.pt").exists():
+        assert main(["fit", "--config", str(config), "--set", f"model.checkpoint={root / 'base' / 'model.pt'}",
+                     "--set", "stages.1.steps=1", "--out", str(out)]) == 0
+    predictor = str(out / "predictor.pt")
+    plain, eager = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["eval", "--predictor", predictor, "--json", str(plain)]) == 0
+    assert main(["eval", "--predictor", predictor, "--json", str(eager), "--set", "predictor.backend=eager",
+                 "--set", "predictor.precision=bf16"]) == 0
+    a, b = json.loads(plain.read_text()), json.loads(eager.read_text())
+    assert a["backend"] != "eager" and b["backend"] == "eager"
+    assert b["reconstruction_rmse"] != a["reconstruction_rmse"]  # bf16 operands
+    capsys.readouterr()
+    for key, says in (("predictor.hidden=3", f"the predictor and its settings come from {predictor}"),
+                      ("stages.0.steps=3", "only fit and train-base use it"),
+                      ("logging.progress=false", "only fit and train-base use it")):
+        assert main(["eval", "--predictor", predictor, "--set", key]) == 2, key
+        err = capsys.readouterr().err
+        assert f"--set {key.split('=')[0]}: eval does not use it ({says})" in err, err
+        assert "predictor.backend" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", "--predictor", predictor, "--set", "predictor.precision=fp64"]) == 2
+    assert "predictor.precision: 'fp64' is not one of" in capsys.readouterr().err
+
+
+def test_eval_of_the_wrong_kind_of_file_says_what_it_is(trained, tmp_path, capsys):
+    """A file of another kind given as --predictor: the error says what it holds (it used to say
+    "found None" for a plain state dict, e.g. what `export --format state_dict` writes)."""
+    import torch
+    root, _ = trained
+    plain = tmp_path / "plain.pt"
+    torch.save({"conv1.weight": torch.zeros(2, 2, 3, 3)}, plain)
+    other = tmp_path / "other.pt"
+    torch.save({"epoch": 3, "weights": [1, 2]}, other)
+    for path, says in ((plain, "found a plain state dict (a network's weights"),
+                       (other, "found a dict without a 'format' entry (keys ['epoch', 'weights'])"),
+                       (root / "base" / "model.pt", "found a network file (train-base's model.pt)")):
+        assert main(["eval", "--predictor", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: expected a nern_fast.predictor file, {says}" in err, err
+
+
+def test_warnings_are_one_line_messages(trained, tmp_path):
+    """A warning of the library (here: cuda_graphs asked on a CPU, as the shipped decoupled config
+    does) reaches a command's user as one line, without the file, line number and source line of
+    the warn() call inside nern_fast (which read "compute = maybe_graphed(objective, ...")."""
+    import warnings as warnings_module
+    root, config = trained
+    proc = subprocess.run([sys.executable, "-m", "nern_fast", "fit", "--config", str(config), "--set",
+                           f"model.checkpoint={root / 'base' / 'model.pt'}", "--set", "stages.0.cuda_graphs=true",
+                           "--set", "stages.1.steps=1", "--set", "device=cpu", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nern-fast: RuntimeWarning: stage 0 (reconstruct): cuda_graphs needs a CUDA device" in proc.stderr
+    assert "maybe_graphed" not in proc.stderr and "fit.py" not in proc.stderr, proc.stderr
+    before = warnings_module.formatwarning
+    assert main(["info"]) == 0
+    assert warnings_module.formatwarning is before  # restored for the caller of main()

@@ -177,6 +177,20 @@ def test_unknown_override_key_is_reported_by_validation():
         load_config(data={}, overrides=["predictor.hiden=3"])
 
 
+def test_a_bad_override_is_blamed_on_set_not_on_the_file(tmp_path):
+    """A key or value given with --set is reported as --set's, not as the config file's (it used to
+    read "configs/x.yaml: stages.1.stepz: unknown key", sending the user to a file without it)."""
+    path = tmp_path / "run.yaml"
+    path.write_text("predictor:\n  hidden: 8\n")
+    with pytest.raises(ConfigError, match=r"^--set predictor.hiden: unknown key"):
+        load_config(path, ["predictor.hiden=3"])
+    with pytest.raises(ConfigError, match=r"^--set predictor.hidden: expected an integer"):
+        load_config(path, ["predictor.hidden=lots"])
+    path.write_text("predictor:\n  hidden: lots\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: predictor.hidden: expected an integer"):
+        load_config(path, ["seed=1"])
+
+
 def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(tmp_path / "missing.yaml")

@@ -49,10 +49,15 @@ def quick_overrides(raw: dict) -> list:
     return out
 
 
+def _resume_command(out: Path) -> str:
+    """The demo's fit stages resume as any fit run: from the config the demo wrote in ``out``."""
+    return f"nern-fast fit --config {out / 'config.yaml'} --out {out} --resume"
+
+
 def run(args) -> int:
     from nern_fast.config import ConfigError, load_config, read_yaml
     from nern_fast.train.base import MODEL_FILE, train_base
-    from nern_fast.train.fit import FitRun
+    from nern_fast.train.fit import FitRun, StageInterrupted
     from nern_fast.train.report import stage_table
 
     from nern_fast.train.errors import TrainingDiverged
@@ -60,6 +65,9 @@ def run(args) -> int:
     started = time.perf_counter()
     out = Path(args.out)
     try:
+        if not args.overwrite and not (out / "metrics.json").exists() and (out / "checkpoint.pt").exists():
+            raise FileExistsError(f"{out} holds an unfinished demo run; continue it with `{_resume_command(out)}`, "
+                                  f"replace it with --overwrite, or choose another --out")
         if not args.overwrite and ((out / "base" / MODEL_FILE).exists() or (out / "metrics.json").exists()
                                    or (out / "checkpoint.pt").exists()):
             raise FileExistsError(f"{out} already holds a demo run; replace it with --overwrite or "
@@ -81,6 +89,14 @@ def run(args) -> int:
         return fail("demo", exc)
     except TrainingDiverged as exc:
         return fail("demo", exc, 1)
+    except StageInterrupted as exc:  # Ctrl-C in a fit stage: say how to go on (fit's words name
+        message = str(exc)          # a bare --resume, which `demo` does not have)
+        if (out / "checkpoint.pt").exists():
+            resume = f"continue with `{_resume_command(out)}`"
+            message = (message.replace("continue with --resume", resume) if "--resume" in message
+                       else f"{message}; {resume}")
+        print(f"nern-fast demo: {message}", file=sys.stderr)
+        return 130
     seconds = time.perf_counter() - started
     print()
     print(stage_table(metrics))

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="YAML config for the network and data (default: recorded in "
                                     "the predictor file)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config entry (repeatable)")
+                   help="override a config entry (repeatable): model.*, data.*, device, threads, "
+                        "seed, deterministic; of the predictor, which comes from its file, only "
+                        "predictor.backend and predictor.precision")
     p.add_argument("--checkpoint", help="the original network's weights (overrides model.checkpoint)")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the config's)")
     p.add_argument("--on-demand", action="store_true",
@@ -42,8 +44,42 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# What eval reads of a config: the network, the data and the run-time settings. The predictor is
+# the file's (of its settings, --set may change how it decodes: backend and precision).
+EVAL_KEYS = ("model.", "data.", "device", "threads", "seed", "deterministic", "cudnn_benchmark")
+PREDICTOR_KEYS = ("backend", "precision")
+
+
+def _check_override_keys(overrides: list, predictor: str) -> None:
+    """Every --set key is one eval uses: the others (the predictor's shape, the stages, train_base,
+    logging) would be ignored without a word, as they were."""
+    from nern_fast.config import ConfigError, parse_override
+    for text in overrides:
+        key = parse_override(text)[0]
+        if key.startswith("predictor.") and key[len("predictor."):] in PREDICTOR_KEYS:
+            continue
+        if any(key == k or key.startswith(k) for k in EVAL_KEYS):
+            continue
+        if key.split(".")[0] not in ("predictor", "stages", "train_base", "logging", "recipe"):
+            continue  # not a config key at all: the config's validation names the valid ones
+        source = (f"the predictor and its settings come from {predictor}" if key.startswith("predictor")
+                  else "only fit and train-base use it")
+        raise ConfigError(f"--set {key}: eval does not use it ({source}); eval takes model.*, data.*, "
+                          f"device, threads, seed, deterministic, and predictor.backend / "
+                          f"predictor.precision to decode the saved predictor another way")
+
+
+def _predictor_overrides(overrides: list, cfg) -> dict:
+    """``--set predictor.backend=`` / ``predictor.precision=`` as FastPredictor overrides (their
+    values validated with the config)."""
+    from nern_fast.config import parse_override
+    keys = {parse_override(text)[0] for text in overrides}
+    return {name: getattr(cfg.predictor, name) for name in PREDICTOR_KEYS if f"predictor.{name}" in keys}
+
+
 def _config(args, recorded: dict):
     from nern_fast.config import ConfigError, load_config
+    _check_override_keys(args.overrides, args.predictor)
     overrides = list(args.overrides)
     if args.checkpoint:
         overrides.append(f"model.checkpoint={args.checkpoint}")
@@ -98,6 +134,7 @@ def evaluate(args) -> dict:
 
     data = safe_load(args.predictor, FILE_FORMAT, map_location="cpu")
     cfg = _config(args, data.get(RUN_KEY) or {})
+    predictor_overrides = _predictor_overrides(args.overrides, cfg)
     if not cfg.model.checkpoint:
         from nern_fast.config import ConfigError
         raise ConfigError("model.checkpoint: eval needs the original network's weights; pass "
@@ -109,7 +146,7 @@ def evaluate(args) -> dict:
     device = setup.apply_runtime(cfg)
     task = setup.load_data(cfg)
     model = setup.frozen(setup.make_network(cfg.model, task), device)
-    pred = FastPredictor.from_file_dict(data, model, str(args.predictor)).to(device).eval()
+    pred = FastPredictor.from_file_dict(data, model, str(args.predictor), **predictor_overrides).to(device).eval()
     layout = pred.layout
     test = lambda: task.test_batches(cfg.data.eval_batch_size, device, cfg.data.num_workers,
                                      cfg.data.max_eval_batches)
