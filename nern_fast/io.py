@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import stat
 import tempfile
 import zipfile
@@ -127,6 +129,14 @@ def load_torch_file(path: PathLike, what: str = "file", map_location="cpu") -> A
         if isinstance(exc, RuntimeError) and str(exc).startswith(_CUDA_DESERIALIZE_MESSAGE):
             raise ConfigError(f"{what} {path} holds CUDA tensors, but that CUDA device is not "
                               f"available here; load it with map_location='cpu'") from exc
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and pickled:
+            # torch's message advises weights_only=False, which this library never does: say what
+            # the file holds and how to write one that loads.
+            raise FileFormatError(
+                f"{what} {path} holds a pickled {pickled.group(1)} (e.g. a whole nn.Module saved by "
+                f"torch.save(model)); nern_fast loads with weights_only=True, which does not run such "
+                f"pickles: save tensors instead, e.g. torch.save(model.state_dict(), path)") from exc
         raise FileFormatError(f"{what} {path} cannot be read: it is truncated, corrupt or not a torch "
                               f"file ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
@@ -138,7 +148,7 @@ def safe_load(path: PathLike, kind: str, map_location=None) -> dict:
     """
     data = load_torch_file(path, f"{kind} file", map_location)
     if not isinstance(data, dict) or data.get("format") != kind:
-        raise FileFormatError(f"{path}: expected a {kind} file, found {_describe_contents(data)}")
+        raise FileFormatError(f"{path}: expected a {kind} file, found {describe_contents(data)}")
     return data
 
 
@@ -146,12 +156,14 @@ def safe_load(path: PathLike, kind: str, map_location=None) -> dict:
 _KNOWN_FORMATS = {
     "nern_fast.predictor": "a predictor file (FastPredictor.save, fit's predictor.pt)",
     "nern_fast.model": "a network file (train-base's model.pt)",
-    "nern_fast.compressed_model": "a compressed model file (save_compressed, export --format compressed)",
+    "nern_fast.compressed_model": "a compressed model file (save_compressed, export --format "
+                                  "compressed: read it with nern_fast.load_compressed)",
     "nern_fast.fit_checkpoint": "a fit checkpoint (checkpoint.pt)",
+    "nern_fast.permutations": "a permutation cache",
 }
 
 
-def _describe_contents(data: Any) -> str:
+def describe_contents(data: Any) -> str:
     """What a file that is not of the expected kind holds, for an error message."""
     if not isinstance(data, dict):
         return f"a {type(data).__name__}"

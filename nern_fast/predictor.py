@@ -8,7 +8,7 @@ from torch import nn
 
 from . import ops
 from .encoding import EncodingSpec
-from .io import FileFormatError, PathLike, atomic_save, safe_load
+from .io import FileFormatError, PathLike, atomic_save, describe_contents, safe_load
 from .layout import IncludeSpec, LayoutError, WeightLayout, as_int
 from .reference import check_precision
 
@@ -185,6 +185,9 @@ class FastPredictor(nn.Module):
     @classmethod
     def from_file_dict(cls, data: dict, model: Optional[nn.Module] = None, source: str = "<dict>",
                        **overrides) -> "FastPredictor":
+        found = data.get("format")
+        if isinstance(found, str) and found != FILE_FORMAT:  # another file of ours
+            raise FileFormatError(f"{source}: expected a predictor file, found {describe_contents(data)}")
         if data.get("version", 0) > FILE_VERSION:
             raise FileFormatError(f"{source}: written by a newer nern_fast (file version "
                                   f"{data.get('version')}, this one reads {FILE_VERSION}); upgrade")

@@ -544,3 +544,15 @@ def test_the_predictor_comes_back_in_its_dtype(tmp_path):
     torch.save(data, tmp_path / "old.nfz")
     _, old = load_compressed(tmp_path / "old.nfz")
     assert all(t.dtype == torch.float32 for t in old.state_dict().values())
+
+
+def test_a_compressed_file_read_as_a_predictor_says_how_to_read_it(tmp_path):
+    """FastPredictor.load / from_file_dict of a compressed model file: the error names the file's
+    kind and load_compressed (it said "predictor file is incomplete ('layout')")."""
+    model, pred = trained_like()
+    path = tmp_path / "m.nfc"
+    save_compressed(model, pred, path)
+    with pytest.raises(FileFormatError, match="found a compressed model file .* nern_fast.load_compressed"):
+        FastPredictor.load(path)
+    with pytest.raises(FileFormatError, match="expected a predictor file, found a compressed model file"):
+        FastPredictor.from_file_dict(torch.load(path, weights_only=True))

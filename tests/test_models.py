@@ -83,7 +83,7 @@ def test_model_files(tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}}, tmp_path / "p.pt")
     load_weights(cifar_resnet(8, 10, in_channels=1, width=4), tmp_path / "p.pt")
     assert read_model_metadata(tmp_path / "p.pt") == {}
-    with pytest.raises(FileFormatError, match="missing keys"):
+    with pytest.raises(FileFormatError, match="holds a 'cifar_resnet8' network.*missing keys"):
         load_weights(cifar_resnet(14, 10, in_channels=1, width=4), path)
     with pytest.raises(FileFormatError, match="has shape"):
         load_weights(cifar_resnet(8, 5, in_channels=1, width=4), path)
@@ -95,3 +95,18 @@ def test_model_files(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(FileFormatError, match="not a model file or state_dict"):
         load_weights(m, tmp_path / "list.pt")
+
+
+def test_other_files_given_as_a_network_say_what_they_hold(tmp_path):
+    """A predictor file, or a whole pickled module, given where a network's weights belong: the
+    error says what the file is (it reported "216 missing keys" for a predictor, and for a pickled
+    module torch's advice to load with weights_only=False, which nern_fast never does)."""
+    from helpers import random_predictor
+    from nern_fast import WeightLayout
+    m = cifar_resnet(8, 10, in_channels=1, width=4)
+    random_predictor(WeightLayout.from_model(m), backend="eager").save(tmp_path / "pred.pt")
+    with pytest.raises(FileFormatError, match=r"expected a network's weights .* found a predictor file"):
+        load_weights(m, tmp_path / "pred.pt")
+    torch.save(m, tmp_path / "whole.pt")
+    with pytest.raises(FileFormatError, match=r"holds a pickled nern_fast\.models\..* torch\.save\(model\.state_dict\(\)"):
+        load_weights(m, tmp_path / "whole.pt")

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..io import FileFormatError, PathLike, atomic_save, load_torch_file
+from ..io import FileFormatError, PathLike, atomic_save, describe_contents, load_torch_file
 from .cifar_resnet import DEPTHS, cifar_resnet
 from .torchvision_resnet import TORCHVISION_RESNETS, torchvision_resnet
 
@@ -80,6 +80,9 @@ def build_model(arch: str, num_classes: int, in_channels: int, image_size: Optio
 def _state_dict_of(data: Any, path: Path) -> dict:
     if isinstance(data, dict) and data.get("format") == MODEL_FORMAT:
         return data["state_dict"]
+    if isinstance(data, dict) and isinstance(data.get("format"), str):  # another file of ours
+        raise FileFormatError(f"{path}: expected a network's weights (train-base's model.pt or a "
+                              f"state dict), found {describe_contents(data)}")
     if isinstance(data, nn.Module):
         return data.state_dict()
     if isinstance(data, dict):
@@ -108,7 +111,9 @@ def load_weights(model: nn.Module, path: PathLike) -> dict:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        raise FileFormatError(f"{path} does not fit the model {type(model).__name__}: "
+        recorded = data.get("arch") if isinstance(data, dict) and data.get("format") == MODEL_FORMAT else None
+        holds = f" (the file holds a {recorded!r} network)" if recorded else ""
+        raise FileFormatError(f"{path} does not fit the model {type(model).__name__}{holds}: "
                               f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} "
                               f"unexpected keys {unexpected[:3]}; check model.arch and its kwargs")
     bad = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
