@@ -192,6 +192,26 @@ def test_train_base_divergence_and_overwrite(trained, tmp_path, capsys):
     assert main(["train-base", "--config", str(config), "--out", str(out), "--overwrite"]) == 0
 
 
+def test_train_base_leaves_nothing_behind_a_data_error_and_says_what_an_interrupt_kept(
+        trained, tmp_path, capsys, monkeypatch):
+    """A dataset that cannot be loaded used to leave an empty --out folder (with a log) behind;
+    Ctrl-C printed a bare "interrupted", not that no model is saved until the end."""
+    root, config = trained
+    out = tmp_path / "base"
+    assert main(["train-base", "--config", str(config), "--set", "data.dataset=imagenet",
+                 "--set", f"data.root={tmp_path / 'no_imagenet'}", "--out", str(out)]) == 2
+    assert "imagenet" in capsys.readouterr().err.lower()
+    assert not out.exists()
+    from nern_fast.train import base as base_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(base_module, "optimizer_step", interrupted)
+    assert main(["train-base", "--config", str(config), "--out", str(out)]) == 130
+    assert "no new model was saved" in capsys.readouterr().err
+    assert not (out / "model.pt").exists()
+
+
 def test_export_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     root, _ = trained
     out = str(tmp_path / "x.nfc")

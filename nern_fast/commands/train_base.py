@@ -1,6 +1,8 @@
 """``nern-fast train-base``: train the network to be represented and save ``OUT/model.pt``."""
 from __future__ import annotations
 
+import sys
+
 from ._common import add_config_args, check_output_dir, fail, user_errors
 
 
@@ -24,4 +26,9 @@ def run(args) -> int:
         return fail("train-base", exc)
     except TrainingDiverged as exc:
         return fail("train-base", exc, 1)
+    except KeyboardInterrupt:  # the model is written at the end only: say what that means
+        print("nern-fast train-base: interrupted; no new model was saved (train-base writes "
+              "OUT/model.pt when it finishes and keeps no checkpoint in between; a model already "
+              "there is kept as it was): run it again", file=sys.stderr)
+        return 130
     return 0

@@ -66,12 +66,13 @@ def train_base(cfg: Config, out_dir, echo: Callable = print, overwrite: bool = F
     if (out / MODEL_FILE).exists() and not overwrite:
         raise FileExistsError(f"{out / MODEL_FILE} already holds a trained network; replace it with "
                               f"--overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     device = setup.apply_runtime(cfg)
-    log = RunLog(out, cfg.logging.tensorboard)
     task = setup.load_data(cfg)
     torch.manual_seed(cfg.seed)
     model = setup.make_network(cfg.model, task).to(device)
+    # The folder only once the data and the network are there: a mistake in either leaves none.
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, cfg.logging.tensorboard)
     tb = cfg.train_base
     stream = task.train_stream(cfg.data.batch_size, device, cfg.seed, cfg.data.num_workers,
                                augment=cfg.data.augment)
