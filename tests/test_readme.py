@@ -1,4 +1,4 @@
-"""The README's "Minimal example" runs as printed (it drifted from the API unnoticed before this test)."""
+"""The README's "Minimal example" runs as printed (so that it cannot drift from the API unnoticed)."""
 from __future__ import annotations
 
 import re
