@@ -167,18 +167,32 @@ def _coord_rows_from_any(perm: Any, layer: LayerSpec) -> Optional[torch.Tensor]:
     return coord_rows_from_crossfilter(perm, layer)
 
 
-def _conv_is_square_at_most(module: nn.Conv2d, kernel_size: int) -> Optional[str]:
-    kh, kw = module.weight.shape[2], module.weight.shape[3]
+def _weight_shape(name: str, module: nn.Module) -> tuple:
+    """The conv's weight shape; a LayoutError for a lazy conv before its first forward (no shape)."""
+    weight = module.weight
+    if nn.parameter.is_lazy(weight):
+        raise LayoutError(f"layer '{name}' is a lazy conv ({type(module).__name__}) whose weight is not "
+                          f"initialised yet (its shape comes from its first input); run the model once "
+                          f"on an example input (one forward pass, model(x)) before making a layout, "
+                          f"loading or flattening weights")
+    return tuple(weight.shape)
+
+
+def _unrepresentable(name: str, module: nn.Conv2d, kernel_size: int) -> Optional[tuple[str, str]]:
+    """Why a conv cannot be represented with a k×k predictor and what to do, or None if it can."""
+    kh, kw = _weight_shape(name, module)[2:]
     if kh != kw:
-        return f"its kernel is {kh}x{kw}, not square"
+        return (f"its kernel is {kh}x{kw}, not square (NeRN's predictor outputs square kernels)",
+                "leave it out of include")
     if kh > kernel_size:
-        return f"its kernel is {kh}x{kw}, larger than the predictor's {kernel_size}x{kernel_size}"
+        return (f"its kernel is {kh}x{kw}, larger than the predictor's {kernel_size}x{kernel_size}",
+                f"leave it out of include or raise kernel_size to {kh}")
     return None
 
 
 def _nern_preset(name: str, module: nn.Module, parents: Mapping[str, nn.Module]) -> bool:
     """NeRN's choice: the 3×3 convs inside residual blocks (stem, shortcuts, classifier excluded)."""
-    if not isinstance(module, nn.Conv2d) or tuple(module.weight.shape[2:]) != (3, 3):
+    if not isinstance(module, nn.Conv2d) or _weight_shape(name, module)[2:] != (3, 3):
         return False
     parts = name.split(".")
     for depth in range(len(parts) - 1, 0, -1):
@@ -189,10 +203,18 @@ def _nern_preset(name: str, module: nn.Module, parents: Mapping[str, nn.Module])
     return False
 
 
-def _check_representable_weights(chosen: list[tuple[str, nn.Conv2d]]) -> None:
+def _check_representable_weights(chosen: list[tuple[str, nn.Conv2d]],
+                                 every_conv_of: Optional[int] = None) -> None:
     """A represented weight is decoded into the conv's own Parameter: a computed weight
     (parametrizations, the old weight_norm hook) would ignore it, and one Parameter shared by two
-    convs (tied weights) would be represented twice, by two different decodes."""
+    convs (tied weights) would be represented twice, by two different decodes. ``every_conv_of``:
+    the kernel size when ``chosen`` came from include=None ("every conv"), which has no list to
+    leave a layer out of: the message then gives the predicate that does."""
+    def leave_out(n: str) -> str:
+        if every_conv_of is None:
+            return f"leave '{n}' out of include"
+        return (f"leave '{n}' out of include, e.g. include=lambda name, m: name != '{n}' and "
+                f"m.kernel_size[0] == m.kernel_size[1] <= {every_conv_of} (include=None's rule)")
     owner: dict[int, str] = {}
     for n, m in chosen:
         if torch.nn.utils.parametrize.is_parametrized(m, "weight") or not isinstance(
@@ -202,31 +224,34 @@ def _check_representable_weights(chosen: list[tuple[str, nn.Conv2d]]) -> None:
                                   f"it runs); detach the model first")
             raise LayoutError(f"layer '{n}' has a computed weight (a parametrization such as "
                               f"weight_norm or orthogonal), not a Parameter a decode can write; remove "
-                              f"it (torch.nn.utils.parametrize.remove_parametrizations) or leave the "
-                              f"layer out of include")
+                              f"it (torch.nn.utils.parametrize.remove_parametrizations) or "
+                              f"{leave_out(n)}")
         first = owner.setdefault(id(m.weight), n)
         if first != n:
             raise LayoutError(f"layers '{first}' and '{n}' share one weight Parameter (tied weights); "
-                              f"represent one of them: leave '{n}' out of include")
+                              f"represent one of them: {leave_out(n)}")
 
 
 def _select_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
     chosen = _chosen_convs(model, kernel_size, include)
-    _check_representable_weights(chosen)
+    every = include is None or (isinstance(include, str) and include == "all")
+    _check_representable_weights(chosen, kernel_size if every else None)
     return chosen
 
 
 def _chosen_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
     named = list(model.named_modules())
+    if isinstance(include, str) and include == "all":
+        include = None  # the config's name for every conv
     if isinstance(include, str) and include != "nern":
         include = [include]
     if include is not None and include != "nern" and not callable(include) and (
             isinstance(include, (bytes, Mapping)) or not hasattr(include, "__iter__")):
-        raise LayoutError(f"include must be None (every conv), 'nern', a module name, a list of module "
-                          f"names or a function (name, module) -> bool; got {type(include).__name__}")
+        raise LayoutError(f"include must be None or 'all' (every conv), 'nern', a module name, a list of "
+                          f"module names or a function (name, module) -> bool; got {type(include).__name__}")
     if include is None:
         return [(n, m) for n, m in named if isinstance(m, nn.Conv2d)
-                and _conv_is_square_at_most(m, kernel_size) is None]
+                and _unrepresentable(n, m, kernel_size) is None]
     if include == "nern":
         parents = dict(named)
         return [(n, m) for n, m in named if _nern_preset(n, m, parents)]
@@ -240,6 +265,12 @@ def _chosen_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> l
                 raise LayoutError(f"include lists {n!r} ({type(n).__name__}); give module names as "
                                   f"strings, e.g. 'layer1.0.conv1'")
             if n not in modules:
+                first_name = {id(m): k for k, m in reversed(named)}
+                alias = dict(model.named_modules(remove_duplicate=False)).get(n)
+                if alias is not None and id(alias) in first_name:
+                    raise LayoutError(f"include names '{n}', which is the module '{first_name[id(alias)]}' "
+                                      f"under a second name; name it '{first_name[id(alias)]}' (a module "
+                                      f"registered twice is listed once, under its first name)")
                 close = [k for k, m in named if isinstance(m, nn.Conv2d)][:8]
                 raise LayoutError(f"include names '{n}', which is not a module of the model; "
                                   f"conv modules are e.g. {close}")
@@ -249,11 +280,39 @@ def _chosen_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> l
         wanted = set(names)
         chosen = [(n, m) for n, m in named if n in wanted]
     for n, m in chosen:
-        reason = _conv_is_square_at_most(m, kernel_size)
-        if reason is not None:
-            raise LayoutError(f"layer '{n}' cannot be represented: {reason}; leave it out of "
-                              f"include or raise kernel_size")
+        why = _unrepresentable(n, m, kernel_size)
+        if why is not None:
+            raise LayoutError(f"layer '{n}' cannot be represented: {why[0]}; {why[1]}")
     return chosen
+
+
+def _no_match_message(model: nn.Module, kernel_size: int, include: IncludeSpec) -> str:
+    """Why ``include`` selected no conv of ``model``, and what to do."""
+    cls = type(model).__name__
+    named = list(model.named_modules())
+    convs = [(n, m) for n, m in named if isinstance(m, nn.Conv2d)]
+    if not convs:
+        others = list(dict.fromkeys(type(m).__name__ for _, m in named
+                                    if isinstance(m, nn.modules.conv._ConvNd)))
+        extra = (f"; its {', '.join(others)} layers are not represented (only nn.Conv2d weights are)"
+                 if others else "")
+        return f"{cls} has no conv layer a predictor can represent: it has no nn.Conv2d{extra}"
+    if isinstance(include, str) and include == "nern":
+        return (f"{cls} has no conv layer include='nern' selects: it takes the 3x3 convs inside residual "
+                f"blocks (modules whose class name ends in 'Block' or 'Bottleneck', as in ResNets), and "
+                f"none of its {len(convs)} Conv2d layers is a 3x3 conv in such a block; use include='all' "
+                f"(every square conv up to kernel_size), a list of module names or a function "
+                f"(name, module) -> bool")
+    if include is None or (isinstance(include, str) and include == "all"):
+        kernels = list(dict.fromkeys("x".join(map(str, m.weight.shape[2:])) for _, m in convs))
+        square = [m.weight.shape[2] for _, m in convs if m.weight.shape[2] == m.weight.shape[3]]
+        advice = (f"; raise kernel_size to {min(square)} or more to take the square ones" if square else
+                  "; a non-square kernel cannot be represented (NeRN's predictor outputs square kernels)")
+        return (f"{cls} has no conv layer the predictor can represent: every Conv2d kernel is non-square "
+                f"or larger than the predictor's {kernel_size}x{kernel_size} (kernels: "
+                f"{', '.join(kernels[:6])}){advice}")
+    return (f"{cls} has no conv layer include={include!r} selects; name layers in include= (conv "
+            f"modules are e.g. {[n for n, _ in convs][:8]})")
 
 
 class LayoutTensors:
@@ -360,7 +419,8 @@ class WeightLayout:
                    permutations: Any = None) -> "WeightLayout":
         """Layout of ``model``'s conv layers.
 
-        ``include``: None (every Conv2d with a square kernel <= kernel_size), ``"nern"`` (the 3×3
+        ``include``: None or ``"all"`` (every Conv2d with a square kernel <= kernel_size; others are
+        left out), ``"nern"`` (the 3×3
         convs inside residual blocks, as NeRN represents ResNets), a list of module names, or a
         callable ``(name, module) -> bool``.
         """
@@ -369,10 +429,8 @@ class WeightLayout:
         as_int(kernel_size, "kernel_size (the predictor's k×k output)", minimum=1)  # before "no conv fits"
         chosen = _select_convs(model, kernel_size, include)
         if not chosen:
-            raise LayoutError(f"{type(model).__name__} has no conv layer the predictor can represent "
-                              f"(include={include!r}, kernel_size={kernel_size}); name layers in "
-                              f"include= or raise kernel_size")
-        layout = cls([(n, tuple(m.weight.shape), crop) for n, m in chosen], kernel_size, normalization,
+            raise LayoutError(_no_match_message(model, kernel_size, include))
+        layout = cls([(n, _weight_shape(n, m), crop) for n, m in chosen], kernel_size, normalization,
                      model_signature=conv_signature(model))
         return layout.with_permutations(permutations) if permutations is not None else layout
 
@@ -525,6 +583,11 @@ class WeightLayout:
         modules = dict(model.named_modules())
         chosen = [(l.name, modules[l.name]) for l in self.layers]
         _check_representable_weights(chosen)
+        for n, m in chosen:
+            if m.weight.is_meta:
+                raise LayoutError(f"layer '{n}': the model's weights are on the meta device (shapes, no "
+                                  f"values to read or write); materialise the model first, e.g. "
+                                  f"model.to_empty(device='cpu'), then load_into / load_state_dict")
         return [m.weight for _, m in chosen]
 
     def flatten(self, weights: Union[nn.Module, Sequence[torch.Tensor]]) -> torch.Tensor:
@@ -558,8 +621,13 @@ class WeightLayout:
     def check_model(self, model: nn.Module) -> None:
         """Raise a clear error unless ``model`` has every layer of this layout with the same shape."""
         modules = dict(model.named_modules())
+        theirs = conv_signature(model)
+        wrapped = _wrapper_hint([n for n, _ in (self.model_signature or [(l.name, 0) for l in self.layers])],
+                                [n for n, _ in theirs])
+        if wrapped is not None and (self.model_signature is not None
+                                    or any(l.name not in modules for l in self.layers)):
+            raise LayoutError(wrapped)
         if self.model_signature is not None:
-            theirs = conv_signature(model)
             if theirs != self.model_signature:
                 mine, got = dict(self.model_signature), dict(theirs)
                 diff = [f"{n}: {sh} (expected {mine[n]})" if n in mine else
@@ -576,7 +644,7 @@ class WeightLayout:
                                   f"was the predictor made for another architecture?")
             if not isinstance(m, nn.Conv2d):
                 raise LayoutError(f"module '{l.name}' is a {type(m).__name__}, the layout expects Conv2d")
-            if tuple(m.weight.shape) != l.shape:
+            if _weight_shape(l.name, m) != l.shape:
                 raise LayoutError(f"layer '{l.name}': the model's weight is {tuple(m.weight.shape)}, the "
                                   f"layout expects {l.shape}; was the predictor made for another "
                                   f"architecture?")
@@ -641,4 +709,23 @@ def replace_crop(layout: WeightLayout, crop: str) -> WeightLayout:
 
 def conv_signature(model: nn.Module) -> tuple:
     """(name, weight shape) of every Conv2d of ``model``, in module order."""
-    return tuple((n, tuple(m.weight.shape)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    return tuple((n, _weight_shape(n, m)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def _wrapper_hint(mine: Sequence[str], theirs: Sequence[str]) -> Optional[str]:
+    """A message if the two lists of conv names differ only by one prefix (a torch.compile,
+    DataParallel or DistributedDataParallel wrapper on one side), else None."""
+    if not mine or len(mine) != len(theirs) or list(mine) == list(theirs):
+        return None
+    for longer, shorter, model_is_wrapped in ((theirs, mine, True), (mine, theirs, False)):
+        prefix = longer[0][:len(longer[0]) - len(shorter[0])]
+        if prefix.endswith(".") and all(a == prefix + b for a, b in zip(longer, shorter)):
+            known = "torch.compile adds '_orig_mod.', DataParallel / DistributedDataParallel 'module.'"
+            if model_is_wrapped:
+                return (f"the model looks wrapped: its conv layers are those of the layout's model under "
+                        f"the prefix '{prefix}' ({known}); pass the inner module (model.module or "
+                        f"model._orig_mod), or make the layout from the wrapper")
+            return (f"the layout was made from a wrapped model: its layers carry the prefix '{prefix}' "
+                    f"that this model's lack ({known}); pass the wrapper, or make the layout from the "
+                    f"inner model")
+    return None

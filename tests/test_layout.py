@@ -313,3 +313,120 @@ def test_infilter_pair_of_a_two_kernel_layer_is_read_as_infilter():
     assert torch.equal(crossfilter.coord_rows(), infilter.coord_rows())
     with pytest.raises(LayoutError, match="infilter permutation of layer.*channel orders must have shape"):
         layout.with_permutations([(torch.tensor([1, 0]), torch.tensor([[0, 1]])), None])
+
+
+# ---------------------------------------------------------------- models a user brings (arch stress)
+def test_include_all_is_the_every_conv_preset():
+    """The config's include "all" is accepted by the API too (it was read as a module name 'all')."""
+    assert WeightLayout.from_model(Mixed(), include="all").names == WeightLayout.from_model(Mixed()).names
+
+
+def test_lazy_conv_before_its_first_forward_is_named():
+    """An uninitialised nn.LazyConv2d has no shape yet: a LayoutError says to run a forward first
+    (it was torch's RuntimeError from deep inside the shape checks)."""
+    def model():
+        return nn.Sequential(nn.LazyConv2d(4, 3), nn.Conv2d(4, 4, 3))
+    for include in (None, "all", ["0"], ["1"], lambda n, m: True, "nern"):
+        with pytest.raises(LayoutError, match=r"layer '0' is a lazy conv .*not initialised.*forward"):
+            WeightLayout.from_model(model(), include=include)
+    from nern_fast import FastPredictor
+    ready = model()
+    ready(torch.zeros(1, 3, 6, 6))
+    pred = FastPredictor.for_model(ready, hidden=8, levels=2, backend="eager")
+    for call in (lambda m: pred.load_into(m), lambda m: pred.layout.flatten(m)):
+        with pytest.raises(LayoutError, match=r"layer '0' is a lazy conv .*not initialised.*forward"):
+            call(model())
+    pred.load_into(ready)
+    assert torch.equal(pred.layout.flatten(ready), pred.decode_flat().detach())
+
+
+def test_meta_model_gives_a_layout_but_no_values():
+    """A model built on the meta device has shapes (a layout) but no storage: load_into wrote
+    nothing without a word and flatten returned a meta tensor."""
+    from nern_fast import FastPredictor
+    with torch.device("meta"):
+        model = Mixed()
+    pred = FastPredictor.for_model(model, hidden=8, levels=2, backend="eager")
+    assert pred.layout.names == ["stem", "group", "depthwise", "point"]
+    for call in (lambda: pred.load_into(model), lambda: pred.layout.flatten(model)):
+        with pytest.raises(LayoutError, match=r"layer 'stem'.*meta device.*to_empty"):
+            call()
+    model.to_empty(device="cpu")
+    pred.load_into(model)
+    assert torch.equal(pred.layout.flatten(model), pred.decode_flat().detach())
+
+
+@pytest.mark.parametrize("include, kernel_size, message, not_in", [
+    (["rect"], 3, r"'rect' cannot be represented: its kernel is 1x3, not square \(NeRN's predictor "
+                  r"outputs square kernels\); leave it out of include", "kernel_size"),
+    (["rect"], 7, r"'rect' cannot be represented: its kernel is 1x3, not square", "kernel_size"),
+    (["big"], 3, r"'big' cannot be represented: its kernel is 5x5, larger than the predictor's 3x3; "
+                 r"leave it out of include or raise kernel_size to 5", None),
+])
+def test_unrepresentable_kernel_advice_fits_the_reason(include, kernel_size, message, not_in):
+    """A non-square kernel was told to 'raise kernel_size', which never helps."""
+    with pytest.raises(LayoutError, match=message) as info:
+        WeightLayout.from_model(Mixed(), include=include, kernel_size=kernel_size)
+    assert not_in is None or not_in not in str(info.value)
+
+
+def test_no_match_messages_say_why():
+    """No Conv2d at all, other conv kinds only, or a preset that matches nothing: the message says
+    which, instead of 'raise kernel_size' for all of them."""
+    with pytest.raises(LayoutError, match=r"Sequential has no conv layer .*: it has no nn.Conv2d$"):
+        WeightLayout.from_model(nn.Sequential(nn.Linear(3, 3)))
+    with pytest.raises(LayoutError,
+                       match=r"no nn.Conv2d; its ConvTranspose2d, Conv1d layers are not represented"):
+        WeightLayout.from_model(nn.Sequential(nn.ConvTranspose2d(3, 3, 3), nn.Conv1d(3, 3, 3)))
+    with pytest.raises(LayoutError, match=r"no conv layer include='nern' selects: .*3x3 convs inside "
+                                          r"residual blocks.*include='all'"):
+        WeightLayout.from_model(nn.Sequential(nn.Conv2d(3, 3, 3)), include="nern")
+    with pytest.raises(LayoutError, match=r"every Conv2d kernel .*larger than.*5x5.*raise kernel_size"):
+        WeightLayout.from_model(nn.Sequential(nn.Conv2d(3, 3, 5)))
+
+
+def test_include_naming_a_second_name_of_a_shared_module():
+    """A conv registered under two attribute names: model.named_modules() lists it once, so the
+    second name was reported as 'not a module of the model'."""
+    model = Mixed()
+    model.alias = model.point
+    with pytest.raises(LayoutError, match=r"include names 'alias', which is the module 'point' under a "
+                                          r"second name; name it 'point'"):
+        WeightLayout.from_model(model, include=["alias"])
+    assert WeightLayout.from_model(model, include=["point"]).names == ["point"]
+
+
+def test_wrapped_model_mismatch_names_the_wrapper():
+    """A layout of a model used with its torch.compile / DataParallel wrapper (or the reverse): the
+    names differ by a prefix, and the message said 'another architecture'."""
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.module = inner
+    inner = Mixed()
+    layout = WeightLayout.from_model(inner)
+    with pytest.raises(LayoutError, match=r"wrapped.*prefix 'module\.'.*model\.module"):
+        layout.check_model(Wrapper(inner))
+    with pytest.raises(LayoutError, match=r"wrapped.*prefix 'module\.'"):
+        WeightLayout.from_model(Wrapper(inner)).check_model(inner)
+
+
+def test_refusals_under_include_none_suggest_a_predicate_that_works():
+    """With include=None there is no list to 'leave the layer out of': the message gives a
+    predicate, and that predicate makes the layout (it keeps include=None's rule: Mixed's 5x5 and
+    1x3 convs would otherwise be refused next)."""
+    import re
+    tied = Mixed()
+    tied.depthwise2 = nn.Conv2d(16, 16, 3, groups=16)
+    tied.depthwise2.weight = tied.depthwise.weight
+    computed = Mixed()
+    nn.utils.parametrizations.weight_norm(computed.point)
+    for model, left_out in ((tied, "depthwise2"), (computed, "point")):
+        for include in (None, "all"):
+            with pytest.raises(LayoutError, match=rf"leave '{left_out}' out of include, e.g. include=lambda"
+                               ) as info:
+                WeightLayout.from_model(model, include=include)
+            advice = re.search(r"include=(lambda .*) \(include=None's rule\)", str(info.value))
+            predicate = eval(advice.group(1))
+            names = WeightLayout.from_model(model, include=predicate).names
+            assert names == [n for n in ["stem", "group", "depthwise", "point"] if n != left_out]
