@@ -119,9 +119,19 @@ While attached:
 * ``model.to(dtype)`` / ``.double()`` / ``.half()`` while attached: the represented weights follow
   the dtype the model's other parameters took (converted per call; a conv's placeholder shows it
   at once) in forwards, ``state_dict`` and ``detach``.
-* Not supported while attached: ``torch.compile`` / TorchScript of the model, several threads
-  running the same attached model, ``copy.deepcopy`` and pickling of the model (both raise
-  AttachError). Detach first.
+* Hooks of the user's on a represented conv: a forward pre-hook registered after attach and every
+  forward hook (the attachment moves its own, which puts the placeholder back, after them at each
+  call) see the decoded weight; a pre-hook that runs before the attachment's (registered before
+  attach, or with ``prepend=True``) sees the placeholder.
+* ``torch.compile`` of an attached model runs: the attachment's hooks run eagerly (a graph break at
+  each represented conv, ``torch.compiler.disable``) and the compiled parts read the weight the
+  hook set, so every mode's outputs are what the eager model gives (checked with dynamo on the CPU;
+  the first attach of a process imports dynamo for this, a second or so). ``fullgraph=True``
+  refuses those graph breaks, naming the reason.
+* Not supported while attached: ``torch.jit.trace``, ``torch.jit.script`` and ``torch.export``
+  of the model or a module inside it, ``copy.deepcopy`` and pickling of the model or a module
+  inside it (all raise AttachError; a copied submodule would keep running the original's hooks),
+  several threads running the same attached model. Detach first.
 """
 from __future__ import annotations
 
@@ -166,6 +176,80 @@ def _own(t: torch.Tensor) -> torch.Tensor:
         return t
     with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, as the decode's
         return t.clone()
+
+
+class _AttachmentHook:
+    """A hook an attachment registers on the model or a represented conv: calls
+    ``method(index, *hook arguments)`` (``method(*hook arguments)`` without an index).
+
+    * ``torch.compile`` runs it eagerly (a graph break at each hook): traced by dynamo, the decode
+      and the placeholder swaps fail deep inside it; run eagerly, the compiled parts between the
+      hooks read the decoded weight the hook set on the conv.
+    * Copying or pickling a module that carries it raises :class:`AttachError`: the model's own
+      refusal (``Attachment.__deepcopy__``) does not cover a module *inside* an attached model,
+      whose copy would keep running the original attachment's hooks (still decoding from the
+      predictor after the original is detached) and whose pickling failed on a local function.
+    """
+
+    def __init__(self, method, index: Optional[int] = None):
+        self.method = method
+        self.index = index
+        self._call = _eager_caller()
+
+    def __call__(self, *args):
+        return self._call(self.method, self.index, args)
+
+    def __deepcopy__(self, memo):
+        raise AttachError(_DEEPCOPY_MESSAGE)
+
+    def __reduce_ex__(self, protocol):
+        raise AttachError(_PICKLE_MESSAGE)
+
+
+def _call_hook(method, index: Optional[int], args: tuple):
+    return method(*args) if index is None else method(index, *args)
+
+
+_EAGER_CALLER: list = []
+
+
+def _eager_caller():
+    """``_call_hook`` wrapped by ``torch.compiler.disable`` (made at the first attach: importing
+    dynamo takes a second or more, which a process that never attaches should not pay)."""
+    if not _EAGER_CALLER:
+        reason = ("nern_fast: an attached model's decode hooks run outside the compiled graphs (a graph "
+                  "break at each represented conv), which fullgraph=True refuses; detach the model "
+                  "(pred.detach(model)) to compile it whole")
+        try:
+            caller = torch.compiler.disable(_call_hook, reason=reason)
+        except TypeError:  # a torch without disable(reason=)
+            caller = torch.compiler.disable(_call_hook)
+        _EAGER_CALLER.append(caller)
+    return _EAGER_CALLER[0]
+
+
+_DEEPCOPY_MESSAGE = ("copy.deepcopy of an attached model (or of a module inside it) is not supported: "
+                     "detach it (pred.detach(model)), copy it, then attach the original and the copy")
+_PICKLE_MESSAGE = ("an attached model (or a module inside it) cannot be pickled (torch.save(model), "
+                   "multiprocessing): save model.state_dict() (it holds the decoded weights), or detach "
+                   "first; nern_fast.save_compressed(model, pred, path) stores it compressed")
+
+
+def _refuse_tracing() -> None:
+    """torch.jit.trace and torch.export record a forward as a graph: through the decode hooks they
+    failed deep inside the decoder (a tensor that requires grad inserted as a constant, a
+    data-dependent guard) or would bake the decoded weights in as constants. Say what to do."""
+    if torch.jit.is_tracing():
+        what = "torch.jit.trace"
+    elif torch.compiler.is_exporting() or torch.compiler.is_compiling():
+        # (torch.compile never gets here: the hooks run eagerly, see _AttachmentHook)
+        what = "torch.export"
+    else:
+        return
+    raise AttachError(f"{what} of an attached model is not supported (its represented conv weights "
+                      f"are decoded by hooks at every forward): detach first (pred.detach(model): "
+                      f"ordinary Parameters holding the decoded weights) and {what.split('.')[-1]} "
+                      f"that model; torch.compile runs an attached model (the decodes run eagerly)")
 
 
 class LayerDecoder:
@@ -470,30 +554,40 @@ class Attachment:
                 for g in range(len(self.groups)):
                     self._pin_group(g, self._decode_group(g))
         root = self.model
-        self._handles.append(root.register_forward_pre_hook(self._root_start))
-        self._handles.append(root.register_forward_hook(self._root_done))
-        self._handles.append(root.register_forward_hook(self._root_cleanup, always_call=True))
-        # (closures, not bound methods: torch marks post hooks with an attribute)
-        self._handles.append(root.register_state_dict_pre_hook(lambda *args: self._state_dict_start()))
-        self._handles.append(root.register_state_dict_post_hook(lambda *args: self._state_dict_end()))
+        # torch.jit.script compiles a module's hooks, and failed on these with an AttributeError:
+        # its __prepare_scriptable__ (called on every module first) says what to do instead.
+        for module in (root, *self.convs):
+            module.__dict__["__prepare_scriptable__"] = self._refuse_scripting
+        hook = _AttachmentHook  # (objects, not bound methods: torch marks post hooks with an attribute)
+        self._handles.append(root.register_forward_pre_hook(hook(self._root_start)))
+        self._handles.append(root.register_forward_hook(hook(self._root_done)))
+        self._handles.append(root.register_forward_hook(hook(self._root_cleanup), always_call=True))
+        self._handles.append(root.register_state_dict_pre_hook(hook(lambda *args: self._state_dict_start())))
+        self._handles.append(root.register_state_dict_post_hook(hook(lambda *args: self._state_dict_end())))
+        self._after_ids = []  # each conv's _after_conv hook: moved last at each call (_before_conv)
         for i, conv in enumerate(self.convs):
-            self._handles.append(conv.register_forward_pre_hook(self._conv_hook(i, self._before_conv)))
-            self._handles.append(conv.register_forward_hook(self._conv_hook(i, self._after_conv),
-                                                            always_call=True))
-            self._handles.append(conv.register_state_dict_post_hook(self._conv_hook(i, self._state_dict)))
-            self._handles.append(conv.register_load_state_dict_pre_hook(self._conv_hook(i, self._load)))
+            self._handles.append(conv.register_forward_pre_hook(hook(self._before_conv, i)))
+            after = conv.register_forward_hook(hook(self._after_conv, i), always_call=True)
+            self._handles.append(after)
+            self._after_ids.append(after.id)
+            self._handles.append(conv.register_state_dict_post_hook(hook(self._state_dict, i)))
+            self._handles.append(conv.register_load_state_dict_pre_hook(hook(self._load, i)))
         self._update_held()
 
-    # copy.deepcopy would copy this state but not the hooks' closures (they would keep running the
-    # original's), and pickling fails on those closures: say what to do instead.
+    # copy.deepcopy would copy this state but not the hooks (they would keep running the
+    # original's), and pickling fails on them: say what to do instead (_AttachmentHook says the same
+    # for a module inside the model).
     def __deepcopy__(self, memo):
-        raise AttachError("copy.deepcopy of an attached model is not supported: detach it "
-                          "(pred.detach(model)), copy it, then attach the original and the copy")
+        raise AttachError(_DEEPCOPY_MESSAGE)
 
     def __reduce_ex__(self, protocol):
-        raise AttachError("an attached model cannot be pickled (torch.save(model), multiprocessing): "
-                          "save model.state_dict() (it holds the decoded weights), or detach first; "
-                          "nern_fast.save_compressed(model, pred, path) stores it compressed")
+        raise AttachError(_PICKLE_MESSAGE)
+
+    def _refuse_scripting(self):
+        raise AttachError("torch.jit.script of an attached model (or of a module inside it) is not "
+                          "supported (its represented conv weights are decoded by hooks at every "
+                          "forward): detach first (pred.detach(model): ordinary Parameters holding the "
+                          "decoded weights) and script that model")
 
     def remove(self) -> None:
         """Remove every hook and give each represented conv an ordinary Parameter (decoded values).
@@ -561,6 +655,9 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module in (self.model, *self.convs):
+            if module.__dict__.get("__prepare_scriptable__") == self._refuse_scripting:
+                del module.__dict__["__prepare_scriptable__"]
         self._store.clear()
         self._store_bytes = 0
         self._running.clear()
@@ -577,12 +674,6 @@ class Attachment:
             conv._parameters.clear()
             conv._parameters.update({k: params_now[k] for k in order if k in params_now})
             conv._parameters.update({k: v for k, v in params_now.items() if k not in order})
-
-    @staticmethod
-    def _conv_hook(index: int, method):
-        def hook(*args):
-            return method(index, *args)
-        return hook
 
     # ------------------------------------------------------------------ decoding and storage
     @contextlib.contextmanager
@@ -747,6 +838,7 @@ class Attachment:
     def _root_start(self, module, args) -> None:
         # A fresh forward. Also repairs anything an interrupted forward (Ctrl-C skips the
         # always-call hooks) may have left behind.
+        _refuse_tracing()
         self._drop_pending()
         # No prefetch while the predictor is away from the device attach made the streams for
         # (moved after attaching): its decodes would not run on those streams (CPU tensors have
@@ -800,6 +892,8 @@ class Attachment:
         return current[1][i - self.groups[g].start], current[2]
 
     def _before_conv(self, i: int, module: nn.Module, args) -> None:
+        if not self._in_forward:
+            _refuse_tracing()  # (a forward of the root checked at its start)
         position = len(self._trace) if self._in_forward else None
         main = torch.cuda.current_stream(self.device) if self._prefetching else None
         weight, _ = self._acquire(i, position, main)
@@ -820,6 +914,10 @@ class Attachment:
             weight = weight.to(dtype)
         module.__dict__["weight"] = weight
         self._running.add(i)
+        # The placeholder goes back after every forward hook of the conv, also those registered
+        # after attach (torch runs forward hooks in registration order, this one's list being read
+        # after the conv's forward): a user's hook sees the decoded weight, as a pre-hook does.
+        module._forward_hooks.move_to_end(self._after_ids[i])
         self._update_held()
 
     def _after_conv(self, i: int, module: nn.Module, args, output) -> None:
@@ -911,6 +1009,12 @@ def attach(pred, model: nn.Module, mode: str = "on_demand", cache_bytes: Optiona
         raise TypeError(f"attach needs the nn.Module the predictor represents, got {type(model).__name__}")
     existing = attachment(model)
     if existing is not None:
+        if existing.pred is not pred:
+            raise AttachError(f"the model is already attached to another predictor (mode "
+                              f"'{existing.mode}'): a model runs from one predictor. Detach it first, or "
+                              f"represent disjoint parts of it with predictors made for the submodules "
+                              f"holding them (FastPredictor.for_model(model.layer3)), each attached to "
+                              f"its submodule")
         raise AttachError(f"the model is already attached (mode '{existing.mode}'); call "
                           f"detach(model) before attaching it again")
     pred.layout.check_model(model)

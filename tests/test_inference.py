@@ -264,6 +264,98 @@ def test_deepcopy_and_pickle_of_an_attached_model_say_detach_first(tmp_path):
     assert torch.equal(run(copy.deepcopy(model), x), out)
 
 
+def test_deepcopy_and_pickle_of_a_module_inside_an_attached_model_say_detach_first():
+    """A submodule's copy carried the attachment's hooks: it kept decoding from the predictor after
+    the original was detached, and its pickling failed on a local function."""
+    import pickle
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4).eval()
+    pred = random_predictor(WeightLayout.from_model(model, include="nern"), backend="eager")
+    pred.attach(model)
+    for part in (model.layer1, model.layer1[0].conv1):
+        with pytest.raises(AttachError, match=r"deepcopy of an attached model \(or of a module inside it\).*detach"):
+            copy.deepcopy(part)
+        with pytest.raises(AttachError, match="cannot be pickled.*state_dict"):
+            pickle.dumps(part)
+    x = torch.randn(2, 3, 8, 8)
+    out = run(model, x)
+    pred.detach(model)
+    block = copy.deepcopy(model.layer1)  # detached: ordinary modules again
+    assert isinstance(block[0].conv1.weight, nn.Parameter) and not block[0].conv1._forward_pre_hooks
+    assert torch.equal(run(model, x), out)
+
+
+@pytest.mark.parametrize("mode", ["on_demand", "cached", "materialized"])
+def test_user_hooks_on_an_attached_conv_see_the_decoded_weight(mode):
+    """Forward hooks registered after attach ran after the attachment's own, which had already put
+    the placeholder back: reading module.weight there raised AttachedWeightError."""
+    model, pred = make()
+    early = []
+    model.c1.register_forward_hook(lambda m, a, o: early.append(m.weight.clone()))  # before attach
+    pred.attach(model, mode=mode)
+    expected = model.state_dict()["c1.weight"]
+    seen = []
+    model.c1.register_forward_pre_hook(lambda m, a: seen.append(("pre", m.weight.clone())))
+    handle = model.c1.register_forward_hook(lambda m, a, o: seen.append(("post", m.weight.clone())))
+    model.c1.register_forward_hook(lambda m, a, kw, o: seen.append(("kwargs", m.weight.clone())), with_kwargs=True)
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        out = run(model, x)
+    direct = model.c1(torch.randn(1, 8, 5, 5))  # a conv called on its own runs the hooks too
+    assert [k for k, _ in seen] == ["pre", "post", "kwargs"] * 3 and len(early) == 3
+    for _, weight in seen + [(None, w) for w in early]:
+        assert torch.equal(weight, expected)
+    assert model.c1.weight.device.type == "meta" and direct.shape == (1, 16, 5, 5)
+    handle.remove()
+    assert torch.equal(run(model, x), out)
+    pred.detach(model)
+    assert torch.equal(run(model, x), out)
+
+
+def test_torch_compile_runs_an_attached_model():
+    """torch.compile traced the attachment's hooks and failed inside dynamo (an internal error about
+    the placeholder); the hooks now run eagerly and the compiled parts read the decoded weights."""
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    expected = materialized_output(model, pred, x)
+    pred.attach(model, mode="on_demand")
+    compiled = torch.compile(model, backend="eager")  # dynamo only: fast, the same kernels
+    for grad_mode in ("inference", "no_grad", "no_grad"):
+        assert torch.equal(run(compiled, x, grad_mode), expected)
+    assert model.c1.weight.device.type == "meta"
+    assert attachment(model).stats["held_bytes"] == 0
+    torch._dynamo.reset()  # (else the code compiled above serves the next call, not compiled again)
+    with pytest.raises(Exception, match=r"graph break at each represented conv.*pred\.detach"):
+        run(torch.compile(model, backend="eager", fullgraph=True), x)  # one graph cannot hold the hooks
+    assert torch.equal(run(model, x), expected)
+    pred.detach(model)
+    torch._dynamo.reset()
+
+
+def test_tracing_or_scripting_an_attached_model_says_detach_first():
+    """torch.jit.trace failed with 'Cannot insert a Tensor that requires grad as a constant',
+    torch.export with a data-dependent guard deep in the decoder, torch.jit.script with an
+    AttributeError or a complaint about a hook's *args: now one AttachError saying what to do."""
+    model, pred = make()
+    x = torch.randn(2, 3, 6, 6)
+    pred.attach(model, mode="on_demand")
+    expected = run(model, x)
+    with pytest.raises(AttachError, match=r"torch\.jit\.trace of an attached model.*detach first"):
+        torch.jit.trace(model, x, check_trace=False)
+    with pytest.raises(AttachError, match=r"torch\.jit\.trace of an attached model"):
+        torch.jit.trace(model.c1, torch.randn(1, 8, 5, 5))  # a represented conv alone
+    with pytest.raises(AttachError, match=r"torch\.export of an attached model.*detach first"):
+        torch.export.export(model, (x,))
+    for target in (model, model.c1):
+        with pytest.raises(AttachError, match=r"torch\.jit\.script of an attached model.*detach first"):
+            torch.jit.script(target)
+    assert torch.equal(run(model, x), expected)  # still attached and working
+    pred.detach(model)
+    assert "__prepare_scriptable__" not in vars(model) and "__prepare_scriptable__" not in vars(model.c1)
+    traced = torch.jit.trace(model, x)  # detached: an ordinary model
+    assert torch.equal(traced(x), expected)
+
+
 def test_on_demand_keeps_no_weight_alive():
     model, pred = make()
     pred.attach(model, mode="on_demand", group_bytes=0)
@@ -663,7 +755,35 @@ def test_attach_errors():
     _, other = make(seed=1)
     with pytest.raises(AttachError, match="different predictor"):
         other.detach(model)
+    with pytest.raises(AttachError, match="already attached to another predictor.*submodule"):
+        other.attach(model)
     pred.detach(model)
+
+
+@pytest.mark.parametrize("root_first", [False, True])
+def test_two_predictors_on_disjoint_parts_of_a_model(root_first):
+    """One predictor per model; disjoint parts run from two when the second is made for, and
+    attached to, the submodule holding its convs."""
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4).eval()
+    inner = random_predictor(WeightLayout.from_model(model.layer2, include="nern"), backend="eager", seed=1)
+    outer = random_predictor(WeightLayout.from_model(
+        model, include=lambda n, m: n.startswith(("layer1.", "layer3.")) and m.kernel_size == (3, 3)),
+        backend="eager", seed=2)
+    x = torch.randn(2, 3, 8, 8)
+    order = [(outer, model, "cached"), (inner, model.layer2, "on_demand")]
+    for p, part, mode in (order if root_first else order[::-1]):
+        p.attach(part, mode=mode)
+    out, state = run(model, x), model.state_dict()
+    with pytest.raises(AttachError, match="another predictor"):
+        inner.attach(model)
+    with pytest.raises(AttachError, match="different predictor"):
+        inner.detach(model)
+    for p, part, _ in (order if root_first else order[::-1]):
+        p.detach(part)
+    assert torch.equal(run(model, x), out)
+    assert list(state) == list(model.state_dict())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 @pytest.mark.parametrize("failure", ["no backend", "decode error", "interrupt"])
