@@ -7,12 +7,16 @@ read with ``torch.load(weights_only=True)``)::
      "predictor": {"config": ..., "layout": ..., "storage": "fp32"|"fp16"|"bf16"|"int8",
                    "dtype": "float32", "state": {name: tensor | {"int8": q, "scale": s}}},
      "state_dict": {key: tensor}   # every parameter and buffer that is not represented
-     "architecture": {"model_class", "model_spec", "conv_signature", "represented", "entries"}}
+     "architecture": {"model_class", "model_spec", "conv_signature", "represented", "entries",
+                      "structure_digest"}}
 
 ``architecture.entries`` lists the key, shape and dtype of every entry of the model's state dict
 (represented weights included) and ``conv_signature`` every Conv2d's name and weight shape: a model
 built for loading must match both exactly, so a file for another architecture is rejected with the
-first differences named.
+first differences named. ``structure_digest`` (:func:`structure_digest`; absent from older files)
+digests the module tree (names, types, ``extra_repr``), which the state dict does not show: a model
+from ``model_fn`` that matches the entries but not the tree (a maxpool replaced, a stride changed)
+loads with an :class:`ArchitectureWarning`, as its outputs will not be the saved model's.
 
 Predictor storage (``predictor_dtype``): ``fp32`` (exact), ``fp16`` / ``bf16`` (every predictor
 tensor rounded), ``int8`` (each weight matrix quantised symmetrically per output row: ``q =
@@ -36,7 +40,9 @@ a model that shares those weights the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -61,6 +67,11 @@ class ArchitectureMismatch(LayoutError):
 
 class StorageDtypeError(ValueError):
     """A predictor that the chosen ``predictor_dtype`` cannot store (or an unknown dtype name)."""
+
+
+class ArchitectureWarning(UserWarning):
+    """A model from ``model_fn`` whose module tree differs from the saved network's while its convs
+    and state-dict entries match (a pooling layer replaced, a stride changed)."""
 
 
 # ---------------------------------------------------------------------- model spec
@@ -166,7 +177,11 @@ def _candidate_specs(model: nn.Module) -> list[ModelSpec]:
     names = []
     for name in torchvision.models.list_models(module=torchvision.models):
         flat = name.replace("_", "").lower()
-        if flat.startswith(cls_name) or (cls_name == "resnet" and flat.startswith(("wideresnet", "resnext"))):
+        # A builder defined in the class's module (Inception3 is inception_v3's, SwinTransformer
+        # swin_t's: their names do not start with the class's), or named after the class.
+        same_module = getattr(torchvision.models.get_model_builder(name), "__module__", None) == type(model).__module__
+        if same_module or flat.startswith(cls_name) or (
+                cls_name == "resnet" and flat.startswith(("wideresnet", "resnext"))):
             names.append(name)
     return [ModelSpec("torchvision", {"name": n, **extra}) for n in names]
 
@@ -237,6 +252,15 @@ def structure_differences(candidate: nn.Module, model: nn.Module) -> list[str]:
     if not problems and list(got) != list(want):
         problems.append("the modules come in another order")
     return problems
+
+
+def structure_digest(model: nn.Module) -> str:
+    """A short digest of ``model``'s module tree: every submodule's name (aliases included), type
+    name and ``extra_repr`` (hyperparameters such as strides and kernel sizes). What the state dict
+    does not show: a torchvision ResNet with its maxpool replaced has the stock one's entries. 16 hex
+    characters in the file instead of the tree itself (kilobytes, a few % of a small file)."""
+    tree = [(n, t.__qualname__, r) for n, (t, r, _) in module_tree(model).items()]
+    return hashlib.sha256(repr(tree).encode()).hexdigest()[:16]
 
 
 def _architecture_problems(candidate: nn.Module, model: nn.Module) -> list[str]:
@@ -407,6 +431,7 @@ def compressed_file_dict(model: nn.Module, pred: FastPredictor, predictor_dtype:
             "conv_signature": [[n, list(s)] for n, s in conv_signature(model)],
             "represented": sorted(represented),
             "entries": entries,
+            "structure_digest": structure_digest(model),
         },
     }
 
@@ -452,8 +477,25 @@ class CompressedFile:
                 f"{'; '.join(problems[:4])}{' ...' if len(problems) > 4 else ''}. Build the model the "
                 f"file was saved from (model_fn)")
 
+    def check_structure(self, model: nn.Module) -> None:
+        """Warn (:class:`ArchitectureWarning`) when ``model``'s module tree is not the saved one's
+        (files that record its digest): the convs and entries match, the network does not."""
+        recorded = self.architecture.get("structure_digest")
+        if recorded is None or structure_digest(model) == recorded:
+            return
+        warnings.warn(
+            f"{self.path}: the model from model_fn is not the network the file was saved from "
+            f"({self.architecture.get('model_class')}): its convs and state-dict entries match, its "
+            f"module tree does not (a module's type or a hyperparameter in its repr: a stride, a "
+            f"padding, a pooling layer replaced by nn.Identity, but also a BatchNorm momentum). The "
+            f"weights load; where the difference acts in evaluation its outputs are not the saved "
+            f"model's: build the network the file was saved from",
+            ArchitectureWarning, stacklevel=4)
+
     def build_model(self, model_fn: Union[Callable[[], nn.Module], nn.Module, None] = None) -> nn.Module:
-        """The model with the stored state loaded; its represented conv weights are left as built."""
+        """The model with the stored state loaded; its represented conv weights are left as built.
+        A model from ``model_fn`` whose module tree differs from the saved one's (convs and entries
+        matching) loads with an :class:`ArchitectureWarning`."""
         if isinstance(model_fn, nn.Module):
             model = model_fn
         elif model_fn is not None:
@@ -468,6 +510,8 @@ class CompressedFile:
                                  f"that builds that network, to load_compressed")
             model = spec.build()
         self.check_model(model)
+        if model_fn is not None:  # (a spec's model was compared with the whole tree when saving)
+            self.check_structure(model)
         missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
         represented = represented_keys(model, self.predictor)
         unshared = [k for k in missing if k not in represented and k in self.architecture["represented"]]

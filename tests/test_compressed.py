@@ -197,6 +197,49 @@ def test_custom_model_needs_model_fn(tmp_path):
     assert torch.equal(loaded.a.weight, net.a.weight)
 
 
+class _Pooled(nn.Module):
+    """Two convs with a pooling layer (or another module in its place) between them."""
+
+    def __init__(self, pool=None, stride=1):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2) if pool is None else pool
+        self.b = nn.Conv2d(8, 8, 3, padding=1, stride=stride)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(self.pool(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def test_model_fn_building_another_module_tree_is_warned_about(tmp_path):
+    """Same convs and state-dict entries, another network (the pooling layer replaced, a stride
+    changed): model_fn loaded it without a word, and its outputs were not the saved model's."""
+    import warnings
+    from nern_fast.compressed import ArchitectureWarning
+    torch.manual_seed(0)
+    saved = _Pooled(pool=nn.Identity())
+    pred = random_predictor(WeightLayout.from_model(saved, include=["b"]), backend="eager")
+    path = save_compressed(saved, pred, tmp_path / "net.nfz")
+    assert len(read_compressed(path).architecture["structure_digest"]) == 16
+    x = torch.randn(1, 3, 8, 8)
+    for other in (_Pooled, lambda: _Pooled(pool=nn.Identity(), stride=2)):
+        with pytest.warns(ArchitectureWarning, match="not the network the file was saved from.*stride"):
+            loaded, _ = load_compressed(path, model_fn=other)
+        with torch.no_grad():
+            assert loaded(x).shape == (1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same network: no warning, the saved model's outputs
+        loaded, _ = load_compressed(path, model_fn=lambda: _Pooled(pool=nn.Identity()))
+        pred.load_into(saved)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), saved(x))
+        # A file without the digest (written before it was recorded) loads as before.
+        data = torch.load(path, weights_only=True)
+        del data["architecture"]["structure_digest"]
+        torch.save(data, tmp_path / "old.nfz")
+        load_compressed(tmp_path / "old.nfz", model_fn=_Pooled)
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.02, 0.3, 0.6, 0.95, 0.999])
 def test_truncated_file_is_a_clear_error(tmp_path, keep):
     model, pred = trained_like()
@@ -291,6 +334,19 @@ def test_torchvision_spec(tmp_path):
     assert torch.equal(rebuilt.fc.weight, model.fc.weight)
     with pytest.raises(ArchitectureMismatch):
         loaded.build_model(lambda: torchvision.models.resnet34(num_classes=10))
+
+
+def test_torchvision_spec_of_a_class_not_named_like_its_builder():
+    """Inception3 (inception_v3) and SwinTransformer (swin_t) got no spec: candidates were the
+    builders whose names start with the class's name; now also those defined in its module."""
+    torchvision = pytest.importorskip("torchvision")
+    with torch.device("meta"):
+        inception = torchvision.models.inception_v3(num_classes=10, init_weights=False)
+        swin = torchvision.models.swin_t(num_classes=10)
+        other = torchvision.models.inception_v3(num_classes=10, init_weights=False, aux_logits=False)
+    assert ModelSpec.infer(inception) == ModelSpec("torchvision", {"name": "inception_v3", "num_classes": 10})
+    assert ModelSpec.infer(swin) == ModelSpec("torchvision", {"name": "swin_t", "num_classes": 10})
+    assert ModelSpec.infer(other) is None  # not what the builder makes (no aux logits): model_fn
 
 
 # ---------------------------------------------------------------------- nern-fast export
