@@ -1059,8 +1059,15 @@ def prepare_for_inference(model: nn.Module, pred, mode: str = "on_demand",
     """One call for CLIs (``eval --on-demand``): move both to ``device``, ``eval()``, then attach.
 
     ``mode`` is one of :data:`MODES`, or ``"parameters"``: write the decoded weights into the
-    model's ordinary parameters (``pred.load_into``) and attach nothing.
+    model's ordinary parameters (``pred.load_into``) and attach nothing. Refused before anything
+    moves when the mode is unknown or the model is attached already.
     """
+    if mode != "parameters" and mode not in MODES:
+        raise ValueError(f"mode must be 'parameters' or one of {MODES}, got {mode!r}")
+    existing = attachment(model)
+    if existing is not None:
+        raise AttachError(f"the model is already attached (mode '{existing.mode}'); call "
+                          f"detach(model) before preparing it again")
     if device is not None:
         model.to(device)
         pred.to(device)

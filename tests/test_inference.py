@@ -855,6 +855,24 @@ def test_cifar_resnet_modes_and_prepare_for_inference():
     torch.testing.assert_close(run(model, x), outs[0], rtol=1e-5, atol=1e-5)
 
 
+def test_prepare_for_inference_refuses_before_it_changes_anything():
+    """An attached model, or an unknown mode: refused before the model is moved or put in eval mode
+    (it was moved and eval()'d, then refused by attach or load_into)."""
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=4)
+    pred = random_predictor(WeightLayout.from_model(model, include="nern"), backend="eager")
+    with pytest.raises(ValueError, match="mode must be 'parameters' or one of"):
+        prepare_for_inference(model, pred, mode="lazy", device=torch.device("meta"))
+    assert model.training and next(model.parameters()).device.type == "cpu"
+    pred.attach(model, mode="on_demand")
+    model.train()
+    for mode in ("parameters", "on_demand"):
+        with pytest.raises(AttachError, match="already attached"):
+            prepare_for_inference(model, pred, mode=mode, device=torch.device("meta"))
+        assert model.training and model.conv1.weight.device.type == "cpu"
+    pred.detach(model)
+
+
 # ---------------------------------------------------------------------- prefetch logic, streams faked on CPU
 class FakeEvent:
     def __init__(self, log=None, name="event"):
