@@ -234,15 +234,12 @@ def _check_representable_weights(chosen: list[tuple[str, nn.Conv2d]],
 
 def _select_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
     chosen = _chosen_convs(model, kernel_size, include)
-    every = include is None or (isinstance(include, str) and include == "all")
-    _check_representable_weights(chosen, kernel_size if every else None)
+    _check_representable_weights(chosen, kernel_size if include is None else None)
     return chosen
 
 
 def _chosen_convs(model: nn.Module, kernel_size: int, include: IncludeSpec) -> list[tuple[str, nn.Conv2d]]:
     named = list(model.named_modules())
-    if isinstance(include, str) and include == "all":
-        include = None  # the config's name for every conv
     if isinstance(include, str) and include != "nern":
         include = [include]
     if include is not None and include != "nern" and not callable(include) and (
@@ -303,7 +300,7 @@ def _no_match_message(model: nn.Module, kernel_size: int, include: IncludeSpec) 
                 f"none of its {len(convs)} Conv2d layers is a 3x3 conv in such a block; use include='all' "
                 f"(every square conv up to kernel_size), a list of module names or a function "
                 f"(name, module) -> bool")
-    if include is None or (isinstance(include, str) and include == "all"):
+    if include is None:
         kernels = list(dict.fromkeys("x".join(map(str, m.weight.shape[2:])) for _, m in convs))
         square = [m.weight.shape[2] for _, m in convs if m.weight.shape[2] == m.weight.shape[3]]
         advice = (f"; raise kernel_size to {min(square)} or more to take the square ones" if square else
@@ -427,6 +424,8 @@ class WeightLayout:
         if not isinstance(model, nn.Module):
             raise LayoutError(f"from_model needs an nn.Module, got {type(model).__name__}")
         as_int(kernel_size, "kernel_size (the predictor's k×k output)", minimum=1)  # before "no conv fits"
+        if isinstance(include, str) and include == "all":
+            include = None  # the config's name for every conv
         chosen = _select_convs(model, kernel_size, include)
         if not chosen:
             raise LayoutError(_no_match_message(model, kernel_size, include))

@@ -81,6 +81,14 @@ def materialized_output(model, pred, x, **attach):
     return out
 
 
+def attached_one_layer_per_call(enable, model, pred, x, **enable_options):
+    """(materialized output, state): the model attached on demand with one layer per decode call,
+    then faked CUDA streams / graphs enabled on it by a fixture's ``enable``."""
+    expected = materialized_output(model, pred, x, group_bytes=0)
+    pred.attach(model, mode="on_demand", group_bytes=0)
+    return expected, enable(model, **enable_options)
+
+
 @pytest.mark.parametrize("permuted", [False, True])
 @pytest.mark.parametrize("batch", [1, 9])
 @pytest.mark.parametrize("grad_mode", ["inference", "no_grad"])
@@ -994,9 +1002,7 @@ def test_no_prefetch_while_the_predictor_is_off_its_attach_device(fake_streams, 
     enable, log = fake_streams
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x, group_bytes=0)
-    pred.attach(model, mode="on_demand", group_bytes=0)
-    state = enable(model)
+    expected, state = attached_one_layer_per_call(enable, model, pred, x)
     for _ in range(2):
         assert torch.equal(run(model, x), expected)
     assert state.stats["prefetched"] > 0  # the fakes prefetch while the devices agree
@@ -1075,9 +1081,7 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x, group_bytes=0)
-    pred.attach(model, mode="on_demand", group_bytes=0)
-    state = enable(model)
+    expected, state = attached_one_layer_per_call(enable, model, pred, x)
     log.clear()
     assert torch.equal(run(model, x), expected)
     # Slots 0, 1, 0, 1 for c0..c3: one capture each; every replay and every conv (releasing its
@@ -1098,9 +1102,7 @@ def test_graph_decodes_alternate_slots_and_order_their_replays(fake_graphs):
     # A conv called twice: the call order (0, 0, 1, 2, 3); the second call reads the first's slot.
     model.twice = True
     pred.detach(model)
-    expected_twice = materialized_output(model, pred, x, group_bytes=0)
-    pred.attach(model, mode="on_demand", group_bytes=0)
-    state = enable(model)
+    expected_twice, state = attached_one_layer_per_call(enable, model, pred, x)
     for _ in range(2):
         assert torch.equal(run(model, x), expected_twice)
     assert state.stats["graph_captures"] == 4 and state.stats["graph_replays"] == 8
@@ -1112,9 +1114,7 @@ def test_graph_decodes_with_prefetch_and_cached(fake_graphs):
     enable, log = fake_graphs
     model, pred = make()
     x = torch.randn(2, 3, 6, 6)
-    expected = materialized_output(model, pred, x, group_bytes=0)
-    pred.attach(model, mode="on_demand", group_bytes=0)
-    state = enable(model, prefetch=True)
+    expected, state = attached_one_layer_per_call(enable, model, pred, x, prefetch=True)
     for _ in range(3):
         assert torch.equal(run(model, x), expected)
     assert state.stats["prefetched"] > 0 and state.stats["graph_replays"] == state.stats["decodes"] == 12

@@ -84,18 +84,14 @@ def run(args) -> int:
         fit_cfg = load_config(data=raw, overrides=overrides + [
             f"model.checkpoint={out / 'base' / MODEL_FILE}"])
         print(f"[demo] 2/2 fit: {cfg.recipe} ({len(fit_cfg.stages)} stages) -> {out}")
-        metrics = FitRun(fit_cfg, out, overwrite=args.overwrite).run()
+        metrics = FitRun(fit_cfg, out, overwrite=args.overwrite,
+                         resume_command=f"`{_resume_command(out)}`").run()
     except user_errors() as exc:
         return fail("demo", exc)
     except TrainingDiverged as exc:
         return fail("demo", exc, 1)
-    except StageInterrupted as exc:  # Ctrl-C in a fit stage: say how to go on (fit's words name
-        message = str(exc)          # a bare --resume, which `demo` does not have)
-        if (out / "checkpoint.pt").exists():
-            resume = f"continue with `{_resume_command(out)}`"
-            message = (message.replace("continue with --resume", resume) if "--resume" in message
-                       else f"{message}; {resume}")
-        print(f"nern-fast demo: {message}", file=sys.stderr)
+    except StageInterrupted as exc:  # (its message names the fit command that continues the run)
+        print(f"nern-fast demo: {exc}", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - started
     print()

@@ -131,7 +131,8 @@ class FitRun:
     """One ``nern-fast fit`` run. ``on_step(stage_index, step)`` is a hook for tests."""
 
     def __init__(self, cfg: Config, out_dir, resume: bool = False, overwrite: bool = False,
-                 on_step: Optional[Callable[[int, int], None]] = None, echo: Callable = print):
+                 on_step: Optional[Callable[[int, int], None]] = None, echo: Callable = print,
+                 resume_command: str = "--resume"):
         if not cfg.stages:
             raise ConfigError("stages: the config has no stages to run; see configs/ for recipes")
         if not cfg.model.checkpoint:
@@ -141,6 +142,7 @@ class FitRun:
         self.out = Path(out_dir)
         self.on_step = on_step
         self.echo = echo
+        self.resume_command = resume_command  # how an interrupted run is continued, for its messages
         self.resume_state = None
         self.replace_outputs = False
         self.model_digest = None  # SHA-256 of the network file, read once (resume compares it)
@@ -445,12 +447,13 @@ class FitRun:
         except KeyboardInterrupt:
             bar.close()
             if ctrl_c.hard:
-                raise StageInterrupted(f"stopped at once in {what} (second Ctrl-C); {kept()}") from None
+                resume = "" if saved["step"] is None else f"; continue with {self.resume_command}"
+                raise StageInterrupted(f"stopped at once in {what} (second Ctrl-C); {kept()}{resume}") from None
             means, bad = meter.read(params)
             if not bad:
                 checkpoint(step)
                 raise StageInterrupted(f"interrupted in {what} at step {step}; checkpoint written "
-                                       f"to {self.out / CHECKPOINT_NAME}, continue with --resume") from None
+                                       f"to {self.out / CHECKPOINT_NAME}, continue with {self.resume_command}") from None
             raise StageInterrupted(f"interrupted in {what}; the loss or the parameters were not finite: "
                                    f"{kept()}") from None
         finally:
